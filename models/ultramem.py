@@ -36,7 +36,7 @@ def _make_norm(kind: str, dim: int) -> nn.Module:
 
 
 def leading_singular_vectors(cores: Tensor) -> tuple[Tensor, Tensor]:
-    """``u, v`` ∈ [H, r]: the leading left/right singular vectors of the summed cores [M, H, r, r]."""
+    """``u, v`` [H, r]: leading left/right singular vectors of the summed cores [M, H, r, r]."""
     left, _, right_t = torch.linalg.svd(cores.sum(0))
     return left[..., 0], right_t[..., 0, :]
 
@@ -92,7 +92,7 @@ class UltraMemLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
-        batch, seq, d = x.shape
+        batch, seq, _ = x.shape
         if self.query_conv is not None:
             # causal: pad both sides, keep the first `seq` outputs
             x_q = self.query_conv(x.transpose(1, 2))[..., :seq].transpose(1, 2)

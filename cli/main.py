@@ -1,0 +1,34 @@
+"""The ``ultramem`` command group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import click
+
+from ultramem import __version__
+from ultramem.cli.check import check
+from ultramem.cli.export import export
+
+
+@click.group()
+@click.version_option(__version__, prog_name="ultramem")
+@click.option("-v", "--verbose", is_flag=True, help="Show library log messages.")
+def cli(verbose: bool) -> None:
+    """Compile UltraMem models: capture, fuse, export, check and benchmark."""
+    if not verbose:
+        # torch.export and torch.onnx are chatty; the commands report their own progress
+        warnings.filterwarnings("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        os.environ.setdefault("TORCH_LOGS", "-all")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+
+
+cli.add_command(export)
+cli.add_command(check)
+
+
+def main() -> None:
+    cli(prog_name="ultramem")

@@ -1,0 +1,158 @@
+"""Capture a model with ``torch.export`` for inference, batch and tokens dynamic.
+
+Every input tensor of rank >= 2 gets dim 0 as ``batch`` and dim 1 as ``tokens``. When the
+model's code pins one of them (a reshape to a constant, a guard on a size), the named
+dimension is refused by ``torch.export``; capture then retries with ``Dim.AUTO`` (which
+admits whatever the code allows), then static shapes, and records which dimension fell
+back and why. Parity and engines use only the shapes the capture admits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass
+class DynamicAxis:
+    """One named axis of one input and the range the capture admits (None = static)."""
+
+    input_index: int
+    dim: int
+    name: str
+    min: int | None
+    max: int | None
+    mode: str  # "named", "auto" or "static"
+
+    @property
+    def dynamic(self) -> bool:
+        return self.mode != "static"
+
+
+@dataclass
+class CaptureResult:
+    program: ExportedProgram
+    axes: list[DynamicAxis]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "axes": [vars(a) for a in self.axes],
+            "notes": self.notes,
+        }
+
+    def axis(self, input_index: int, name: str) -> DynamicAxis | None:
+        for a in self.axes:
+            if a.input_index == input_index and a.name == name:
+                return a
+        return None
+
+
+def _dims_for(
+    example_inputs: tuple[Any, ...], max_batch: int, max_tokens: int, mode: str
+) -> tuple[tuple[dict[int, Any] | None, ...], list[DynamicAxis]]:
+    specs: list[dict[int, Any] | None] = []
+    axes: list[DynamicAxis] = []
+    batch = Dim("batch", min=1, max=max_batch)
+    tokens = Dim("tokens", min=1, max=max_tokens)
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            specs.append(None)
+            continue
+        spec: dict[int, Any] = {}
+        for dim, name, named, high in (
+            (0, "batch", batch, max_batch),
+            (1, "tokens", tokens, max_tokens),
+        ):
+            if mode == "named":
+                spec[dim] = named
+                axes.append(DynamicAxis(i, dim, name, 1, high, mode))
+            elif mode == "auto":
+                spec[dim] = Dim.AUTO
+                axes.append(DynamicAxis(i, dim, name, None, None, mode))
+            else:
+                axes.append(DynamicAxis(i, dim, name, x.shape[dim], x.shape[dim], mode))
+        specs.append(spec if mode != "static" else None)
+    return tuple(specs), axes
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> ExportedProgram:
+    # Inference capture: research code writes into preallocated buffers with out=, which
+    # autograd refuses, so no grad mode at all.
+    with torch.no_grad():
+        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    dynamic: bool = True,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> CaptureResult:
+    model.eval()
+    notes: list[str] = []
+    modes = ("named", "auto", "static") if dynamic else ("static",)
+    last_error: Exception | None = None
+    for mode in modes:
+        specs, axes = _dims_for(example_inputs, max_batch, max_tokens, mode)
+        try:
+            program = _export(model, example_inputs, specs)
+        except Exception as exc:  # torch.export raises several types for refused dims
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            notes.append(f"capture with {mode} batch/tokens dims refused: {reason}")
+            log.info("capture with %s dims refused: %s", mode, reason)
+            last_error = exc
+            continue
+        if mode == "auto":
+            axes = _resolve_auto_axes(program, example_inputs, axes)
+        for a in axes:
+            if mode != "named":
+                notes.append(
+                    f"input {a.input_index} dim {a.dim} ({a.name}) captured as {a.mode}"
+                    + (f" [{a.min}, {a.max}]" if a.min is not None else "")
+                )
+        return CaptureResult(program, axes, notes)
+    raise RuntimeError(f"torch.export could not capture the model: {last_error}") from last_error
+
+
+def _resolve_auto_axes(
+    program: ExportedProgram, example_inputs: tuple[Any, ...], axes: list[DynamicAxis]
+) -> list[DynamicAxis]:
+    """Read back which AUTO dims stayed symbolic, and their ranges."""
+    placeholders = [
+        n
+        for n in program.graph.nodes
+        if n.op == "placeholder" and n.name in _user_input_names(program)
+    ]
+    resolved = []
+    for a in axes:
+        val = (
+            placeholders[a.input_index].meta.get("val")
+            if a.input_index < len(placeholders)
+            else None
+        )
+        size = val.shape[a.dim] if val is not None else example_inputs[a.input_index].shape[a.dim]
+        if isinstance(size, torch.SymInt):
+            rng = program.range_constraints.get(size.node.expr)
+            lower = int(rng.lower) if rng is not None else 1
+            upper = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+            resolved.append(DynamicAxis(a.input_index, a.dim, a.name, lower, upper, "auto"))
+        else:
+            resolved.append(
+                DynamicAxis(a.input_index, a.dim, a.name, int(size), int(size), "static")
+            )
+    return resolved
+
+
+def _user_input_names(program: ExportedProgram) -> set[str]:
+    return set(program.graph_signature.user_inputs)

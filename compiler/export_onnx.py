@@ -1,0 +1,72 @@
+"""Export a captured program to ONNX, with the batch and token axes named.
+
+``torch.onnx.export`` (the dynamo exporter) names dynamic axes after its internal
+symbols (``s27``); deployers want ``batch`` and ``tokens``, so the symbols of the
+captured input axes are renamed throughout the graph, and outputs get stable names
+(``output`` or ``output_<i>``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import ExportedProgram
+
+from ultramem.compiler.capture import CaptureResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 20
+
+
+def export_onnx(capture: CaptureResult, path: Path, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``path`` (a single file for models under 2 GB) and return it."""
+    program: ExportedProgram = capture.program
+    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+    model = onnx_program.model_proto
+    _name_axes(model, capture)
+    _name_outputs(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _name_axes(model: onnx.ModelProto, capture: CaptureResult) -> None:
+    rename: dict[str, str] = {}
+    inputs = list(model.graph.input)
+    for axis in capture.axes:
+        if not axis.dynamic or axis.input_index >= len(inputs):
+            continue
+        dims = inputs[axis.input_index].type.tensor_type.shape.dim
+        if axis.dim < len(dims) and dims[axis.dim].dim_param:
+            rename[dims[axis.dim].dim_param] = axis.name
+    if not rename:
+        return
+    value_infos = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    for info in value_infos:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def _name_outputs(model: onnx.ModelProto) -> None:
+    outputs = list(model.graph.output)
+    names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    for out, new in zip(outputs, names, strict=True):
+        old = out.name
+        if old == new:
+            continue
+        for node in model.graph.node:
+            node.output[:] = [new if o == old else o for o in node.output]
+            node.input[:] = [new if i == old else i for i in node.input]
+        out.name = new
+
+
+def count_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,140 @@
+"""The orchestration behind ``ultramem export`` and ``ultramem check``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ultramem.compiler.artifacts import (
+    ArtifactWriter,
+    read_manifest,
+    verify_artifacts,
+)
+from ultramem.compiler.capture import DEFAULT_MAX_TOKENS, CaptureResult, capture
+from ultramem.compiler.export_onnx import count_nodes, export_onnx
+from ultramem.compiler.parity import ParityReport
+from ultramem.compiler.run_onnx import OnnxRunner
+from ultramem.compiler.selections import MemoryLayerSites, TopkRecord, find_memory_layers
+from ultramem.compiler.stages import Stage, parity_inputs, run_parity, torch_stage
+from ultramem.models.builtin import LoadedModel
+
+ProgressFn = Callable[[str], None]
+PARITY_FILE = "parity.json"
+ONNX_FILE = "model.onnx"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@contextmanager
+def step(progress: ProgressFn, what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    progress(f"{what} ...")
+    yield
+    progress(f"{what} done ({time.perf_counter() - start:.1f} s)")
+
+
+@dataclass
+class Compiled:
+    loaded: LoadedModel
+    capture: CaptureResult
+    layers: list[MemoryLayerSites]
+
+
+def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compiled:
+    max_tokens = int(loaded.metadata.get("max_tokens", DEFAULT_MAX_TOKENS))
+    with step(progress, "capturing with torch.export (dynamic batch and tokens)"):
+        captured = capture(loaded.model, loaded.example_inputs, max_tokens=max_tokens)
+    for note in captured.notes:
+        progress(f"note: {note}")
+    layers = find_memory_layers(captured.program)
+    progress(f"memory layers found: {len(layers)} ({', '.join(x.name for x in layers) or 'none'})")
+    return Compiled(loaded, captured, layers)
+
+
+def onnx_stage(path: Path) -> Stage:
+    runner = OnnxRunner(path)
+
+    def run(inputs: tuple[Any, ...], ref_records: list[TopkRecord]) -> Any:
+        return runner(inputs, [r.input_size for r in ref_records])
+
+    return Stage("onnxruntime-cpu", run)
+
+
+def run_checks(compiled: Compiled, onnx_path: Path, progress: ProgressFn) -> ParityReport:
+    inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
+    stages = [
+        torch_stage("torch.export", compiled.capture.program.module()),
+        onnx_stage(onnx_path),
+    ]
+    with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
+        report = run_parity(compiled.loaded.model, stages, inputs, compiled.layers)
+    for line in report.summary_lines():
+        progress(line)
+    return report
+
+
+def export_model(
+    loaded: LoadedModel, out: Path, progress: ProgressFn = _quiet, opset: int = 20
+) -> tuple[dict[str, Any], ParityReport]:
+    """Capture, export ONNX, check parity; publish the folder only when all steps ran."""
+    with ArtifactWriter(out) as writer:
+        compiled = compile_model(loaded, progress)
+        with step(progress, "exporting ONNX"):
+            export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
+        writer.add(ONNX_FILE, "onnx")
+        report = run_checks(compiled, writer.path(ONNX_FILE), progress)
+        writer.path(PARITY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        model_proto = onnx.load(str(writer.path(ONNX_FILE)), load_external_data=False)
+        manifest = {
+            "source": {"model": loaded.source},
+            "capture": compiled.capture.to_json(),
+            "memory_layers": [layer.to_json() for layer in compiled.layers],
+            "onnx": {
+                "opset": opset,
+                "nodes": len(model_proto.graph.node),
+                "op_counts": count_nodes(model_proto),
+            },
+            "parity": _parity_summary(report),
+        }
+        path = writer.publish(manifest, extra_files=(PARITY_FILE,))
+        progress(f"wrote {path.parent}")
+    return manifest, report
+
+
+def check_artifacts(
+    loaded: LoadedModel, directory: Path, progress: ProgressFn = _quiet
+) -> ParityReport:
+    """Re-run parity of the artifacts in ``directory`` and write ``parity.json`` there."""
+    manifest = read_manifest(directory)
+    verify_artifacts(directory, manifest)
+    compiled = compile_model(loaded, progress)
+    report = run_checks(compiled, directory / ONNX_FILE, progress)
+    tmp = directory / f".{PARITY_FILE}.tmp"
+    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    tmp.replace(directory / PARITY_FILE)
+    return report
+
+
+def _parity_summary(report: ParityReport) -> dict[str, Any]:
+    return {
+        "passed": report.passed,
+        "stages": {
+            s.stage: {
+                "executed": s.executed,
+                "passed": s.passed,
+                "max_abs": max((c.max_abs for c in s.outputs), default=None),
+                "selections_differing": sum(c.differing for c in s.selections),
+                "selections_compared": sum(c.rows for c in s.selections),
+            }
+            for s in report.stages
+        },
+    }
