@@ -16,7 +16,7 @@ from ultramem.compiler.pipeline import check_artifacts
 @click.option(
     "--artifacts",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     help="Folder written by `ultramem export`.",
 )
 def check(

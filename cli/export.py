@@ -15,7 +15,7 @@ from ultramem.compiler.pipeline import export_model
 @click.option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     help="Folder for the artifacts: new, empty, or an earlier ultramem export.",
 )
 @click.option("--opset", default=20, show_default=True, help="ONNX opset of the exported graph.")

@@ -142,16 +142,25 @@ def _resolve_auto_axes(
             else None
         )
         size = val.shape[a.dim] if val is not None else example_inputs[a.input_index].shape[a.dim]
+        if isinstance(size, torch.SymInt) and size.node.expr.is_number:
+            size = int(size.node.expr)  # AUTO specialised it to a constant
         if isinstance(size, torch.SymInt):
             rng = program.range_constraints.get(size.node.expr)
-            lower = int(rng.lower) if rng is not None else 1
-            upper = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+            lower = _finite_int(rng.lower) if rng is not None else None
+            upper = _finite_int(rng.upper) if rng is not None else None
             resolved.append(DynamicAxis(a.input_index, a.dim, a.name, lower, upper, "auto"))
         else:
             resolved.append(
                 DynamicAxis(a.input_index, a.dim, a.name, int(size), int(size), "static")
             )
     return resolved
+
+
+def _finite_int(bound: Any) -> int | None:
+    try:  # sympy's (and torch's) infinities refuse int()
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def _user_input_names(program: ExportedProgram) -> set[str]:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv and install ultramem with everything its tests and exporters use.
+# torch==2.13.0 first: on the CPU machines that pin takes a CPU wheel already on disk,
+# where a bare `torch` would download a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[all]"

@@ -1,0 +1,75 @@
+"""``ultramem export`` + ``ultramem check`` end to end: the bundled model and a user factory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ultramem.cli.main import cli
+from ultramem.compiler.artifacts import sha256_file
+
+
+@pytest.fixture(scope="module")
+def bundled_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundled") / "artifacts"
+    result = CliRunner().invoke(cli, ["export", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> None:
+    manifest = json.loads((bundled_export / "manifest.json").read_text())
+    assert manifest["source"]["model"] == "builtin:facts"
+    assert manifest["memory_layers"] and all(not m["fused"] for m in manifest["memory_layers"])
+    assert manifest["parity"]["passed"] is True
+    for version in ("ultramem", "torch", "onnx", "onnxruntime"):
+        assert manifest["versions"][version] != "not installed"
+    [onnx_art] = [a for a in manifest["artifacts"] if a["format"] == "onnx"]
+    assert onnx_art["sha256"] == sha256_file(bundled_export / "model.onnx")
+    report = json.loads((bundled_export / "parity.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert set(stages) == {"torch.export", "onnxruntime-cpu"}
+    assert len(report["inputs"]) >= 4  # sequence lengths other than the example's
+    for stage in stages.values():
+        assert stage["passed"]
+        assert stage["selections"] and all(s["differing"] == 0 for s in stage["selections"])
+        assert all(o["max_abs"] <= 1e-4 for o in stage["outputs"])
+    assert not list(bundled_export.glob(".ultramem-staging*"))
+
+
+def test_check_passes_then_catches_a_changed_artifact(bundled_export: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(bundled_export)])
+    assert result.exit_code == 0, result.output
+    assert "parity PASSED" in result.output
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for p in bundled_export.iterdir():
+        (tampered / p.name).write_bytes(p.read_bytes())
+    with (tampered / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(tampered)])
+    assert result.exit_code == 2 and "changed since export" in result.output
+
+
+def test_factory_model_exports_and_a_different_model_fails_check(
+    tmp_path: Path, user_models: str
+) -> None:
+    out = tmp_path / "user"
+    result = CliRunner().invoke(cli, ["export", f"{user_models}:two_layers", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["memory_layers"]] == ["memories.0", "memories.1"]
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(out)])
+    assert result.exit_code == 0, result.output
+    # parity against other weights must fail with exit code 1, not pass or crash
+    result = CliRunner().invoke(
+        cli, ["check", f"{user_models}:two_layers_other_weights", "--artifacts", str(out)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "FAILED | onnxruntime-cpu" in result.output
+    # re-exporting into our own earlier export is allowed
+    result = CliRunner().invoke(cli, ["export", f"{user_models}:two_layers", "--out", str(out)])
+    assert result.exit_code == 0, result.output

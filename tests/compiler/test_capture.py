@@ -1,0 +1,54 @@
+"""Capture: dynamic batch/tokens, and the fallback when a model pins a dimension."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ultramem.compiler.capture import capture
+from ultramem.compiler.selections import find_memory_layers, layer_selection, run_recording_topk
+from ultramem.models.config import LMConfig, UltraMemConfig
+from ultramem.models.lm import UltraMemLM
+
+
+class PinsTokens(nn.Module):
+    """Research-code habit: a reshape to the training sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).reshape(x.shape[0], 16, 8)
+
+
+def test_lm_captures_with_named_dynamic_axes_and_matches_on_other_sizes() -> None:
+    cfg = LMConfig(memory=UltraMemConfig(heads=2, cores=2, expansion=4), memory_layers={0: 1})
+    model = UltraMemLM(cfg).eval()
+    result = capture(model, (torch.randint(0, 64, (2, 16)),), max_tokens=cfg.max_seq_len)
+    assert [(a.name, a.mode, a.min, a.max) for a in result.axes] == [
+        ("batch", "named", 1, 64),
+        ("tokens", "named", 1, cfg.max_seq_len),
+    ]
+    layers = find_memory_layers(result.program)
+    assert [x.name for x in layers] == ["memories.0"]
+    x = torch.randint(0, 64, (3, 37))
+    ref, ref_records = run_recording_topk(model, (x,))
+    out, records = run_recording_topk(result.program.module(), (x,))
+    assert torch.equal(ref, out)
+    ref_sel = layer_selection(ref_records, layers[0])
+    assert ref_sel.slots.shape == (3 * 37 * 2, cfg.memory.topk)
+    assert torch.equal(ref_sel.slots, layer_selection(records, layers[0]).slots)
+    assert int(ref_sel.slots.max()) < cfg.memory.n_keys**2
+
+
+def test_pinned_token_dim_falls_back_and_says_why() -> None:
+    model = PinsTokens().eval()
+    result = capture(model, (torch.randn(2, 16, 8),))
+    assert any("named batch/tokens dims refused" in note for note in result.notes)
+    tokens = result.axis(0, "tokens")
+    batch = result.axis(0, "batch")
+    assert tokens is not None and not tokens.dynamic and tokens.min == tokens.max == 16
+    assert batch is not None and batch.dynamic  # batch stayed free under Dim.AUTO
+    x = torch.randn(5, 16, 8)
+    assert torch.equal(result.program.module()(x), model(x))
