@@ -1,0 +1,77 @@
+"""What every pass takes and returns.
+
+Passes rewrite the *unlifted* graph module of a captured program (``program.module()``:
+weights are ``get_attr`` nodes, so a pass can read them, fold them and add new ones);
+the pipeline (``ultramem.compiler.rewrite``) re-captures the result with ``torch.export``.
+One signature for all::
+
+    def fold_constants(gm: GraphModule, ctx: PassContext) -> PassResult
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch.fx import GraphModule
+
+
+@dataclass
+class PassContext:
+    """Inputs a pass may need besides the graph."""
+
+    example_inputs: tuple[Any, ...]
+    # memory layers (named by their final top-k node) that must stay unfused, e.g. after
+    # their fusion failed parity and was rolled back
+    skip_layers: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Refusal:
+    """A subgraph a pass looked at and left alone, and why."""
+
+    node: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}"
+
+
+@dataclass
+class PassResult:
+    gm: GraphModule
+    name: str
+    matched: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pass": self.name,
+            "matched": self.matched,
+            "changed": self.changed,
+            "refused": [{"node": r.node, "reason": r.reason} for r in self.refused],
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            **({"details": self.details} if self.details else {}),
+        }
+
+
+class Pass(Protocol):
+    __name__: str
+
+    def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult: ...
+
+
+def count_nodes(gm: GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+
+
+def finish(gm: GraphModule) -> None:
+    """End every pass the same way: drop dead code, lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,90 @@
+"""Fold weight-only sub-graphs into constants.
+
+Rewrite: every value computed from weights and buffers alone (the SVD of the summed
+Tucker cores, key normalisation, reshapes and permutations of weights and index buffers)
+→ one ``get_attr`` of a new buffer holding that value.
+
+Constraints: the value is computed by running the graph's own ATen calls on the real
+weights, so folding reproduces the original numbers bit for bit, singular-vector signs
+included (whatever ``torch.linalg.svd`` or ``torch.svd`` gave). Nothing that depends on a
+model input is folded; random ops are never folded; a value that is only a view or an
+expansion of a weight (no maths) is left as it is, since folding it would copy a table.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_map
+
+from ultramem.passes.base import PassContext, PassResult, count_nodes, finish
+from ultramem.passes.graph_utils import get_attr_value
+
+log = logging.getLogger(__name__)
+
+# Views and expansions: folding these alone only copies a weight.
+_NO_MATHS = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.select.int,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.t.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.detach.default,
+}
+
+
+def _is_random(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable) or "rand" in str(node.target)
+
+
+def fold_constants(gm: GraphModule, ctx: PassContext) -> PassResult:
+    result = PassResult(gm, "fold_constants", nodes_before=count_nodes(gm))
+    values: dict[Node, Any] = {}
+    maths: dict[Node, bool] = {}  # whether a constant value involved real computation
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            values[node] = get_attr_value(gm, node)
+            maths[node] = False
+        elif node.op == "call_function" and not _is_random(node):
+            inputs = node.all_input_nodes
+            if inputs and all(i in values for i in inputs):
+                args = tree_map(lambda a: values[a] if isinstance(a, Node) else a, node.args)
+                kwargs = tree_map(lambda a: values[a] if isinstance(a, Node) else a, node.kwargs)
+                with torch.no_grad():
+                    values[node] = node.target(*args, **kwargs)
+                maths[node] = node.target not in _NO_MATHS or any(maths[i] for i in inputs)
+    frontier = [
+        n
+        for n in values
+        if n.op == "call_function"
+        and maths[n]
+        and isinstance(values[n], torch.Tensor)
+        and any(u not in values for u in n.users)
+    ]
+    for i, node in enumerate(frontier):
+        name = f"_folded_{i}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, values[node].detach().clone().contiguous())
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        result.changed.append(f"{node.name} -> {name} {tuple(values[node].shape)}")
+    result.matched = [n.name for n in values if n.op == "call_function" and maths[n]]
+    finish(gm)
+    # buffers the graph no longer reads (e.g. the cores' pre-SVD sum) stay on the module;
+    # re-capture drops what no node uses
+    result.nodes_after = count_nodes(gm)
+    log.info("fold_constants: folded %d values", len(result.changed))
+    return result

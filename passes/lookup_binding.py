@@ -1,0 +1,225 @@
+"""Bind a lookup region to ``ultramem::retrieve`` + ``ultramem::aggregate``, proven by evaluation.
+
+The region's sizes come from its anchors (n, m, k from the top-ks; H, r from the score
+tensors' static dims). Its weights are matched to the ops' inputs by shape: the rank-1
+vectors (H·r values on the path from a score tensor to its candidate top-k), the cores
+(M·H·r·r values on the path to the final top-k), a virtual-slot map (n² int64 values),
+the value table. Each combination of layouts, activation and slot mapping is a
+*hypothesis*; one is accepted only when the fused ops reproduce the region's output on
+the model's real activations and on random score tensors. Nothing is accepted on looks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Node
+
+import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
+from ultramem.passes.graph_utils import ancestors, descendants, get_attr_value
+from ultramem.passes.lookup_region import LookupRegion, NotALookup
+
+_RELU = {torch.ops.aten.relu.default}
+_SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
+_SCATTER = {torch.ops.aten.scatter.src, torch.ops.aten.scatter.value}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to view a score tensor as [T, H, n, r]: permute, then reshape."""
+
+    perm: tuple[int, ...]
+    heads: int
+    rank: int
+
+    def canonical(self, x: Tensor, n: int) -> Tensor:
+        return x.permute(self.perm).reshape(-1, self.heads, n, self.rank)
+
+
+@dataclass
+class Binding:
+    n: int
+    topm: int
+    topk: int
+    row_layout: Layout
+    col_layout: Layout
+    row_weight: Tensor
+    col_weight: Tensor
+    cores: Tensor
+    activation: str
+    slot_map: Tensor | None
+    expansion: int
+    mapping: str
+    pooling: str
+    row_offset: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "heads": self.row_layout.heads,
+            "n_keys": self.n,
+            "tucker_rank": self.row_layout.rank,
+            "cores": int(self.cores.shape[0]),
+            "topm": self.topm,
+            "topk": self.topk,
+            "activation": self.activation,
+            "expansion": self.expansion,
+            "mapping": self.mapping,
+            "pooling": self.pooling,
+            "slot_map": self.slot_map is not None,
+        }
+
+
+def run_fused(binding: Binding, values: Tensor, row_scores: Tensor, col_scores: Tensor) -> Tensor:
+    b = binding
+    scores, slots = torch.ops.ultramem.retrieve(
+        b.row_layout.canonical(row_scores, b.n),
+        b.col_layout.canonical(col_scores, b.n),
+        b.row_weight,
+        b.col_weight,
+        b.cores,
+        b.topm,
+        b.topk,
+        b.activation,
+    )
+    return torch.ops.ultramem.aggregate(
+        values, scores, slots, b.slot_map, b.expansion, b.mapping, b.pooling, b.row_offset
+    )
+
+
+def _layouts(scores: Node, n: int) -> list[Layout]:
+    shape = scores.meta["val"].shape
+    tokens = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+    static = [i for i, s in enumerate(shape) if isinstance(s, int)]
+    out = []
+    for n_dim in (i for i in static if shape[i] == n):
+        rest = [i for i in static if i != n_dim]
+        if len(rest) > 2:
+            continue
+        for h_dims, r_dims in ((rest[:1], rest[1:]), (rest[1:], rest[:1]), ([], rest), (rest, [])):
+            if len(h_dims) + len(r_dims) != len(rest) or (
+                len(rest) == 2 and not (h_dims and r_dims)
+            ):
+                continue
+            heads = shape[h_dims[0]] if h_dims else 1
+            rank = shape[r_dims[0]] if r_dims else 1
+            layout = Layout(tuple(tokens + h_dims + [n_dim] + r_dims), heads, rank)
+            if layout not in out:
+                out.append(layout)
+    return out
+
+
+def _weights_between(
+    gm: GraphModule, region: LookupRegion, src: list[Node], dst: Node
+) -> list[Tensor]:
+    path = descendants(src) & (ancestors([dst]) | {dst})
+    nodes = {i for n in path for i in n.all_input_nodes if i.op == "get_attr"}
+    return [get_attr_value(gm, w) for w in sorted(nodes, key=lambda n: n.name)]
+
+
+def _vector_candidates(weights: list[Tensor], heads: int, rank: int) -> list[Tensor]:
+    out = []
+    for w in weights:
+        if w.is_floating_point() and w.numel() == heads * rank:
+            out += [w.reshape(heads, rank), w.reshape(rank, heads).t()]
+    if rank == 1:
+        out.append(torch.ones(heads, 1))
+    return out
+
+
+def _core_candidates(weights: list[Tensor], heads: int, rank: int) -> list[Tensor]:
+    out = []
+    per_core = heads * rank * rank
+    for w in weights:
+        if w.is_floating_point() and w.numel() % per_core == 0 and w.numel() > 0:
+            cores = w.numel() // per_core
+            as_mhrr = w.reshape(cores, heads, rank, rank)
+            out += [
+                as_mhrr,
+                as_mhrr.transpose(-1, -2),
+                w.reshape(heads, cores, rank, rank).transpose(0, 1),
+            ]
+    if rank == 1:
+        out.append(torch.ones(1, heads, 1, 1))
+    return out
+
+
+def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
+    row_in, col_in, final = region.row_topk.args[0], region.col_topk.args[0], region.final_topk
+    n = region.row_topk.args[0].meta["val"].shape[-1]
+    topm, topk = int(region.row_topk.args[1]), int(final.args[1])
+    if int(region.col_topk.args[1]) != topm:
+        raise NotALookup(
+            f"row and column keep different candidate counts ({topm}, {region.col_topk.args[1]})"
+        )
+    table = get_attr_value(gm, region.value_table)
+    if table.dim() != 2 or (n * n) % table.shape[0]:
+        raise NotALookup(f"value table {tuple(table.shape)} does not divide the n² = {n * n} slots")
+    expansion = n * n // table.shape[0]
+    ops = {node.target for node in region.nodes}
+    activations = ["relu"] if ops & _RELU else ["softmax"] if ops & _SOFTMAX else ["none"]
+    pooling = "scatter" if ops & _SCATTER else "add"
+    slot_maps: list[Tensor | None] = [
+        w
+        for w in (get_attr_value(gm, x) for x in region.weights)
+        if w.dtype == torch.int64 and w.numel() == n * n
+    ] or [None]
+    cand_nodes = [region.row_topk, region.col_topk]
+    row_weights = _weights_between(gm, region, [region.row_scores], row_in)
+    col_weights = _weights_between(gm, region, [region.col_scores], col_in)
+    core_weights = _weights_between(gm, region, cand_nodes, final.args[0])
+    for row_layout in _layouts(region.row_scores, n):
+        col_layouts = [
+            c
+            for c in _layouts(region.col_scores, n)
+            if (c.heads, c.rank) == (row_layout.heads, row_layout.rank)
+        ]
+        h, r = row_layout.heads, row_layout.rank
+        for col_layout, u, v, cores, act, smap, mapping in itertools.product(
+            col_layouts,
+            _vector_candidates(row_weights, h, r),
+            _vector_candidates(col_weights, h, r),
+            _core_candidates(core_weights, h, r),
+            activations,
+            slot_maps,
+            ("mod", "div"),
+        ):
+            yield Binding(
+                n,
+                topm,
+                topk,
+                row_layout,
+                col_layout,
+                u,
+                v,
+                cores,
+                act,
+                smap,
+                expansion,
+                mapping,
+                pooling,
+            )
+
+
+def verify(
+    binding: Binding, values: Tensor, probes: list[tuple[Tensor, Tensor, Tensor]]
+) -> float | None:
+    """Max abs error over the probes if every one matches (fp32 atol 1e-5, rtol 1e-4), else None."""
+    worst = 0.0
+    for row_scores, col_scores, expected in probes:
+        try:
+            with torch.no_grad():
+                got = run_fused(binding, values, row_scores, col_scores)
+        except (ValueError, RuntimeError, IndexError):
+            return None
+        if got.numel() != expected.numel():
+            return None
+        got = got.reshape(expected.shape)
+        if not torch.allclose(got, expected, atol=1e-5, rtol=1e-4):
+            return None
+        worst = max(worst, float((got - expected).abs().max()))
+    return worst
