@@ -165,3 +165,24 @@ def _finite_int(bound: Any) -> int | None:
 
 def _user_input_names(program: ExportedProgram) -> set[str]:
     return set(program.graph_signature.user_inputs)
+
+
+def recapture(module: torch.nn.Module, original: CaptureResult) -> ExportedProgram:
+    """Capture a rewritten module with the same dynamic axes as ``original``."""
+    example = original.program.example_inputs
+    if example is None:
+        raise ValueError("the original program holds no example inputs to re-capture with")
+    args, _ = example
+    dims: dict[str, Any] = {}
+    specs: list[dict[int, Any] | None] = []
+    for i, x in enumerate(args):
+        spec: dict[int, Any] = {}
+        for a in original.axes:
+            if a.input_index != i or a.mode == "static":
+                continue
+            if a.mode == "auto":
+                spec[a.dim] = Dim.AUTO
+            else:
+                spec[a.dim] = dims.setdefault(a.name, Dim(a.name, min=a.min or 1, max=a.max))
+        specs.append(spec or None if isinstance(x, torch.Tensor) else None)
+    return _export(module, tuple(args), tuple(specs))

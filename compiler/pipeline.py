@@ -21,7 +21,7 @@ from ultramem.compiler.capture import DEFAULT_MAX_TOKENS, CaptureResult, capture
 from ultramem.compiler.export_onnx import count_nodes, export_onnx
 from ultramem.compiler.parity import ParityReport
 from ultramem.compiler.run_onnx import OnnxRunner
-from ultramem.compiler.selections import MemoryLayerSites, TopkRecord, find_memory_layers
+from ultramem.compiler.selections import SiteRecord, TopkRecord, memory_layer_names
 from ultramem.compiler.stages import Stage, parity_inputs, run_parity, torch_stage
 from ultramem.models.builtin import LoadedModel
 
@@ -46,7 +46,7 @@ def step(progress: ProgressFn, what: str) -> Iterator[None]:
 class Compiled:
     loaded: LoadedModel
     capture: CaptureResult
-    layers: list[MemoryLayerSites]
+    layers: list[str]
 
 
 def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compiled:
@@ -55,16 +55,17 @@ def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compile
         captured = capture(loaded.model, loaded.example_inputs, max_tokens=max_tokens)
     for note in captured.notes:
         progress(f"note: {note}")
-    layers = find_memory_layers(captured.program)
-    progress(f"memory layers found: {len(layers)} ({', '.join(x.name for x in layers) or 'none'})")
+    layers = memory_layer_names(captured.program.graph)
+    progress(f"memory layers found: {len(layers)} ({', '.join(layers) or 'none'})")
     return Compiled(loaded, captured, layers)
 
 
 def onnx_stage(path: Path) -> Stage:
     runner = OnnxRunner(path)
 
-    def run(inputs: tuple[Any, ...], ref_records: list[TopkRecord]) -> Any:
-        return runner(inputs, [r.input_size for r in ref_records])
+    def run(inputs: tuple[Any, ...], ref_records: list[SiteRecord]) -> Any:
+        sizes = [r.input_size for r in ref_records if isinstance(r, TopkRecord)]
+        return runner(inputs, sizes)
 
     return Stage("onnxruntime-cpu", run)
 
@@ -97,7 +98,7 @@ def export_model(
         manifest = {
             "source": {"model": loaded.source},
             "capture": compiled.capture.to_json(),
-            "memory_layers": [layer.to_json() for layer in compiled.layers],
+            "memory_layers": [{"name": name, "fused": False} for name in compiled.layers],
             "onnx": {
                 "opset": opset,
                 "nodes": len(model_proto.graph.node),

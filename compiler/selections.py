@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.export import ExportedProgram
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
+
 TOPK_OPS = (torch.ops.aten.topk.default,)
+RETRIEVE_OP = torch.ops.ultramem.retrieve.default
 
 
 @dataclass
@@ -35,6 +37,17 @@ class TopkRecord:
 
 
 @dataclass
+class RetrieveRecord:
+    """One ``ultramem::retrieve`` call: the slots it selected and their scores [.., k, M]."""
+
+    scores: Tensor
+    slots: Tensor
+
+
+SiteRecord = TopkRecord | RetrieveRecord
+
+
+@dataclass
 class Selection:
     """Selected slot ids [rows, k] and the scores that ranked them (same order)."""
 
@@ -42,22 +55,10 @@ class Selection:
     values: Tensor
 
 
-@dataclass
-class MemoryLayerSites:
-    """A memory layer found in a captured graph and the indices of its top-k sites."""
-
-    name: str
-    sites: list[int]
-    fused: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "fused": self.fused, "topk_sites": self.sites}
-
-
-class _TopkRecorder(TorchDispatchMode):
+class _SiteRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.records: list[TopkRecord] = []
+        self.records: list[SiteRecord] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
@@ -66,52 +67,77 @@ class _TopkRecorder(TorchDispatchMode):
             dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
             values, indices = out
             self.records.append(TopkRecord(values.detach(), indices.detach(), x.shape[dim]))
+        elif func is RETRIEVE_OP:
+            scores, slots = out
+            self.records.append(RetrieveRecord(scores.detach(), slots.detach()))
         return out
 
 
-def run_recording_topk(
+def run_recording_sites(
     fn: Callable[..., Any], inputs: tuple[Any, ...]
-) -> tuple[Any, list[TopkRecord]]:
-    recorder = _TopkRecorder()
+) -> tuple[Any, list[SiteRecord]]:
+    """Run ``fn`` and record every top-k and fused retrieval it computes, in order."""
+    recorder = _SiteRecorder()
     with torch.no_grad(), recorder:
         out = fn(*inputs)
     return out, recorder.records
+
+
+def layer_selections(records: list[SiteRecord]) -> list[Selection]:
+    """One selection per memory layer, in execution order.
+
+    A fused layer is one retrieve record. An unfused one is three top-ks (row, column,
+    final over the m_row × m_col grid), turned into the same slot ids the op returns.
+    """
+    out: list[Selection] = []
+    i = 0
+    while i < len(records):
+        rec = records[i]
+        if isinstance(rec, RetrieveRecord):
+            k = rec.slots.shape[-1]
+            values = rec.scores.float().sum(-1)  # the ranking score when no activation
+            out.append(Selection(rec.slots.reshape(-1, k), values.reshape(-1, k)))
+            i += 1
+            continue
+        triple = _triple_selection(records[i : i + 3])
+        if triple is not None:
+            out.append(triple)
+            i += 3
+            continue
+        i += 1  # a top-k that is not part of a lookup
+    return out
+
+
+def _triple_selection(records: list[SiteRecord]) -> Selection | None:
+    if len(records) != 3 or not all(isinstance(r, TopkRecord) for r in records):
+        return None
+    row, col, final = records  # type: ignore[misc]
+    m_row, m_col = row.indices.shape[-1], col.indices.shape[-1]
+    if final.input_size != m_row * m_col or final.indices.dim() != row.indices.dim():
+        return None
+    pos = final.indices
+    i_row = row.indices.gather(-1, pos // m_col)
+    i_col = col.indices.gather(-1, pos % m_col)
+    k = pos.shape[-1]
+    slots = (i_row * col.input_size + i_col).reshape(-1, k)
+    return Selection(slots, final.values.reshape(-1, k).float())
 
 
 def _module_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return "<root>"
-    # the innermost module; its path is the first element of the (path, type) value
     path, _ = list(stack.values())[-1]
     return str(path) or "<root>"
 
 
-def find_memory_layers(program: ExportedProgram) -> list[MemoryLayerSites]:
-    """Group the graph's top-k nodes by the module that computes them.
+def memory_layer_names(graph: torch.fx.Graph) -> list[str]:
+    """Names (module paths) of the memory layers in a graph, fused or not, in order."""
+    from ultramem.passes.lookup_region import final_topks
 
-    A group with at least three top-k nodes is a memory layer (two candidate stages and
-    one final selection). The passes issue replaces this with semantic matching.
-    """
-    groups: dict[str, list[int]] = {}
-    site = 0
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target in TOPK_OPS:
-            groups.setdefault(_module_path(node), []).append(site)
-            site += 1
-    return [MemoryLayerSites(name, sites) for name, sites in groups.items() if len(sites) >= 3]
-
-
-def layer_selection(records: list[TopkRecord], layer: MemoryLayerSites) -> Selection:
-    """Slot ids of one layer from its last three sites (row, column, final)."""
-    row, col, final = (records[i] for i in layer.sites[-3:])
-    m_row, m_col, n = row.indices.shape[-1], col.indices.shape[-1], col.input_size
-    pos = final.indices
-    if final.input_size == m_row * m_col and pos.dim() == row.indices.dim():
-        i_row = row.indices.gather(-1, pos // m_col)
-        i_col = col.indices.gather(-1, pos % m_col)
-        slots = i_row * n + i_col
-    else:  # not the TDQKR pattern: compare the final top-k's own indices
-        slots = pos
-    k = slots.shape[-1]
-    return Selection(slots.reshape(-1, k), final.values.reshape(-1, k).float())
+    finals = {final for final, _, _ in final_topks(graph)}
+    return [
+        _module_path(n)
+        for n in graph.nodes
+        if n in finals or (n.op == "call_function" and n.target is RETRIEVE_OP)
+    ]

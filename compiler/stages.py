@@ -22,14 +22,13 @@ from ultramem.compiler.parity import (
     tolerance_for,
 )
 from ultramem.compiler.selections import (
-    MemoryLayerSites,
-    TopkRecord,
-    layer_selection,
-    run_recording_topk,
+    SiteRecord,
+    layer_selections,
+    run_recording_sites,
 )
 
-StageFn = Callable[[tuple[Any, ...], list[TopkRecord]], tuple[list[Tensor], list[TopkRecord]]]
-"""Runs one stage on inputs; gets the reference's top-k records (for their input sizes)."""
+StageFn = Callable[[tuple[Any, ...], list[SiteRecord]], tuple[list[Tensor], list[SiteRecord]]]
+"""Runs one stage on inputs; gets the reference's site records (for top-k input sizes)."""
 
 
 @dataclass
@@ -40,8 +39,8 @@ class Stage:
 
 
 def torch_stage(name: str, fn: Callable[..., Any]) -> Stage:
-    def run(inputs: tuple[Any, ...], _: list[TopkRecord]) -> tuple[list[Tensor], list[TopkRecord]]:
-        out, records = run_recording_topk(fn, inputs)
+    def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> tuple[list[Tensor], list[SiteRecord]]:
+        out, records = run_recording_sites(fn, inputs)
         return tensor_leaves(out), records
 
     return Stage(name, run)
@@ -95,10 +94,10 @@ def run_parity(
     reference: Callable[..., Any],
     stages: list[Stage],
     inputs_list: list[tuple[Any, ...]],
-    layers: list[MemoryLayerSites],
+    layer_names: list[str],
     tolerance: Tolerance | None = None,
 ) -> ParityReport:
-    ref_runs = [run_recording_topk(reference, inputs) for inputs in inputs_list]
+    ref_runs = [run_recording_sites(reference, inputs) for inputs in inputs_list]
     if tolerance is None:
         first_out = tensor_leaves(ref_runs[0][0])[0] if ref_runs else None
         dtype = first_out.dtype if first_out is not None else torch.float32
@@ -122,19 +121,17 @@ def run_parity(
                 continue
             for j, (r, c) in enumerate(zip(ref_outs, outs, strict=True)):
                 report.outputs.append(compare_outputs(f"output {j} @ {tag}", r, c, tolerance))
-            for layer in layers:
-                name = f"{layer.name} @ {tag}"
-                if len(records) != len(ref_records):
-                    msg = (
-                        f"{len(records)} top-k sites vs {len(ref_records)} in the reference: "
-                        "selections cannot be aligned"
-                    )
-                    report.selections.append(SelectionComparison(name, 0, 0, 0, False, msg))
-                    continue
-                ref_sel, cand_sel = (
-                    layer_selection(ref_records, layer),
-                    layer_selection(records, layer),
+            ref_sels, cand_sels = layer_selections(ref_records), layer_selections(records)
+            if len(ref_sels) != len(cand_sels):
+                msg = (
+                    f"{len(cand_sels)} memory layers selected slots vs {len(ref_sels)} in the "
+                    "reference: selections cannot be aligned"
                 )
+                report.selections.append(SelectionComparison(f"all @ {tag}", 0, 0, 0, False, msg))
+                continue
+            for j, (ref_sel, cand_sel) in enumerate(zip(ref_sels, cand_sels, strict=True)):
+                layer = layer_names[j] if j < len(layer_names) else f"layer {j}"
+                name = f"{layer} @ {tag}"
                 report.selections.append(compare_selections(name, ref_sel, cand_sel, tolerance))
         reports.append(report)
     return ParityReport(reports, [[list(_shape_of(x))] for x in inputs_list], tolerance)

@@ -33,7 +33,7 @@ MAX_HYPOTHESES = 512
 
 def fuse_memory_lookup(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(gm, "fuse_memory_lookup", nodes_before=count_nodes(gm))
-    triples = final_topks(gm)
+    triples = final_topks(gm.graph)
     if not triples:
         result.details["note"] = "no memory lookup in this graph: passed through unchanged"
     for final, row, col in triples:

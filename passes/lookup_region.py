@@ -20,7 +20,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 from ultramem.passes.graph_utils import (
     ancestors,
@@ -66,9 +66,9 @@ def topk_indices(topk: Node) -> Node | None:
     return next((u for u in topk.users if u.target is operator.getitem and u.args[1] == 1), None)
 
 
-def final_topks(gm: GraphModule) -> list[tuple[Node, Node, Node]]:
+def final_topks(graph: Graph) -> list[tuple[Node, Node, Node]]:
     """(final, row, col) top-k triples, in graph order."""
-    topks = [n for n in gm.graph.nodes if n.target is TOPK]
+    topks = [n for n in graph.nodes if n.target is TOPK]
     triples = []
     for final in topks:
         anc = ancestors([final])

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from ultramem.compiler.capture import capture
-from ultramem.compiler.selections import find_memory_layers, layer_selection, run_recording_topk
+from ultramem.compiler.selections import (
+    layer_selections,
+    memory_layer_names,
+    run_recording_sites,
+)
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
 
@@ -30,15 +34,14 @@ def test_lm_captures_with_named_dynamic_axes_and_matches_on_other_sizes() -> Non
         ("batch", "named", 1, 64),
         ("tokens", "named", 1, cfg.max_seq_len),
     ]
-    layers = find_memory_layers(result.program)
-    assert [x.name for x in layers] == ["memories.0"]
+    assert memory_layer_names(result.program.graph) == ["memories.0"]
     x = torch.randint(0, 64, (3, 37))
-    ref, ref_records = run_recording_topk(model, (x,))
-    out, records = run_recording_topk(result.program.module(), (x,))
+    ref, ref_records = run_recording_sites(model, (x,))
+    out, records = run_recording_sites(result.program.module(), (x,))
     assert torch.equal(ref, out)
-    ref_sel = layer_selection(ref_records, layers[0])
+    [ref_sel] = layer_selections(ref_records)
     assert ref_sel.slots.shape == (3 * 37 * 2, cfg.memory.topk)
-    assert torch.equal(ref_sel.slots, layer_selection(records, layers[0]).slots)
+    assert torch.equal(ref_sel.slots, layer_selections(records)[0].slots)
     assert int(ref_sel.slots.max()) < cfg.memory.n_keys**2
 
 
