@@ -11,6 +11,7 @@ import click
 from ultramem import __version__
 from ultramem.cli.check import check
 from ultramem.cli.export import export
+from ultramem.cli.inspect_cmd import inspect
 
 
 @click.group()
@@ -28,6 +29,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(export)
 cli.add_command(check)
+cli.add_command(inspect)
 
 
 def main() -> None:

@@ -19,7 +19,9 @@ from ultramem.compiler.artifacts import (
 )
 from ultramem.compiler.capture import DEFAULT_MAX_TOKENS, CaptureResult, capture
 from ultramem.compiler.export_onnx import count_nodes, export_onnx
+from ultramem.compiler.inspection import Inspection, fused_layer_table
 from ultramem.compiler.parity import ParityReport
+from ultramem.compiler.rewrite import RewriteResult, op_counts, rewrite
 from ultramem.compiler.run_onnx import OnnxRunner
 from ultramem.compiler.selections import SiteRecord, TopkRecord, memory_layer_names
 from ultramem.compiler.stages import Stage, parity_inputs, run_parity, torch_stage
@@ -47,6 +49,11 @@ class Compiled:
     loaded: LoadedModel
     capture: CaptureResult
     layers: list[str]
+    rewrite: RewriteResult
+
+    @property
+    def layer_table(self) -> list[dict[str, Any]]:
+        return fused_layer_table(self.layers, self.rewrite)
 
 
 def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compiled:
@@ -57,7 +64,23 @@ def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compile
         progress(f"note: {note}")
     layers = memory_layer_names(captured.program.graph)
     progress(f"memory layers found: {len(layers)} ({', '.join(layers) or 'none'})")
-    return Compiled(loaded, captured, layers)
+    with step(progress, "folding weight-only maths and fusing memory lookups"):
+        rewritten = rewrite(loaded.model, captured, loaded.example_inputs, layers)
+    progress(f"fused {len(rewritten.fused_layers)} of {len(layers)} memory layers")
+    for final, reason in rewritten.rolled_back.items():
+        progress(f"rolled back {final}: {reason}")
+    return Compiled(loaded, captured, layers, rewritten)
+
+
+def inspect_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Inspection:
+    compiled = compile_model(loaded, progress)
+    return Inspection(
+        loaded.source,
+        compiled.layer_table,
+        compiled.rewrite.log_json(),
+        op_counts(compiled.capture.program),
+        op_counts(compiled.rewrite.program),
+    )
 
 
 def onnx_stage(path: Path) -> Stage:
@@ -74,6 +97,7 @@ def run_checks(compiled: Compiled, onnx_path: Path, progress: ProgressFn) -> Par
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
     stages = [
         torch_stage("torch.export", compiled.capture.program.module()),
+        torch_stage("fused-ops", compiled.rewrite.program.module()),
         onnx_stage(onnx_path),
     ]
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
@@ -98,7 +122,12 @@ def export_model(
         manifest = {
             "source": {"model": loaded.source},
             "capture": compiled.capture.to_json(),
-            "memory_layers": [{"name": name, "fused": False} for name in compiled.layers],
+            "memory_layers": compiled.layer_table,
+            "passes": compiled.rewrite.log_json(),
+            "ops": {
+                "before": op_counts(compiled.capture.program),
+                "after": op_counts(compiled.rewrite.program),
+            },
             "onnx": {
                 "opset": opset,
                 "nodes": len(model_proto.graph.node),

@@ -46,8 +46,8 @@ def op_counts(program: ExportedProgram) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in program.graph.nodes:
         if node.op == "call_function":
-            name = str(getattr(node.target, "_name", None) or node.target)
-            name = name.removeprefix("aten::").replace("::", ".")
+            name = getattr(node.target, "_name", None) or getattr(node.target, "__name__", "")
+            name = str(name or node.target).removeprefix("aten::").replace("::", ".")
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -1,0 +1,24 @@
+"""``ultramem inspect [MODEL]``: memory layers found, which were fused and why not, op counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ultramem.cli.options import load, model_options, progress
+from ultramem.compiler.pipeline import inspect_model
+
+
+@click.command("inspect")
+@model_options()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(model: str, weights: Path | None, allow_unsafe_pickle: bool, as_json: bool) -> None:
+    """Show what the passes find and change in MODEL (default: the bundled trained model)."""
+    loaded = load(model, weights, allow_unsafe_pickle)
+    report = inspect_model(loaded, progress)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report.lines()))

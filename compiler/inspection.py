@@ -1,0 +1,84 @@
+"""What ``ultramem inspect`` reports: memory layers, what was fused and why not, the pass log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ultramem.compiler.rewrite import FUSED_OPS, RewriteResult
+
+# ops that must not remain outside the fused ops once every lookup is fused
+LOOKUP_OPS = ("topk", "gather", "scatter", "scatter_add", "index.Tensor", "linalg_svd", "svd")
+
+
+@dataclass
+class Inspection:
+    source: str
+    layers: list[dict[str, Any]]
+    passes: list[dict[str, Any]]
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+
+    @property
+    def lookup_ops_left(self) -> dict[str, int]:
+        return {
+            op: n
+            for op, n in self.ops_after.items()
+            if any(op == name or op.startswith(name + ".") for name in LOOKUP_OPS)
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "memory_layers": self.layers,
+            "passes": self.passes,
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "lookup_ops_left": self.lookup_ops_left,
+        }
+
+    def lines(self) -> list[str]:
+        out = [f"model: {self.source}", f"memory layers: {len(self.layers)}"]
+        for layer in self.layers:
+            status = "fused" if layer["fused"] else f"NOT fused: {layer.get('reason', '?')}"
+            out.append(f"  {layer['name']}: {status}")
+            if layer.get("binding"):
+                b = layer["binding"]
+                out.append("    " + ", ".join(f"{k}={v}" for k, v in b.items()))
+        out.append("passes:")
+        for p in self.passes:
+            out.append(
+                f"  {p['pass']}: {len(p['matched'])} matched, {len(p['changed'])} changed, "
+                f"{len(p['refused'])} refused, nodes {p['nodes_before']} -> {p['nodes_after']}"
+            )
+            out += [f"    refused {r['node']}: {r['reason']}" for r in p["refused"]]
+        total_before, total_after = sum(self.ops_before.values()), sum(self.ops_after.values())
+        out.append(f"ops: {total_before} before -> {total_after} after")
+        for op in sorted(set(self.ops_before) | set(self.ops_after)):
+            before, after = self.ops_before.get(op, 0), self.ops_after.get(op, 0)
+            if before != after:
+                out.append(f"  {op}: {before} -> {after}")
+        left = self.lookup_ops_left
+        out.append(
+            "lookup ops left outside the fused ops: "
+            + (", ".join(f"{k}={v}" for k, v in left.items()) if left else "none")
+        )
+        return out
+
+
+def fused_layer_table(names: list[str], rewrite: RewriteResult) -> list[dict[str, Any]]:
+    """One entry per memory layer of the original graph: fused or not, and why."""
+    fuse = next(p for p in rewrite.passes if p.name == "fuse_memory_lookup")
+    refusals = {r.node: r.reason for r in fuse.refused}
+    table = []
+    for name, final in zip(names, fuse.matched, strict=False):
+        entry: dict[str, Any] = {"name": name, "fused": final in rewrite.fused_layers}
+        if final in rewrite.rolled_back:
+            entry["reason"] = rewrite.rolled_back[final]
+        elif final in refusals:
+            entry["reason"] = refusals[final]
+        if entry["fused"]:
+            entry["binding"] = fuse.details.get(final, {})
+            entry["ops"] = list(FUSED_OPS)
+        table.append(entry)
+    return table
