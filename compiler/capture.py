@@ -99,7 +99,10 @@ def capture(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> CaptureResult:
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # the module of an exported program: already an inference graph
     notes: list[str] = []
     modes = ("named", "auto", "static") if dynamic else ("static",)
     last_error: Exception | None = None

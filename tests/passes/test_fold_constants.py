@@ -1,0 +1,60 @@
+"""fold_constants: weight-only maths becomes buffers, bit for bit; activations are untouched."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ultramem.compiler.capture import capture
+from ultramem.compiler.rewrite import op_counts
+from ultramem.models.config import UltraMemConfig
+from ultramem.models.ultramem import UltraMemLayer, leading_singular_vectors
+from ultramem.passes.base import PassContext
+from ultramem.passes.fold_constants import fold_constants
+
+
+def _targets(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_svd_and_key_norm_fold_exactly_with_the_original_signs() -> None:
+    cfg = UltraMemConfig(heads=2, cores=2, expansion=4, rank1_from_svd_in_forward=True)
+    layer = UltraMemLayer(cfg).eval()
+    x = torch.randn(2, 9, cfg.d_model)
+    gm = capture(layer, (x,)).program.module()
+    assert "aten.linalg_svd.default" in _targets(gm)
+    result = fold_constants(gm, PassContext((x,)))
+    targets = _targets(gm)
+    assert "aten.linalg_svd.default" not in targets
+    assert "aten.linalg_vector_norm.default" not in targets
+    assert len(result.changed) == 4  # two key tables, u, v
+    assert result.nodes_after < result.nodes_before
+    # the folded u/v are exactly what the model's own SVD call returns, signs included
+    u, v = leading_singular_vectors(layer.cores.detach())
+    folded = [
+        b for name, b in gm.named_buffers() if name.startswith("_folded_") and b.shape == u.shape
+    ]
+    assert any(torch.equal(b, u) for b in folded) and any(torch.equal(b, v) for b in folded)
+    x2 = torch.randn(3, 14, cfg.d_model)
+    assert torch.equal(gm(x2), layer(x2))
+
+
+class DependsOnInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.w * 2).t() + x.sum()  # w*2 folds; nothing that reads x does
+
+
+def test_nothing_that_reads_an_input_is_folded() -> None:
+    model = DependsOnInput().eval()
+    x = torch.randn(2, 3, 8)
+    gm = capture(model, (x,)).program.module()
+    result = fold_constants(gm, PassContext((x,)))
+    assert len(result.changed) == 1
+    counts = op_counts(capture(gm, (x,)).program)
+    assert counts.get("mul.Tensor", 0) == 0 and counts.get("sum", counts.get("sum.default", 0)) == 1
+    x2 = torch.randn(4, 5, 8)
+    assert torch.allclose(gm(x2), model(x2), atol=1e-6)
