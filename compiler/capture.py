@@ -9,6 +9,7 @@ back and why. Parity and engines use only the shapes the capture admits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,10 +100,9 @@ def capture(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> CaptureResult:
-    try:
+    # the module of an exported program refuses eval(): it is an inference graph already
+    with contextlib.suppress(NotImplementedError):
         model.eval()
-    except NotImplementedError:
-        pass  # the module of an exported program: already an inference graph
     notes: list[str] = []
     modes = ("named", "auto", "static") if dynamic else ("static",)
     last_error: Exception | None = None
