@@ -9,6 +9,7 @@ import warnings
 import click
 
 from ultramem import __version__
+from ultramem.cli.bench import bench
 from ultramem.cli.check import check
 from ultramem.cli.export import export
 from ultramem.cli.inspect_cmd import inspect
@@ -30,6 +31,7 @@ def cli(verbose: bool) -> None:
 cli.add_command(export)
 cli.add_command(check)
 cli.add_command(inspect)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -18,14 +18,16 @@ class OnnxRunner:
     The probe outputs are added to an in-memory copy; the file on disk is untouched.
     """
 
-    def __init__(self, path: Path, providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, providers: list[str] | None = None, probe_selections: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         model = onnx.load(str(path))
         self.output_count = len(model.graph.output)
         self.topk_outputs: list[tuple[str, str]] = []
         existing = {o.name for o in model.graph.output}
-        for node in model.graph.node:
+        for node in model.graph.node if probe_selections else []:
             if node.op_type == "TopK" and not node.domain:
                 values, indices = node.output[0], node.output[1]
                 self.topk_outputs.append((values, indices))

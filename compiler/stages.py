@@ -66,14 +66,14 @@ def parity_inputs(
         sizes.add((b if b_ok else first.shape[0], t if t_ok else first.shape[1]))
     example_size = (first.shape[0], first.shape[1])
     others = sorted(sizes - {example_size})
-    return [example_inputs, *(_like(example_inputs, b, t, gen) for b, t in others)]
+    return [example_inputs, *(like_inputs(example_inputs, b, t, gen) for b, t in others)]
 
 
 def _within(size: int, axis: Any) -> bool:
     return (axis.min is None or size >= axis.min) and (axis.max is None or size <= axis.max)
 
 
-def _like(
+def like_inputs(
     example: tuple[Any, ...], batch: int, tokens: int, gen: torch.Generator
 ) -> tuple[Any, ...]:
     out = []
