@@ -123,7 +123,10 @@ class ArtifactWriter:
         self.artifacts = [a for a in self.artifacts if a["path"] != name] + [entry]
         return entry
 
-    def publish(self, manifest: dict[str, Any], extra_files: tuple[str, ...] = ()) -> Path:
+    def publish(
+        self, manifest: dict[str, Any], extra_files: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Move every staged file into place, manifest last; return the manifest written."""
         manifest = {
             "kind": MANIFEST_KIND,
             "schema": MANIFEST_SCHEMA,
@@ -139,7 +142,7 @@ class ArtifactWriter:
             os.replace(self.path(name), self.out / name)
         os.replace(self.path(MANIFEST), self.out / MANIFEST)
         shutil.rmtree(self.staging, ignore_errors=True)
-        return self.out / MANIFEST
+        return manifest
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

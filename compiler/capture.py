@@ -86,6 +86,17 @@ def _dims_for(
     return tuple(specs), axes
 
 
+def _widened(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            x = x.repeat(
+                2 if x.shape[0] == 1 else 1, 2 if x.shape[1] == 1 else 1, *[1] * (x.dim() - 2)
+            )
+        out.append(x)
+    return tuple(out)
+
+
 def _export(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> ExportedProgram:
     # Inference capture: research code writes into preallocated buffers with out=, which
     # autograd refuses, so no grad mode at all.
@@ -106,10 +117,14 @@ def capture(
     notes: list[str] = []
     modes = ("named", "auto", "static") if dynamic else ("static",)
     last_error: Exception | None = None
+    # torch.export specialises any dimension whose example size is 0 or 1, so a batch-1
+    # or one-token example would pin that axis: capture with such axes widened to 2.
+    capture_inputs = _widened(example_inputs) if dynamic else example_inputs
     for mode in modes:
-        specs, axes = _dims_for(example_inputs, max_batch, max_tokens, mode)
+        inputs = example_inputs if mode == "static" else capture_inputs
+        specs, axes = _dims_for(inputs, max_batch, max_tokens, mode)
         try:
-            program = _export(model, example_inputs, specs)
+            program = _export(model, inputs, specs)
         except Exception as exc:  # torch.export raises several types for refused dims
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             notes.append(f"capture with {mode} batch/tokens dims refused: {reason}")
@@ -117,7 +132,7 @@ def capture(
             last_error = exc
             continue
         if mode == "auto":
-            axes = _resolve_auto_axes(program, example_inputs, axes)
+            axes = _resolve_auto_axes(program, inputs, axes)
         for a in axes:
             if mode != "named":
                 notes.append(

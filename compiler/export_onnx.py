@@ -4,6 +4,11 @@
 symbols (``s27``); deployers want ``batch`` and ``tokens``, so the symbols of the
 captured input axes are renamed throughout the graph, and outputs get stable names
 (``output`` or ``output_<i>``).
+
+Weights over ``EXTERNAL_DATA_BYTES`` go to one external-data file beside the model
+(``model.onnx.data``; protobuf caps a file at 2 GB). The exporter writes the weights
+straight from the program's tensors, and the renaming works on the graph loaded
+*without* its weights, so no step holds a second serialized copy of them.
 """
 
 from __future__ import annotations
@@ -22,15 +27,47 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 20
 
 
-def export_onnx(capture: CaptureResult, path: Path, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Write ``path`` (a single file for models under 2 GB) and return it."""
-    program: ExportedProgram = capture.program
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def weight_bytes(program: ExportedProgram) -> int:
+    tensors = [*program.state_dict.values(), *program.constants.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def export_onnx(
+    capture: CaptureResult,
+    path: Path,
+    *,
+    program: ExportedProgram | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> list[Path]:
+    """Write ``path`` (and its external data when large); return the files written.
+
+    ``program`` defaults to the captured one; pass the rewritten program to export it
+    with the capture's axis names.
+    """
+    program = program if program is not None else capture.program
+    external = weight_bytes(program) > EXTERNAL_DATA_BYTES
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
-    model = onnx_program.model_proto
+    onnx_program.save(str(path), external_data=external)
+    del onnx_program
+    model = onnx.load(str(path), load_external_data=False)
     _name_axes(model, capture)
     _name_outputs(model)
     onnx.save_model(model, str(path))
-    return path
+    return [path, *external_data_files(model, path.parent)]
+
+
+def external_data_files(model: onnx.ModelProto, directory: Path) -> list[Path]:
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [directory / loc for loc in sorted(locations)]
 
 
 def _name_axes(model: onnx.ModelProto, capture: CaptureResult) -> None:

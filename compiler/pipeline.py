@@ -114,8 +114,9 @@ def export_model(
     with ArtifactWriter(out) as writer:
         compiled = compile_model(loaded, progress)
         with step(progress, "exporting ONNX"):
-            export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
-        writer.add(ONNX_FILE, "onnx")
+            files = export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
+        for f in files:
+            writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
         report = run_checks(compiled, writer.path(ONNX_FILE), progress)
         writer.path(PARITY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         model_proto = onnx.load(str(writer.path(ONNX_FILE)), load_external_data=False)
@@ -135,8 +136,8 @@ def export_model(
             },
             "parity": _parity_summary(report),
         }
-        path = writer.publish(manifest, extra_files=(PARITY_FILE,))
-        progress(f"wrote {path.parent}")
+        manifest = writer.publish(manifest, extra_files=(PARITY_FILE,))
+        progress(f"wrote {out}")
     return manifest, report
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ class OnnxRunner:
     ) -> None:
         import onnxruntime as ort
 
-        model = onnx.load(str(path))
+        # weights stay in the file (or its external data): only the graph is loaded
+        model = onnx.load(str(path), load_external_data=False)
         self.output_count = len(model.graph.output)
         self.topk_outputs: list[tuple[str, str]] = []
         existing = {o.name for o in model.graph.output}
@@ -38,11 +40,12 @@ class OnnxRunner:
         self.input_names = [i.name for i in model.graph.input]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            model.SerializeToString(),
-            sess_options=options,
-            providers=providers or ["CPUExecutionProvider"],
-        )
+        # The probed copy sits beside the original so relative external-data paths resolve.
+        with tempfile.NamedTemporaryFile(suffix=".onnx", dir=path.parent) as probed:
+            onnx.save_model(model, probed.name)
+            self.session = ort.InferenceSession(
+                probed.name, sess_options=options, providers=providers or ["CPUExecutionProvider"]
+            )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(

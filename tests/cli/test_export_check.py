@@ -23,7 +23,10 @@ def bundled_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> None:
     manifest = json.loads((bundled_export / "manifest.json").read_text())
     assert manifest["source"]["model"] == "builtin:facts"
-    assert manifest["memory_layers"] and all(not m["fused"] for m in manifest["memory_layers"])
+    assert [m["name"] for m in manifest["memory_layers"]] == ["memories.0"]
+    assert all(m["fused"] for m in manifest["memory_layers"])
+    assert manifest["ops"]["after"]["ultramem.retrieve"] == 1
+    assert "topk" not in manifest["ops"]["after"] and manifest["ops"]["before"]["topk"] == 3
     assert manifest["parity"]["passed"] is True
     for version in ("ultramem", "torch", "onnx", "onnxruntime"):
         assert manifest["versions"][version] != "not installed"
@@ -31,7 +34,7 @@ def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> 
     assert onnx_art["sha256"] == sha256_file(bundled_export / "model.onnx")
     report = json.loads((bundled_export / "parity.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert set(stages) == {"torch.export", "onnxruntime-cpu"}
+    assert set(stages) == {"torch.export", "fused-ops", "onnxruntime-cpu"}
     assert len(report["inputs"]) >= 4  # sequence lengths other than the example's
     for stage in stages.values():
         assert stage["passed"]
