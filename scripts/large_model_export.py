@@ -40,8 +40,15 @@ def main() -> None:
     rows = n_keys * n_keys // expansion
     value_dim = int(args.value_gb * 1e9 / (4 * rows)) // 2 * 2
     mem = UltraMemConfig(
-        d_model=64, n_keys=n_keys, key_dim=32, heads=1, cores=2, topm=8, topk=8,
-        value_dim=value_dim, expansion=expansion,
+        d_model=64,
+        n_keys=n_keys,
+        key_dim=32,
+        heads=1,
+        cores=2,
+        topm=8,
+        topk=8,
+        value_dim=value_dim,
+        expansion=expansion,
     )
     torch.manual_seed(0)
     model = UltraMemLM(LMConfig(memory=mem, max_seq_len=64)).eval()
