@@ -13,11 +13,13 @@ from typing import Any
 import onnx
 
 from ultramem.compiler.artifacts import (
+    ArtifactError,
     ArtifactWriter,
     read_manifest,
     verify_artifacts,
 )
 from ultramem.compiler.capture import DEFAULT_MAX_TOKENS, CaptureResult, capture
+from ultramem.compiler.export_aoti import AOTI_FILE, export_aoti, load_aoti
 from ultramem.compiler.export_onnx import count_nodes, export_onnx
 from ultramem.compiler.inspection import Inspection, fused_layer_table
 from ultramem.compiler.parity import ParityReport
@@ -93,12 +95,22 @@ def onnx_stage(path: Path) -> Stage:
     return Stage("onnxruntime-cpu", run)
 
 
-def run_checks(compiled: Compiled, onnx_path: Path, progress: ProgressFn) -> ParityReport:
+def artifact_stages(directory: Path) -> list[Stage]:
+    """One parity stage per artifact found in ``directory``."""
+    stages = []
+    if (directory / ONNX_FILE).is_file():
+        stages.append(onnx_stage(directory / ONNX_FILE))
+    if (directory / AOTI_FILE).is_file():
+        stages.append(torch_stage("aotinductor", load_aoti(directory / AOTI_FILE)))
+    return stages
+
+
+def run_checks(compiled: Compiled, directory: Path, progress: ProgressFn) -> ParityReport:
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
     stages = [
         torch_stage("torch.export", compiled.capture.program.module()),
         torch_stage("fused-ops", compiled.rewrite.program.module()),
-        onnx_stage(onnx_path),
+        *artifact_stages(directory),
     ]
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
         report = run_parity(compiled.loaded.model, stages, inputs, compiled.layers)
@@ -107,17 +119,34 @@ def run_checks(compiled: Compiled, onnx_path: Path, progress: ProgressFn) -> Par
     return report
 
 
+FORMATS = ("onnx", "aoti")
+
+
 def export_model(
-    loaded: LoadedModel, out: Path, progress: ProgressFn = _quiet, opset: int = 20
+    loaded: LoadedModel,
+    out: Path,
+    progress: ProgressFn = _quiet,
+    opset: int = 20,
+    formats: tuple[str, ...] = ("onnx",),
 ) -> tuple[dict[str, Any], ParityReport]:
-    """Capture, export ONNX, check parity; publish the folder only when all steps ran."""
+    """Capture, rewrite, write each format, check parity; publish only when all steps ran."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ArtifactError(
+            f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
+        )
     with ArtifactWriter(out) as writer:
         compiled = compile_model(loaded, progress)
-        with step(progress, "exporting ONNX"):
-            files = export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
-        for f in files:
-            writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
-        report = run_checks(compiled, writer.path(ONNX_FILE), progress)
+        if "onnx" in formats:
+            with step(progress, "exporting ONNX"):
+                files = export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
+            for f in files:
+                writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
+        if "aoti" in formats:
+            with step(progress, "compiling the AOTInductor package"):
+                export_aoti(compiled.rewrite.program, writer.path(AOTI_FILE))
+            writer.add(AOTI_FILE, "aoti")
+        report = run_checks(compiled, writer.staging, progress)
         writer.path(PARITY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         model_proto = onnx.load(str(writer.path(ONNX_FILE)), load_external_data=False)
         manifest = {
@@ -148,7 +177,7 @@ def check_artifacts(
     manifest = read_manifest(directory)
     verify_artifacts(directory, manifest)
     compiled = compile_model(loaded, progress)
-    report = run_checks(compiled, directory / ONNX_FILE, progress)
+    report = run_checks(compiled, directory, progress)
     tmp = directory / f".{PARITY_FILE}.tmp"
     tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     tmp.replace(directory / PARITY_FILE)

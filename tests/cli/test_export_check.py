@@ -76,3 +76,24 @@ def test_factory_model_exports_and_a_different_model_fails_check(
     # re-exporting into our own earlier export is allowed
     result = CliRunner().invoke(cli, ["export", f"{user_models}:two_layers", "--out", str(out)])
     assert result.exit_code == 0, result.output
+
+
+def test_aotinductor_package_exports_and_joins_parity(tmp_path: Path) -> None:
+    out = tmp_path / "aoti"
+    result = CliRunner().invoke(cli, ["export", "--format", "onnx,aoti", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {a["format"] for a in manifest["artifacts"]} == {"onnx", "aoti"}
+    stages = {s["stage"]: s for s in json.loads((out / "parity.json").read_text())["stages"]}
+    aoti = stages["aotinductor"]
+    assert aoti["passed"] and aoti["selections"]
+    assert all(s["differing"] == 0 for s in aoti["selections"])
+    assert all(o["max_abs"] <= 1e-4 for o in aoti["outputs"])
+
+
+def test_unknown_format_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["export", "--format", "onnx,tflite", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "tflite" in result.output
+    assert not (tmp_path / "o").exists()
