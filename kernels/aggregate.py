@@ -124,7 +124,7 @@ def aggregate_reference(
     row, group = physical_rows_and_groups(
         slots, slot_map, value_rows, expansion, mapping, row_offset
     )
-    gathered = values.float()[row].view(tokens, heads, k, n_cores, value_dim // n_cores)
+    gathered = values[row].float().view(tokens, heads, k, n_cores, value_dim // n_cores)
     weighted = (gathered * scores.float().unsqueeze(-1)).reshape(tokens, heads * k, value_dim)
     pooled = weighted.new_zeros(tokens, expansion, value_dim)
     index = group.reshape(tokens, heads * k, 1).expand(-1, -1, value_dim)

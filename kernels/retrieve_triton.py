@@ -1,0 +1,317 @@
+"""Triton kernel for ``ultramem::retrieve`` (see ``retrieve.py`` for the semantics).
+
+One program per (token, head) does the whole retrieval in registers: the rank-1 merge of
+both sides over all n keys, top-m on each side, the m × m Tucker grid of every core, top-k
+over the summed grid and the per-core scores at the selected positions. Nothing but the
+k scores and slots goes back to memory, so a lookup is one launch instead of the dozen
+kernels (and the [T, M, H, m²] grid round trip) of the eager reference.
+
+Exactness: selections must equal the reference's, ties included, so the kernel repeats its
+arithmetic in fp32 in the same order:
+- ``a = Σ_p s_p · w_p`` with each product rounded before the add (the reference multiplies
+  elementwise, then sums), p in order;
+- the grid as the reference's two einsums compute it on MKL and cuBLAS: ``proj_q =
+  Σ_p Sr_p · C[p, q]`` then ``G = Σ_q proj_q · Sc_q``, each an fma chain from the first
+  product, then the cores summed in order. (At tiny sizes PyTorch's CPU bmm skips BLAS and
+  rounds every product, so there the two may differ in the last bit: only a near-tie
+  within one ulp could flip a selection, and exact ties stay exact.)
+- Products are formed as ``fma(x, y, +0.0)``: the value of ``x * y``, but an op LLVM may
+  not contract with the following add (Triton fuses ``a * b + c`` by default, which
+  would round once where the reference rounds twice);
+- top-k as k rounds of (max, then the lowest index holding it), so ties go to the lower
+  index like the stable sort of the reference.
+
+The registration helpers at the bottom (shared with ``aggregate_triton``) make the ops run
+these kernels for CUDA tensors, eagerly and under ``torch.compile``/AOTInductor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._library.triton import set_wrap_triton_enabled, triton_ops_to_kernels
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from torch.library import wrap_triton
+
+from ultramem.kernels.retrieve import check_retrieve_inputs, retrieve, retrieve_reference
+
+
+@triton.jit
+def _mul(x, y):
+    # x * y rounded once, but never fused into a following add (see the module docstring)
+    return tl.fma(x, y, 0.0)
+
+
+@triton.jit
+def _projected(row_base, key_row, mask_row, stride_n, stride_r, core_base, q, R: tl.constexpr):
+    """``Σ_p Sr_p[key_row] · C[p, q]``: the reference's first einsum, p in order."""
+    sr = tl.load(row_base + key_row * stride_n, mask=mask_row, other=0.0).to(tl.float32)
+    proj = _mul(sr, tl.load(core_base + q).to(tl.float32))
+    for p in tl.static_range(1, R):
+        sr = tl.load(row_base + key_row * stride_n + p * stride_r, mask=mask_row, other=0.0)
+        proj = tl.fma(sr.to(tl.float32), tl.load(core_base + p * R + q).to(tl.float32), proj)
+    return proj
+
+
+@triton.jit
+def _tucker(
+    row_base, col_base, key_row, key_col, mask_row, mask_col, row_stride_n, row_stride_r,
+    col_stride_n, col_stride_r, core_base, R: tl.constexpr,
+):  # fmt: skip
+    """``Σ_q proj_q[key_row] · Sc_q[key_col]`` for one core: the reference's second einsum,
+    q in order. The key indices broadcast: [m, 1] against [1, m] gives the grid, [k]
+    against [k] the k selected entries, bit for bit the same values."""
+    proj = _projected(row_base, key_row, mask_row, row_stride_n, row_stride_r, core_base, 0, R)
+    sc = tl.load(col_base + key_col * col_stride_n, mask=mask_col, other=0.0).to(tl.float32)
+    out = _mul(proj, sc)
+    for q in tl.static_range(1, R):
+        proj = _projected(row_base, key_row, mask_row, row_stride_n, row_stride_r, core_base, q, R)
+        sc = tl.load(col_base + key_col * col_stride_n + q * col_stride_r, mask=mask_col, other=0.0)
+        out = tl.fma(proj, sc.to(tl.float32), out)
+    return out
+
+
+@triton.jit
+def _candidates(
+    base, weight_ptr, n, stride_n, stride_r, m, R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Indices [BLOCK_M] of the m largest ``Σ_p s_p · w_p`` over the n keys, ties → lower."""
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    s = tl.load(base + offs_n * stride_n, mask=mask_n, other=0.0).to(tl.float32)
+    merged = _mul(s, tl.load(weight_ptr).to(tl.float32))
+    for p in tl.static_range(1, R):
+        s = tl.load(base + offs_n * stride_n + p * stride_r, mask=mask_n, other=0.0)
+        merged = merged + _mul(s.to(tl.float32), tl.load(weight_ptr + p).to(tl.float32))
+    merged = tl.where(mask_n, merged, float("-inf"))
+    offs_m = tl.arange(0, BLOCK_M)
+    picked = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for i in range(m):
+        best = tl.max(merged, axis=0)
+        idx = tl.min(tl.where(merged == best, offs_n, BLOCK_N), axis=0)
+        picked = tl.where(offs_m == i, idx, picked)
+        merged = tl.where(offs_n == idx, float("-inf"), merged)
+    return picked
+
+
+@triton.jit
+def _retrieve_kernel(
+    row_ptr, col_ptr, row_weight_ptr, col_weight_ptr, cores_ptr, scores_ptr, slots_ptr,
+    n, m, k, heads,
+    row_stride_t, row_stride_h, row_stride_n, row_stride_r,
+    col_stride_t, col_stride_h, col_stride_n, col_stride_r,
+    R: tl.constexpr, M: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    row_base = row_ptr + t * row_stride_t + h * row_stride_h
+    col_base = col_ptr + t * col_stride_t + h * col_stride_h
+
+    cand_row = _candidates(
+        row_base, row_weight_ptr + h * R, n, row_stride_n, row_stride_r, m, R, BLOCK_N, BLOCK_M
+    )
+    cand_col = _candidates(
+        col_base, col_weight_ptr + h * R, n, col_stride_n, col_stride_r, m, R, BLOCK_N, BLOCK_M
+    )
+
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m
+    core_base = cores_ptr + h * R * R
+    core_stride = heads * R * R
+    # the m × m grid summed over cores, in core order
+    total = _tucker(
+        row_base, col_base, cand_row[:, None], cand_col[None, :], mask_m[:, None],
+        mask_m[None, :], row_stride_n, row_stride_r, col_stride_n, col_stride_r, core_base, R,
+    )  # fmt: skip
+    for c in tl.static_range(1, M):
+        total = total + _tucker(
+            row_base, col_base, cand_row[:, None], cand_col[None, :], mask_m[:, None],
+            mask_m[None, :], row_stride_n, row_stride_r, col_stride_n, col_stride_r,
+            core_base + c * core_stride, R,
+        )  # fmt: skip
+
+    # top-k over the flattened grid (flat index a * m + b), padding at -inf
+    flat = offs_m[:, None] * m + offs_m[None, :]
+    total = tl.where(mask_m[:, None] & mask_m[None, :], total, float("-inf"))
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k
+    picked = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in range(k):
+        best = tl.max(tl.max(total, axis=1), axis=0)
+        pos = tl.min(tl.min(tl.where(total == best, flat, BLOCK_M * BLOCK_M), axis=1), axis=0)
+        picked = tl.where(offs_k == j, pos, picked)
+        total = tl.where(flat == pos, float("-inf"), total)
+
+    # grid position -> key indices (a one-hot pick: the candidates live in registers)
+    at_a = (picked // m)[:, None] == offs_m[None, :]
+    at_b = (picked % m)[:, None] == offs_m[None, :]
+    key_row = tl.sum(tl.where(at_a, cand_row[None, :], 0), axis=1)
+    key_col = tl.sum(tl.where(at_b, cand_col[None, :], 0), axis=1)
+    out_row = (t * heads + h) * k + offs_k
+    tl.store(slots_ptr + out_row, key_row.to(tl.int64) * n + key_col.to(tl.int64), mask=mask_k)
+
+    # per-core scores at the k positions, recomputed rather than kept as M live grids
+    for c in tl.static_range(M):
+        score = _tucker(
+            row_base, col_base, key_row, key_col, mask_k, mask_k, row_stride_n, row_stride_r,
+            col_stride_n, col_stride_r, core_base + c * core_stride, R,
+        )  # fmt: skip
+        if ACTIVATION == "relu":
+            score = tl.maximum(score, 0.0)
+        elif ACTIVATION == "softmax":
+            score = tl.where(mask_k, score, float("-inf"))
+            e = tl.exp(score - tl.max(score, axis=0))
+            score = e / tl.sum(e, axis=0)
+        tl.store(scores_ptr + out_row * M + c, score.to(scores_ptr.dtype.element_ty), mask=mask_k)
+
+
+def retrieve_triton(
+    row_scores: Tensor,
+    col_scores: Tensor,
+    row_weight: Tensor,
+    col_weight: Tensor,
+    cores: Tensor,
+    topm: int,
+    topk: int,
+    activation: str = "none",
+) -> tuple[Tensor, Tensor]:
+    """``retrieve_reference`` as one Triton launch. Returns ``(scores [T,H,k,M], slots [T,H,k])``.
+
+    Raises ``ValueError`` for inputs that cannot form a lookup (``check_retrieve_inputs``).
+    """
+    check_retrieve_inputs(
+        row_scores, col_scores, row_weight, col_weight, cores, topm, topk, activation
+    )
+    tokens = row_scores.shape[0]
+    # constexprs and block sizes must be concrete: under torch.compile(dynamic=True) this
+    # specializes every size but the token count, which only sizes the grid
+    heads, n, rank = (int(d) for d in row_scores.shape[1:])
+    n_cores = int(cores.shape[0])
+    # the small weights are read as flat [H, r] / [M, H, r, r] arrays
+    row_weight, col_weight, cores = (
+        row_weight.contiguous(),
+        col_weight.contiguous(),
+        cores.contiguous(),
+    )
+    scores = torch.empty(
+        (tokens, heads, topk, n_cores), dtype=row_scores.dtype, device=row_scores.device
+    )
+    slots = torch.empty((tokens, heads, topk), dtype=torch.int64, device=row_scores.device)
+    if tokens == 0:
+        return scores, slots
+    block_n, block_m = triton.next_power_of_2(n), triton.next_power_of_2(topm)
+    # about 16 elements of the widest vector (the n keys or the m × m grid) per thread:
+    # fewer warps keep the 2·m + k rounds of reductions inside a warp, more keep registers
+    # in bounds (sm_90 builds, cuobjdump -res-usage: paper sizes at 2 warps use 90
+    # registers; n = 4096, m = 64 at 8 warps 118; no spills). A guess, not yet timed.
+    num_warps = min(8, max(1, max(block_n, block_m * block_m) // 512))
+    wrap_triton(_retrieve_kernel)[(tokens, heads)](
+        row_scores, col_scores, row_weight, col_weight, cores, scores, slots,
+        n, topm, topk, heads,
+        *row_scores.stride(), *col_scores.stride(),
+        R=rank, M=n_cores, ACTIVATION=activation,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_K=triton.next_power_of_2(topk),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return scores, slots
+
+
+# ---------------------------------------------------------------------------------------
+# Registration, shared with aggregate_triton.
+#
+# ``torch.library.triton_op`` would define the op anew, and ``ultramem::retrieve`` already
+# exists (``custom_op`` in retrieve.py, with its reference and fake kernels). So the
+# existing op gets what triton_op would give it: a CUDA kernel that launches directly
+# (wrap_triton disabled: the HOP dispatch costs about a millisecond per call in eager), and
+# a FunctionalTensorMode rule that, under AOTDispatcher (torch.compile, AOTInductor),
+# inlines the launcher so Inductor sees and compiles the Triton kernel. torch.export keeps
+# the op whole, as it does for triton_op. CPU tensors keep the reference kernel unless
+# ``triton_on_cpu`` is active (the Triton interpreter: tests on machines without a GPU).
+# ---------------------------------------------------------------------------------------
+
+_cpu_triton = False
+
+
+@contextlib.contextmanager
+def triton_on_cpu(enabled: bool = True) -> Iterator[None]:
+    """Route the ops' CPU tensors to the Triton launchers (needs ``TRITON_INTERPRET=1``)."""
+    global _cpu_triton
+    previous, _cpu_triton = _cpu_triton, enabled
+    try:
+        yield
+    finally:
+        _cpu_triton = previous
+
+
+def _interpreted(kernel: Any) -> bool:
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def register_triton_impl(
+    op: Any,
+    launcher: Callable[..., Any],
+    reference: Callable[..., Any],
+    kernel: Any,
+    traced_launcher: Callable[..., Any] | None = None,
+) -> None:
+    """Make the custom op ``op`` run ``launcher`` for CUDA tensors, eager and compiled.
+
+    ``traced_launcher`` replaces ``launcher`` when traced (fake tensors): it must not
+    read tensor data, e.g. skip index checks that sync with the device.
+    """
+    traced = traced_launcher or launcher
+
+    def cuda_impl(*args: Any, **kwargs: Any) -> Any:
+        with set_wrap_triton_enabled(False):
+            return launcher(*args, **kwargs)
+
+    # the dispatcher drops trailing arguments equal to their schema defaults, and the
+    # references have no defaults for some: fill them in from the launcher's signature
+    op_signature = inspect.Signature(
+        [
+            p
+            for p in inspect.signature(launcher).parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+    )
+
+    def cpu_impl(*args: Any, **kwargs: Any) -> Any:
+        if _cpu_triton:
+            return launcher(*args, **kwargs)
+        bound = op_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return reference(*bound.args, **bound.kwargs)
+
+    def functional_rule(mode: Any, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        if any(
+            not issubclass(t, FakeTensor) and t not in (Tensor, FunctionalTensor) for t in types
+        ):
+            return NotImplemented  # another subclass: let it handle the op (as triton_op does)
+        on_cuda = any(isinstance(a, Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+        if not on_cuda or _interpreted(kernel) or custom_triton_ops_decomposition_disabled():
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode:
+            return traced(*args, **kwargs)
+
+    op.register_kernel("cuda")(cuda_impl)
+    op.register_kernel("cpu")(cpu_impl)
+    op.register_torch_dispatch(FunctionalTensorMode, functional_rule)
+    # AOTAutograd's cache key covers the source of the kernels an op may inline
+    triton_ops_to_kernels[op._name] = [kernel]
+
+
+register_triton_impl(retrieve, retrieve_triton, retrieve_reference, _retrieve_kernel)
