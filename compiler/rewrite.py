@@ -81,16 +81,26 @@ def rewrite(
     ctx = PassContext(example_inputs)
     inputs = parity_inputs(example_inputs, capture)
     rolled_back: dict[str, str] = {}
+
+    def attempt(context: PassContext) -> tuple[ExportedProgram, list[PassResult], ParityReport]:
+        program, results = run_passes(capture, context)
+        stage = torch_stage("fused", program.module())
+        return program, results, run_parity(model, [stage], inputs, layer_names)
+
     while True:
-        program, results = run_passes(capture, ctx)
+        program, results, report = attempt(ctx)
         fuse = next(r for r in results if r.name == "fuse_memory_lookup")
-        report = run_parity(model, [torch_stage("fused", program.module())], inputs, layer_names)
         if report.passed or not fuse.changed:
             return RewriteResult(program, results, fuse.changed, rolled_back, report)
         failed = [x for x in _failed_layers(report, fuse.matched, layer_names) if x in fuse.changed]
-        failed = failed or fuse.changed
-        reason = "; ".join(x for x in report.summary_lines() if x.startswith("FAILED"))
-        for name in failed:
+        if not failed:
+            # Outputs differ but no selection does: find the culprits by fusing one at a time.
+            for name in fuse.changed:
+                alone = PassContext(example_inputs, {*fuse.matched} - {name})
+                if not attempt(alone)[2].passed:
+                    failed.append(name)
+        reason = next(x for x in report.summary_lines() if x.startswith("FAILED"))
+        for name in failed or fuse.changed:
             rolled_back[name] = f"parity against the original failed after fusion: {reason}"
             ctx.skip_layers.add(name)
             log.warning("rolled back the fusion of %s: %s", name, reason)

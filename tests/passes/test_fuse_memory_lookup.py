@@ -102,3 +102,33 @@ def test_model_without_memory_passes_through_with_a_note() -> None:
     fuse = next(p for p in res.passes if p.name == "fuse_memory_lookup")
     assert fuse.matched == [] and "no memory lookup" in fuse.details["note"]
     assert op_counts(res.program) == op_counts(cap.program)
+
+
+def test_a_layer_that_fails_parity_after_fusion_is_rolled_back_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sabotage the second layer's binding (wrong slot mapping) past verification: parity
+    must catch it, roll back that layer only, and keep the first one fused."""
+    import dataclasses
+
+    import ultramem.passes.fuse_memory_lookup as fuse_module
+
+    real_bind = fuse_module._bind
+
+    def sabotaged_bind(gm, region, ctx):  # type: ignore[no-untyped-def]
+        binding, error = real_bind(gm, region, ctx)
+        if region.name == "topk_5":
+            binding = dataclasses.replace(binding, mapping="div")
+        return binding, error
+
+    monkeypatch.setattr(fuse_module, "_bind", sabotaged_bind)
+    cfg = LMConfig(memory=UltraMemConfig(heads=2, expansion=4), memory_layers={0: 1, 1: 1})
+    model = UltraMemLM(cfg).eval()
+    _, res = _fuse(model, torch.randint(0, 64, (2, 16)))
+    assert res.fused_layers == ["topk_2"]
+    assert list(res.rolled_back) == ["topk_5"] and "parity" in res.rolled_back["topk_5"]
+    assert res.parity is not None and res.parity.passed
+    counts = op_counts(res.program)
+    assert counts["ultramem.retrieve"] == 1 and counts["topk"] == 3
+    x = torch.randint(0, 64, (3, 9))
+    torch.testing.assert_close(res.program.module()(x), model(x), atol=1e-5, rtol=1e-5)
