@@ -20,13 +20,19 @@ from ultramem.compiler.capture import CaptureResult, recapture
 from ultramem.compiler.parity import ParityReport
 from ultramem.compiler.stages import parity_inputs, run_parity, torch_stage
 from ultramem.passes.base import Pass, PassContext, PassResult
+from ultramem.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from ultramem.passes.eliminate_dead_code import eliminate_dead_code
 from ultramem.passes.fold_constants import fold_constants
 from ultramem.passes.fuse_memory_lookup import fuse_memory_lookup
 
 log = logging.getLogger(__name__)
 
-PIPELINE: list[Pass] = [fold_constants, fuse_memory_lookup, eliminate_dead_code]
+PIPELINE: list[Pass] = [
+    fold_constants,
+    eliminate_common_subexpressions,
+    fuse_memory_lookup,
+    eliminate_dead_code,
+]
 FUSED_OPS = ("ultramem.retrieve", "ultramem.aggregate")
 
 

@@ -21,9 +21,15 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ultramem.passes.base import PassContext, PassResult, Refusal, count_nodes, finish
-from ultramem.passes.graph_utils import extract_subgraph, get_attr_value, record_values
+from ultramem.passes.graph_utils import extract_subgraph, record_values
 from ultramem.passes.lookup_binding import Binding, Layout, hypotheses, verify
-from ultramem.passes.lookup_region import LookupRegion, NotALookup, final_topks, find_region
+from ultramem.passes.lookup_region import (
+    LookupRegion,
+    NotALookup,
+    final_topks,
+    find_region,
+    pooled_candidates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,7 @@ def fuse_memory_lookup(gm: GraphModule, ctx: PassContext) -> PassResult:
             result.refused.append(Refusal(name, "kept unfused: its fusion failed parity earlier"))
             continue
         try:
-            region = find_region(gm, final, row, col)
-            binding, error = _bind(gm, region, ctx)
+            region, binding, error = _find_and_bind(gm, final, row, col, ctx)
             shape = _target_shape(gm, region.pooled)
         except NotALookup as exc:
             result.refused.append(Refusal(name, str(exc)))
@@ -58,29 +63,39 @@ def fuse_memory_lookup(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
+def _find_and_bind(
+    gm: GraphModule, final: Node, row: Node, col: Node, ctx: PassContext
+) -> tuple[LookupRegion, Binding, float]:
+    """Try the candidate outputs in order; the first region a binding reproduces wins."""
+    first_error: NotALookup | None = None
+    for pooled in pooled_candidates(gm, final):
+        try:
+            region = find_region(gm, final, row, col, pooled)
+            binding, error = _bind(gm, region, ctx)
+        except NotALookup as exc:
+            first_error = first_error or exc
+            continue
+        return region, binding, error
+    raise first_error or NotALookup(f"the lookup ending at {final.name} has no single output")
+
+
 def _bind(gm: GraphModule, region: LookupRegion, ctx: PassContext) -> tuple[Binding, float]:
-    boundary = {region.row_scores, region.col_scores, region.pooled, *region.symint_inputs}
-    real = record_values(gm, ctx.example_inputs, boundary)
-    sub = extract_subgraph(
-        gm,
-        [region.row_scores, region.col_scores, *region.symint_inputs],
-        [region.pooled],
-        region.nodes,
-    )
-    symints = [real[s] for s in region.symint_inputs]
+    inputs = [region.row_scores, region.col_scores, *region.other_inputs]
+    real = record_values(gm, ctx.example_inputs, {*inputs, region.pooled})
+    sub = extract_subgraph(gm, inputs, [region.pooled], region.nodes)
+    others = [real[s] for s in region.other_inputs]
     gen = torch.Generator().manual_seed(0)
     probes = [(real[region.row_scores], real[region.col_scores], real[region.pooled])]
     for _ in range(RANDOM_PROBES):
         rs = torch.randn(real[region.row_scores].shape, generator=gen)
         cs = torch.randn(real[region.col_scores].shape, generator=gen)
         with torch.no_grad():
-            (pooled,) = sub(rs, cs, *symints)
+            (pooled,) = sub(rs, cs, *others)
         probes.append((rs, cs, pooled))
-    values = get_attr_value(gm, region.value_table)
     for i, binding in enumerate(hypotheses(gm, region)):
         if i >= MAX_HYPOTHESES:
             break
-        error = verify(binding, values, probes)
+        error = verify(binding, probes)
         if error is not None:
             return binding, error
     raise NotALookup(
@@ -109,6 +124,8 @@ def _replace(
             constant("cores", b.cores),
         )
         smap = constant("slot_map", b.slot_map) if b.slot_map is not None else None
+        tables = region.value_tables
+        values = tables[0] if len(tables) == 1 else constant("values", b.values)
         retrieved = graph.call_function(
             torch.ops.ultramem.retrieve.default,
             (rows, cols, u, v, cores, b.topm, b.topk, b.activation),
@@ -118,7 +135,7 @@ def _replace(
         agg = graph.call_function(
             torch.ops.ultramem.aggregate.default,
             (
-                region.value_table,
+                values,
                 scores,
                 slots,
                 smap,
@@ -156,9 +173,25 @@ def _target_shape(gm: GraphModule, pooled: Node) -> list[object]:
     for i, s in enumerate(shape):
         if i in symbolic:
             expr = str(s.node.expr)
-            if expr not in by_expr:
+            node = by_expr.get(expr) or _size_of_input(gm, expr)
+            if node is None:
                 raise NotALookup(f"cannot rebuild the symbolic size {expr} of {pooled.name}")
-            out.append(by_expr[expr])
+            out.append(node)
         else:
             out.append(s)
     return out
+
+
+def _size_of_input(gm: GraphModule, expr: str) -> Node | None:
+    """A new ``sym_size`` of the model input that has the symbolic size ``expr``."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        for dim, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and str(size.node.expr) == expr:
+                with gm.graph.inserting_after(node):
+                    sym = gm.graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+                sym.meta["val"] = size
+                return sym
+    return None

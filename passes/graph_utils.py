@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Interpreter, Node
+from torch.utils._pytree import tree_map
 
 
 def node_inputs(node: Node) -> list[Node]:
@@ -106,3 +108,116 @@ def get_attr_value(gm: GraphModule, node: Node) -> torch.Tensor:
     for part in str(node.target).split("."):
         target = getattr(target, part)
     return target  # type: ignore[return-value]
+
+
+VIEW_OPS = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.select.int,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.squeeze.dims,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.t.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.unflatten.int,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.expand_as.default,
+    torch.ops.aten.view_as.default,
+}
+
+# Their value depends only on their tensor argument's shape, dtype and device.
+SHAPE_ONLY_OPS = {
+    torch.ops.aten.new_zeros.default,
+    torch.ops.aten.new_ones.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_full.default,
+    torch.ops.aten.zeros_like.default,
+    torch.ops.aten.ones_like.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.full_like.default,
+    torch.ops.aten.sym_size.int,
+}
+
+
+def is_pure(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.target in (operator.getitem, operator.mul, operator.add, operator.floordiv)
+    return not schema.is_mutable and "rand" not in schema.name
+
+
+def view_base(node: Node) -> Node:
+    while node.op == "call_function" and node.target in VIEW_OPS and node.args:
+        arg = node.args[0]
+        if not isinstance(arg, Node):
+            break
+        node = arg
+    return node
+
+
+def mutations(graph: Graph) -> dict[Node, list[Node]]:
+    """For each tensor (traced back through views) written in place: the ops writing it."""
+    out: dict[Node, list[Node]] = {}
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        writes = {
+            a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+        }
+        written = [
+            a for a, arg in zip(node.args, schema.arguments, strict=False) if arg.name in writes
+        ]
+        written += [v for k, v in node.kwargs.items() if k in writes]
+        for w in written:
+            if isinstance(w, Node):
+                out.setdefault(view_base(w), []).append(node)
+    return out
+
+
+def mutated_bases(graph: Graph) -> set[Node]:
+    """Tensors (traced back through views) that some op in the graph writes in place."""
+    return set(mutations(graph))
+
+
+def depends_on_data(node: Node, cache: dict[Node, bool]) -> bool:
+    """Whether the node's value depends on the values (not only the shapes) of an input."""
+    if node in cache:
+        return cache[node]
+    if node.op == "placeholder":
+        result = True
+    elif node.op == "get_attr":
+        result = False
+    elif node.target in SHAPE_ONLY_OPS:
+        result = any(
+            depends_on_data(a, cache) for a in node.all_input_nodes[1:]
+        )  # the first argument lends only its shape
+    else:
+        result = any(depends_on_data(a, cache) for a in node.all_input_nodes)
+    cache[node] = result
+    return result
+
+
+def evaluate_constant(gm: GraphModule, node: Node, cache: dict[Node, Any]) -> Any:
+    """The value of a node computed from weights alone (``None`` if it reads an input)."""
+    if node in cache:
+        return cache[node]
+    value: Any = None
+    if node.op == "get_attr":
+        value = get_attr_value(gm, node)
+    elif node.op == "call_function" and node.all_input_nodes and is_pure(node):
+        inputs = [evaluate_constant(gm, i, cache) for i in node.all_input_nodes]
+        if all(v is not None for v in inputs):
+            env = dict(zip(node.all_input_nodes, inputs, strict=True))
+            args = tree_map(lambda a: env[a] if isinstance(a, Node) else a, node.args)
+            kwargs = tree_map(lambda a: env[a] if isinstance(a, Node) else a, node.kwargs)
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+    cache[node] = value
+    return value

@@ -21,7 +21,14 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
-from ultramem.passes.graph_utils import ancestors, descendants, get_attr_value
+from ultramem.passes.graph_utils import (
+    ancestors,
+    descendants,
+    evaluate_constant,
+    get_attr_value,
+    is_symint,
+    view_base,
+)
 from ultramem.passes.lookup_region import LookupRegion, NotALookup
 
 _RELU = {torch.ops.aten.relu.default}
@@ -56,6 +63,7 @@ class Binding:
     expansion: int
     mapping: str
     pooling: str
+    values: Tensor  # the table the aggregate reads: the model's own, or its tables side by side
     row_offset: int = 0
 
     def describe(self) -> dict[str, Any]:
@@ -74,7 +82,7 @@ class Binding:
         }
 
 
-def run_fused(binding: Binding, values: Tensor, row_scores: Tensor, col_scores: Tensor) -> Tensor:
+def run_fused(binding: Binding, row_scores: Tensor, col_scores: Tensor) -> Tensor:
     b = binding
     scores, slots = torch.ops.ultramem.retrieve(
         b.row_layout.canonical(row_scores, b.n),
@@ -87,7 +95,7 @@ def run_fused(binding: Binding, values: Tensor, row_scores: Tensor, col_scores: 
         b.activation,
     )
     return torch.ops.ultramem.aggregate(
-        values, scores, slots, b.slot_map, b.expansion, b.mapping, b.pooling, b.row_offset
+        b.values, scores, slots, b.slot_map, b.expansion, b.mapping, b.pooling, b.row_offset
     )
 
 
@@ -113,12 +121,20 @@ def _layouts(scores: Node, n: int) -> list[Layout]:
     return out
 
 
-def _weights_between(
-    gm: GraphModule, region: LookupRegion, src: list[Node], dst: Node
-) -> list[Tensor]:
+def _weights_between(gm: GraphModule, src: list[Node], dst: Node) -> list[Tensor]:
+    """Weight values the path from ``src`` to ``dst`` reads: as read (after any weight-only
+    view or indexing), and the tables those were taken from."""
     path = descendants(src) & (ancestors([dst]) | {dst})
-    nodes = {i for n in path for i in n.all_input_nodes if i.op == "get_attr"}
-    return [get_attr_value(gm, w) for w in sorted(nodes, key=lambda n: n.name)]
+    cache: dict[Node, Any] = {}
+    found: list[Node] = []
+    for node in sorted(path, key=lambda n: n.name):
+        for i in node.all_input_nodes:
+            if i not in path and i not in found and not is_symint(i):
+                found.append(i)
+                if view_base(i) not in found:
+                    found.append(view_base(i))
+    values = [evaluate_constant(gm, n, cache) for n in found]
+    return [v for v in values if isinstance(v, Tensor)]
 
 
 def _vector_candidates(weights: list[Tensor], heads: int, rank: int) -> list[Tensor]:
@@ -134,6 +150,9 @@ def _vector_candidates(weights: list[Tensor], heads: int, rank: int) -> list[Ten
 def _core_candidates(weights: list[Tensor], heads: int, rank: int) -> list[Tensor]:
     out = []
     per_core = heads * rank * rank
+    one_core = [w for w in weights if w.is_floating_point() and w.numel() == per_core]
+    if len(one_core) > 1:  # cores read one at a time (``cores[c]`` in a loop): stack them
+        weights = [*weights, torch.stack([w.reshape(heads, rank, rank) for w in one_core])]
     for w in weights:
         if w.is_floating_point() and w.numel() % per_core == 0 and w.numel() > 0:
             cores = w.numel() // per_core
@@ -156,8 +175,12 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
         raise NotALookup(
             f"row and column keep different candidate counts ({topm}, {region.col_topk.args[1]})"
         )
-    table = get_attr_value(gm, region.value_table)
-    if table.dim() != 2 or (n * n) % table.shape[0]:
+    tables = [get_attr_value(gm, t) for t in region.value_tables]
+    if any(t.dim() != 2 or t.shape[0] != tables[0].shape[0] for t in tables):
+        raise NotALookup(f"value tables {[tuple(t.shape) for t in tables]} are not [R, Dv] alike")
+    # one table per core is the same as one table whose chunks are the cores' tables
+    table = tables[0] if len(tables) == 1 else torch.cat(tables, dim=1)
+    if (n * n) % table.shape[0]:
         raise NotALookup(f"value table {tuple(table.shape)} does not divide the n² = {n * n} slots")
     expansion = n * n // table.shape[0]
     ops = {node.target for node in region.nodes}
@@ -169,9 +192,9 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
         if w.dtype == torch.int64 and w.numel() == n * n
     ] or [None]
     cand_nodes = [region.row_topk, region.col_topk]
-    row_weights = _weights_between(gm, region, [region.row_scores], row_in)
-    col_weights = _weights_between(gm, region, [region.col_scores], col_in)
-    core_weights = _weights_between(gm, region, cand_nodes, final.args[0])
+    row_weights = _weights_between(gm, [region.row_scores], row_in)
+    col_weights = _weights_between(gm, [region.col_scores], col_in)
+    core_weights = _weights_between(gm, cand_nodes, final.args[0])
     for row_layout in _layouts(region.row_scores, n):
         col_layouts = [
             c
@@ -202,18 +225,17 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
                 expansion,
                 mapping,
                 pooling,
+                table,
             )
 
 
-def verify(
-    binding: Binding, values: Tensor, probes: list[tuple[Tensor, Tensor, Tensor]]
-) -> float | None:
+def verify(binding: Binding, probes: list[tuple[Tensor, Tensor, Tensor]]) -> float | None:
     """Max abs error over the probes if every one matches (fp32 atol 1e-5, rtol 1e-4), else None."""
     worst = 0.0
     for row_scores, col_scores, expected in probes:
         try:
             with torch.no_grad():
-                got = run_fused(binding, values, row_scores, col_scores)
+                got = run_fused(binding, row_scores, col_scores)
         except (ValueError, RuntimeError, IndexError):
             return None
         if got.numel() != expected.numel():
