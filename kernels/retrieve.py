@@ -18,7 +18,7 @@ serve shared, per-side, per-head and per-rank queries alike), ``row_weight``/``c
 
 Variants bind as follows: PyPI ``ultra-mem``'s "each core selects its own k" is M cores
 as M heads (H·M heads, one core each); PKM's additive score is r = 2 with
-``row_scores = [s_row, 1]``, ``col_scores = [1, s_col]`` and a core ``[[0, 1], [1, 0]]``.
+``row_scores = [s_row, 1]``, ``col_scores = [1, s_col]`` and the identity core (s_row·1 + 1·s_col).
 
 Numerics: everything is computed in fp32; ties break toward the lower index at both
 top-k stages (the grid index is ``a * m + b``), on every backend. Outputs: scores in the

@@ -34,6 +34,7 @@ from ultramem.passes.lookup_region import (
 log = logging.getLogger(__name__)
 
 RANDOM_PROBES = 2
+_METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
 MAX_HYPOTHESES = 512
 
 
@@ -147,13 +148,24 @@ def _replace(
         )
         out = graph.call_function(torch.ops.aten.reshape.default, (agg, shape))
     pooled.replace_all_uses_with(out)
+    # dtype/shape assertions on the region's values (``.float()`` leaves one) would keep
+    # the replaced nodes alive; they describe values that no longer exist
+    for node in region.nodes:
+        for user in list(node.users):
+            if user.target in _METADATA_ASSERTS and not user.users:
+                graph.erase_node(user)
 
 
 def _canonical(graph: torch.fx.Graph, scores: Node, layout: Layout, n: int) -> Node:
     permuted = graph.call_function(torch.ops.aten.permute.default, (scores, list(layout.perm)))
-    return graph.call_function(
+    shaped = graph.call_function(
         torch.ops.aten.reshape.default, (permuted, [-1, layout.heads, n, layout.rank])
     )
+    if not layout.additive:
+        return shaped
+    ones = graph.call_function(torch.ops.aten.ones_like.default, (shaped,))
+    pair = [shaped, ones] if layout.additive == "row" else [ones, shaped]
+    return graph.call_function(torch.ops.aten.cat.default, (pair, -1))
 
 
 def _target_shape(gm: GraphModule, pooled: Node) -> list[object]:

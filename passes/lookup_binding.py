@@ -43,9 +43,15 @@ class Layout:
     perm: tuple[int, ...]
     heads: int
     rank: int
+    # PKM's additive grid as a rank-2 Tucker product: rows [s, 1], columns [1, s]
+    additive: str = ""  # "", "row" or "col"
 
     def canonical(self, x: Tensor, n: int) -> Tensor:
-        return x.permute(self.perm).reshape(-1, self.heads, n, self.rank)
+        x = x.permute(self.perm).reshape(-1, self.heads, n, self.rank)
+        if not self.additive:
+            return x
+        ones = torch.ones_like(x)
+        return torch.cat([x, ones] if self.additive == "row" else [ones, x], dim=-1)
 
 
 @dataclass
@@ -195,6 +201,11 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
     row_weights = _weights_between(gm, [region.row_scores], row_in)
     col_weights = _weights_between(gm, [region.col_scores], col_in)
     core_weights = _weights_between(gm, cand_nodes, final.args[0])
+    if region.additive:
+        yield from _additive_hypotheses(
+            region, n, topm, topk, activations, slot_maps, expansion, pooling, table
+        )
+        return
     for row_layout in _layouts(region.row_scores, n):
         col_layouts = [
             c
@@ -227,6 +238,47 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
                 pooling,
                 table,
             )
+
+
+def _additive_hypotheses(
+    region: LookupRegion,
+    n: int,
+    topm: int,
+    topk: int,
+    activations: list[str],
+    slot_maps: list[Tensor | None],
+    expansion: int,
+    pooling: str,
+    table: Tensor,
+) -> Iterator[Binding]:
+    """score = row + column: rows [s, 1] and columns [1, s] under the identity core,
+    candidates chosen on s itself (u = [1, 0], v = [0, 1])."""
+    for row_layout in (x for x in _layouts(region.row_scores, n) if x.rank == 1):
+        h = row_layout.heads
+        col_layouts = [x for x in _layouts(region.col_scores, n) if (x.heads, x.rank) == (h, 1)]
+        for col_layout in col_layouts:
+            u = torch.tensor([[1.0, 0.0]]).repeat(h, 1)
+            v = torch.tensor([[0.0, 1.0]]).repeat(h, 1)
+            cores = torch.eye(2).repeat(1, h, 1, 1)
+            rows = Layout(row_layout.perm, h, 1, "row")
+            cols = Layout(col_layout.perm, h, 1, "col")
+            for act, smap, mapping in itertools.product(activations, slot_maps, ("mod", "div")):
+                yield Binding(
+                    n,
+                    topm,
+                    topk,
+                    rows,
+                    cols,
+                    u,
+                    v,
+                    cores,
+                    act,
+                    smap,
+                    expansion,
+                    mapping,
+                    pooling,
+                    table,
+                )
 
 
 def verify(binding: Binding, probes: list[tuple[Tensor, Tensor, Tensor]]) -> float | None:

@@ -41,6 +41,9 @@ _TABLE_READS = {
     torch.ops.aten.embedding.default: (0, 1),
     torch.ops.aten.index_select.default: (0, 2),
     torch.ops.aten.gather.default: (0, 2),
+    torch.ops.aten.embedding_bag.default: (0, 1),
+    torch.ops.aten.embedding_bag.padding_idx: (0, 1),
+    torch.ops.aten._embedding_bag.default: (0, 1),
 }
 
 
@@ -61,6 +64,9 @@ class LookupRegion:
     # besides the score tensors: symbolic sizes, and tensors read only for their shape
     other_inputs: list[Node]
     weights: list[Node]
+    # PKM: the candidates' own top-k values are the scores (no tensor is gathered) and
+    # the grid is their sum; the score tensors are then the candidate top-ks' inputs
+    additive: bool = False
 
     @property
     def name(self) -> str:
@@ -108,6 +114,19 @@ def _gathered_source(topk: Node) -> Node:
     raise NotALookup(f"no score tensor is gathered at the indices of {topk.name}")
 
 
+def _score_tensors(row: Node, col: Node) -> tuple[Node, Node, bool]:
+    try:
+        return _gathered_source(row), _gathered_source(col), False
+    except NotALookup:
+        values_used = all(
+            any(u.target is operator.getitem and u.args[1] == 0 for u in t.users)
+            for t in (row, col)
+        )
+        if not values_used:
+            raise
+        return row.args[0], col.args[0], True
+
+
 def value_reads(gm: GraphModule, final: Node) -> list[tuple[Node, Node]]:
     """Float weight tables read at indices derived from the final top-k, in graph order."""
     after = descendants([final])
@@ -142,7 +161,7 @@ def pooled_candidates(gm: GraphModule, final: Node, limit: int = 4) -> list[Node
 
 
 def find_region(gm: GraphModule, final: Node, row: Node, col: Node, pooled: Node) -> LookupRegion:
-    row_scores, col_scores = _gathered_source(row), _gathered_source(col)
+    row_scores, col_scores, additive = _score_tensors(row, col)
     reads = [(t, r) for t, r in value_reads(gm, final) if r in ancestors([pooled])]
     if not reads:
         raise NotALookup(f"{pooled.name} reads no value table")
@@ -187,4 +206,5 @@ def find_region(gm: GraphModule, final: Node, row: Node, col: Node, pooled: Node
         inside,
         symints + shape_inputs,
         weights,
+        additive,
     )

@@ -53,13 +53,6 @@ class Case:
         return torch.randn(batch, tokens, self.width)
 
 
-# The op covers PKM (r = 2 with [s, 1] / [1, s] score tensors and an anti-diagonal core),
-# but the pass does not yet bind a lookup whose candidates' scores are the top-k values
-# themselves (nothing is gathered from a score tensor) and whose grid is additive.
-PKM_NOT_YET = pytest.mark.xfail(
-    strict=True, reason="not fused yet: PKM's additive scoring over top-k values is not bound"
-)
-
 POSITIVE = [
     pytest.param(Case(fm.AuthorsV1Loops, 48, 1), id="authors-v1-loops"),
     pytest.param(
@@ -72,16 +65,13 @@ POSITIVE = [
         ),
     ),
     pytest.param(Case(fm.BmmStyle, 32, 1), id="bmm-per-core-tables"),
-    pytest.param(Case(fm.PKMStyle, 32, 1), id="pkm-embedding-bag", marks=PKM_NOT_YET),
+    pytest.param(Case(fm.PKMStyle, 32, 1), id="pkm-embedding-bag"),
     pytest.param(
         Case(lambda: fm.PKMStyle(embedding_bag=False), 32, 1),
         id="pkm-gather-sum",
-        marks=PKM_NOT_YET,
     ),
     pytest.param(Case(lambda: fm.LookalikeLayer("plain"), 32, 1), id="lookalike-control"),
-    pytest.param(
-        Case(fm.TinyMemoryLM, 64, 3, token_ids=True), id="tiny-lm-three-authors", marks=PKM_NOT_YET
-    ),
+    pytest.param(Case(fm.TinyMemoryLM, 64, 3, token_ids=True), id="tiny-lm-three-authors"),
 ]
 
 
