@@ -34,7 +34,7 @@ from ultramem.kernels.aggregate import (
     check_aggregate_indices,
     check_aggregate_inputs,
 )
-from ultramem.kernels.retrieve_triton import register_triton_impl
+from ultramem.kernels.retrieve_triton import LaunchConfig, register_triton_impl
 
 # elements of the gathered [selections, BLOCK_D] tile a program holds. With their 64-bit
 # gather addresses, 4096 cost 116 registers a thread at 8 warps (172 at 4; sm_90 build,
@@ -97,6 +97,32 @@ def _aggregate_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+def aggregate_launch_config(
+    heads: int,
+    k: int,
+    value_dim: int,
+    expansion: int,
+    mapping: str,
+    pooling: str,
+    *,
+    has_map: bool,
+) -> LaunchConfig:
+    """Constexprs, warps and grid of ``_aggregate_kernel``: one program per (token, block
+    of ``BLOCK_D`` value columns)."""
+    block_s = min(triton.next_power_of_2(heads * k), _TILE // 16)
+    block_d = min(triton.next_power_of_2(value_dim), max(16, _TILE // block_s))
+    constexprs = {
+        "HAS_MAP": has_map,
+        "MAPPING": mapping,
+        "POOLING": pooling,
+        "BLOCK_S": block_s,
+        "BLOCK_E": triton.next_power_of_2(expansion),
+        "BLOCK_D": block_d,
+    }
+    # 8 warps: see _TILE
+    return LaunchConfig(constexprs, num_warps=8, programs_y=triton.cdiv(value_dim, block_d))
+
+
 def aggregate_triton(
     values: Tensor,
     scores: Tensor,
@@ -131,16 +157,15 @@ def aggregate_triton(
     # are); the value table keeps its strides: a copy would cost more than the lookup
     scores, slots = scores.contiguous(), slots.contiguous()
     slot_map = slot_map.contiguous() if slot_map is not None else None
-    block_s = min(triton.next_power_of_2(selections), _TILE // 16)
-    block_d = min(triton.next_power_of_2(value_dim), max(16, _TILE // block_s))
-    grid = (tokens, triton.cdiv(value_dim, block_d))
-    wrap_triton(_aggregate_kernel)[grid](
+    config = aggregate_launch_config(
+        heads, k, value_dim, expansion, mapping, pooling, has_map=slot_map is not None
+    )
+    wrap_triton(_aggregate_kernel)[config.grid(tokens)](
         values, scores, slots, slot_map if slot_map is not None else slots, out,
         selections, value_rows, value_dim, value_dim // n_cores, n_cores, expansion,
         slot_count, row_offset, *values.stride(),
-        HAS_MAP=slot_map is not None, MAPPING=mapping, POOLING=pooling,
-        BLOCK_S=block_s, BLOCK_E=triton.next_power_of_2(expansion), BLOCK_D=block_d,
-        num_warps=8,  # see _TILE
+        **config.constexprs,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return out
 

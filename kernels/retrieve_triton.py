@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -175,6 +176,44 @@ def _retrieve_kernel(
         tl.store(scores_ptr + out_row * M + c, score.to(scores_ptr.dtype.element_ty), mask=mask_k)
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What one launch fixes besides its tensors and sizes: the kernel's constexprs, its
+    warps, and the programs per token (the grid is ``(tokens, programs_y, 1)``).
+
+    The launchers and the ahead-of-time bundle (``ultramem.plugins.bundle``) both take it
+    from the ``*_launch_config`` functions, so a bundled kernel is the one the JIT builds.
+    """
+
+    constexprs: Mapping[str, int | str | bool]
+    num_warps: int
+    programs_y: int
+
+    def grid(self, tokens: int) -> tuple[int, int, int]:
+        return (tokens, self.programs_y, 1)
+
+
+def retrieve_launch_config(
+    heads: int, n: int, rank: int, n_cores: int, topm: int, topk: int, activation: str
+) -> LaunchConfig:
+    """Constexprs, warps and grid of ``_retrieve_kernel``: one program per (token, head)."""
+    block_n, block_m = triton.next_power_of_2(n), triton.next_power_of_2(topm)
+    # about 16 elements of the widest vector (the n keys or the m × m grid) per thread:
+    # fewer warps keep the 2·m + k rounds of reductions inside a warp, more keep registers
+    # in bounds (sm_90 builds, cuobjdump -res-usage: paper sizes at 2 warps use 90
+    # registers; n = 4096, m = 64 at 8 warps 118; no spills). A guess, not yet timed.
+    num_warps = min(8, max(1, max(block_n, block_m * block_m) // 512))
+    constexprs = {
+        "R": rank,
+        "M": n_cores,
+        "ACTIVATION": activation,
+        "BLOCK_N": block_n,
+        "BLOCK_M": block_m,
+        "BLOCK_K": triton.next_power_of_2(topk),
+    }
+    return LaunchConfig(constexprs, num_warps, programs_y=heads)
+
+
 def retrieve_triton(
     row_scores: Tensor,
     col_scores: Tensor,
@@ -209,21 +248,13 @@ def retrieve_triton(
     slots = torch.empty((tokens, heads, topk), dtype=torch.int64, device=row_scores.device)
     if tokens == 0:
         return scores, slots
-    block_n, block_m = triton.next_power_of_2(n), triton.next_power_of_2(topm)
-    # about 16 elements of the widest vector (the n keys or the m × m grid) per thread:
-    # fewer warps keep the 2·m + k rounds of reductions inside a warp, more keep registers
-    # in bounds (sm_90 builds, cuobjdump -res-usage: paper sizes at 2 warps use 90
-    # registers; n = 4096, m = 64 at 8 warps 118; no spills). A guess, not yet timed.
-    num_warps = min(8, max(1, max(block_n, block_m * block_m) // 512))
-    wrap_triton(_retrieve_kernel)[(tokens, heads)](
+    config = retrieve_launch_config(heads, n, rank, n_cores, topm, topk, activation)
+    wrap_triton(_retrieve_kernel)[config.grid(tokens)](
         row_scores, col_scores, row_weight, col_weight, cores, scores, slots,
         n, topm, topk, heads,
         *row_scores.stride(), *col_scores.stride(),
-        R=rank, M=n_cores, ACTIVATION=activation,
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        BLOCK_K=triton.next_power_of_2(topk),
-        num_warps=num_warps,
+        **config.constexprs,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return scores, slots
 
