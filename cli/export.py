@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from ultramem.cli.options import INPUT_ERRORS, InputError, load, model_options, progress
-from ultramem.compiler.pipeline import FORMATS, export_model
+from ultramem.compiler.export_tensorrt import TensorRTError, TensorRTLimitError
+from ultramem.compiler.pipeline import FORMATS, TensorRTOptions, export_model
+from ultramem.plugins.bundle import DEFAULT_SMS
 
 
 @click.command("export")
@@ -26,15 +28,54 @@ from ultramem.compiler.pipeline import FORMATS, export_model
     help=f"Comma-separated artifact formats: {', '.join(FORMATS)}.",
 )
 @click.option("--opset", default=20, show_default=True, help="ONNX opset of the exported graph.")
+@click.option(
+    "--trt-mode",
+    type=click.Choice(["native", "plugin"]),
+    default="native",
+    show_default=True,
+    help="native: the lookup in TensorRT's own layers; plugin: our AOT Triton kernels.",
+)
+@click.option(
+    "--trt-package",
+    type=click.Choice(["tensorrt", "tensorrt_rtx"]),
+    default=None,
+    help="Which TensorRT to build with (default: tensorrt if installed, else tensorrt_rtx).",
+)
+@click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True
+)
+@click.option("--profile-batch", help="Engine batch range min,opt,max (default 1,1,8).")
+@click.option(
+    "--profile-tokens", help="Engine token range min,opt,max (default: up to the capture's)."
+)
+@click.option(
+    "--sm", default=",".join(map(str, DEFAULT_SMS)), show_default=True, help="Kernel SMs."
+)
 def export(
-    model: str, weights: Path | None, allow_unsafe_pickle: bool, out: Path, formats: str, opset: int
+    model: str,
+    weights: Path | None,
+    allow_unsafe_pickle: bool,
+    out: Path,
+    formats: str,
+    opset: int,
+    trt_mode: str,
+    trt_package: str | None,
+    precision: str,
+    profile_batch: str | None,
+    profile_tokens: str | None,
+    sm: str,
 ) -> None:
     """Export MODEL (default: the bundled trained model) with a parity report."""
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    try:
+        sms = tuple(int(x) for x in sm.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--sm takes comma-separated integers such as 80,90, got {sm!r}") from None
+    trt = TensorRTOptions(trt_mode, trt_package, precision, profile_batch, profile_tokens, sms)
     loaded = load(model, weights, allow_unsafe_pickle)
     try:
-        _, report = export_model(loaded, out, progress, opset=opset, formats=chosen)
-    except INPUT_ERRORS as exc:
+        _, report = export_model(loaded, out, progress, opset=opset, formats=chosen, trt=trt)
+    except (*INPUT_ERRORS, TensorRTLimitError, TensorRTError) as exc:
         raise InputError(str(exc)) from None
     click.echo(f"exported {loaded.source} to {out}: parity {'PASSED' if report else 'FAILED'}")
     if not report:

@@ -139,6 +139,7 @@ class ArtifactWriter:
         # an older manifest must not describe a half-replaced folder: drop it first
         (self.out / MANIFEST).unlink(missing_ok=True)
         for name in [a["path"] for a in self.artifacts] + list(extra_files):
+            (self.out / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path(name), self.out / name)
         os.replace(self.path(MANIFEST), self.out / MANIFEST)
         shutil.rmtree(self.staging, ignore_errors=True)

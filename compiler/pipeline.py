@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 
 from ultramem.compiler.artifacts import (
     ArtifactError,
@@ -21,17 +22,30 @@ from ultramem.compiler.artifacts import (
 from ultramem.compiler.capture import DEFAULT_MAX_TOKENS, CaptureResult, capture
 from ultramem.compiler.export_aoti import AOTI_FILE, export_aoti, load_aoti
 from ultramem.compiler.export_onnx import count_nodes, export_onnx
+from ultramem.compiler.export_tensorrt import (
+    EngineInfo,
+    ShapeProfile,
+    TensorRTError,
+    build_engine,
+    can_run_engine,
+    import_tensorrt,
+    package_name,
+)
 from ultramem.compiler.inspection import Inspection, fused_layer_table
 from ultramem.compiler.parity import ParityReport
 from ultramem.compiler.rewrite import RewriteResult, op_counts, rewrite
 from ultramem.compiler.run_onnx import OnnxRunner
+from ultramem.compiler.run_tensorrt import EngineRunner
 from ultramem.compiler.selections import SiteRecord, TopkRecord, memory_layer_names
 from ultramem.compiler.stages import Stage, parity_inputs, run_parity, torch_stage
 from ultramem.models.builtin import LoadedModel
+from ultramem.plugins.bundle import DEFAULT_SMS, build_bundle, specs_for_layers
+from ultramem.plugins.trt_support import plugin_mode_support
 
 ProgressFn = Callable[[str], None]
 PARITY_FILE = "parity.json"
 ONNX_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
 
 
 def _quiet(_: str) -> None:
@@ -95,22 +109,74 @@ def onnx_stage(path: Path) -> Stage:
     return Stage("onnxruntime-cpu", run)
 
 
-def artifact_stages(directory: Path) -> list[Stage]:
+def artifact_stages(directory: Path, trt_package: str | None = None) -> list[Stage]:
     """One parity stage per artifact found in ``directory``."""
     stages = []
     if (directory / ONNX_FILE).is_file():
         stages.append(onnx_stage(directory / ONNX_FILE))
     if (directory / AOTI_FILE).is_file():
         stages.append(torch_stage("aotinductor", load_aoti(directory / AOTI_FILE)))
+    if (directory / ENGINE_FILE).is_file():
+        stages.append(engine_stage(directory / ENGINE_FILE, trt_package))
     return stages
 
 
-def run_checks(compiled: Compiled, directory: Path, progress: ProgressFn) -> ParityReport:
+def engine_stage(path: Path, package: str | None) -> Stage:
+    try:
+        trt = import_tensorrt(package)
+    except TensorRTError as exc:
+        return Stage("tensorrt", None, f"not executed: {exc}")
+    runnable, why = can_run_engine(package_name(trt))
+    if not runnable:
+        return Stage("tensorrt", None, f"not executed: {why}")
+    runner = EngineRunner(path, package)
+    return Stage("tensorrt", lambda inputs, _: (runner(*inputs), []))
+
+
+def _refuse_plugin_mode(package: str | None) -> None:
+    """Plugin engines need a TensorRT that can build them; say why not before any work."""
+    try:
+        name = package_name(import_tensorrt(package))
+    except TensorRTError as exc:
+        raise ArtifactError(str(exc)) from None
+    supported, why = plugin_mode_support(name)
+    if not supported:
+        raise ArtifactError(why)
+    raise ArtifactError(
+        f"--trt-mode plugin with {name}: building the quickly-deployable plugin engine is not "
+        "implemented yet; use --trt-mode native, or --format kernels for the AOT kernel bundle"
+    )
+
+
+def _write_kernel_bundle(compiled: Compiled, writer: ArtifactWriter, sms: tuple[int, ...]) -> None:
+    layers = [
+        (entry["binding"], getattr(torch, entry["binding"]["dtype"]), entry["binding"]["value_dim"])
+        for entry in compiled.layer_table
+        if entry["fused"]
+    ]
+    if not layers:
+        raise ArtifactError("--format kernels: no memory layer was fused, so no kernel to bundle")
+    build_bundle(specs_for_layers(layers), sms, writer.path(KERNELS_DIR))
+    for path in sorted(writer.path(KERNELS_DIR).iterdir()):
+        writer.add(f"{KERNELS_DIR}/{path.name}", "kernel-bundle")
+
+
+def _engine_summary(info: EngineInfo) -> dict[str, Any]:
+    summary = info.to_json()
+    summary["engine_path"] = ENGINE_FILE
+    summary["layer_counts"] = dict(info.layer_counts())
+    summary["executed"] = False  # building proves nothing ran; check reports execution
+    return summary
+
+
+def run_checks(
+    compiled: Compiled, directory: Path, progress: ProgressFn, trt_package: str | None = None
+) -> ParityReport:
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
     stages = [
         torch_stage("torch.export", compiled.capture.program.module()),
         torch_stage("fused-ops", compiled.rewrite.program.module()),
-        *artifact_stages(directory),
+        *artifact_stages(directory, trt_package),
     ]
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
         report = run_parity(compiled.loaded.model, stages, inputs, compiled.layers)
@@ -119,7 +185,28 @@ def run_checks(compiled: Compiled, directory: Path, progress: ProgressFn) -> Par
     return report
 
 
-FORMATS = ("onnx", "aoti")
+FORMATS = ("onnx", "tensorrt", "kernels", "aoti")
+KERNELS_DIR = "kernels"
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    mode: str = "native"
+    package: str | None = None
+    precision: str = "fp32"
+    profile_batch: str | None = None
+    profile_tokens: str | None = None
+    sms: tuple[int, ...] = DEFAULT_SMS
+
+
+def _trt_profile(options: TensorRTOptions, capture: CaptureResult) -> ShapeProfile:
+    """CLI ranges where given; else tokens up to what the capture admits (a position table
+    ends somewhere), batch 1..8."""
+    tokens_axis = capture.axis(0, "tokens")
+    high = tokens_axis.max if tokens_axis is not None and tokens_axis.max else 256
+    high = min(high, 256)
+    default_tokens = f"1,{min(64, high)},{high}"
+    return ShapeProfile.parse(options.profile_batch, options.profile_tokens or default_tokens)
 
 
 def export_model(
@@ -128,6 +215,7 @@ def export_model(
     progress: ProgressFn = _quiet,
     opset: int = 20,
     formats: tuple[str, ...] = ("onnx",),
+    trt: TensorRTOptions | None = None,
 ) -> tuple[dict[str, Any], ParityReport]:
     """Capture, rewrite, write each format, check parity; publish only when all steps ran."""
     unknown = [f for f in formats if f not in FORMATS]
@@ -135,18 +223,36 @@ def export_model(
         raise ArtifactError(
             f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
         )
+    trt = trt or TensorRTOptions()
+    if "tensorrt" in formats and trt.mode == "plugin":
+        _refuse_plugin_mode(trt.package)
     with ArtifactWriter(out) as writer:
         compiled = compile_model(loaded, progress)
-        if "onnx" in formats:
+        engine_info = None
+        if "onnx" in formats or "tensorrt" in formats:
             with step(progress, "exporting ONNX"):
                 files = export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
             for f in files:
                 writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
+        if "tensorrt" in formats:
+            with step(progress, f"building a TensorRT engine ({trt.mode}, {trt.precision})"):
+                engine_info = build_engine(
+                    writer.path(ONNX_FILE),
+                    writer.path(ENGINE_FILE),
+                    profile=_trt_profile(trt, compiled.capture),
+                    precision=trt.precision,  # type: ignore[arg-type]
+                    package=trt.package,
+                )
+            writer.add(ENGINE_FILE, "tensorrt")
+            progress(f"engine: {engine_info.engine_bytes} bytes in {engine_info.build_seconds} s")
+        if "kernels" in formats:
+            with step(progress, f"compiling the kernel bundle for sm {trt.sms}"):
+                _write_kernel_bundle(compiled, writer, trt.sms)
         if "aoti" in formats:
             with step(progress, "compiling the AOTInductor package"):
                 export_aoti(compiled.rewrite.program, writer.path(AOTI_FILE))
             writer.add(AOTI_FILE, "aoti")
-        report = run_checks(compiled, writer.staging, progress)
+        report = run_checks(compiled, writer.staging, progress, trt.package)
         writer.path(PARITY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         model_proto = onnx.load(str(writer.path(ONNX_FILE)), load_external_data=False)
         manifest = {
@@ -165,6 +271,8 @@ def export_model(
             },
             "parity": _parity_summary(report),
         }
+        if engine_info is not None:
+            manifest["tensorrt"] = _engine_summary(engine_info)
         manifest = writer.publish(manifest, extra_files=(PARITY_FILE,))
         progress(f"wrote {out}")
     return manifest, report

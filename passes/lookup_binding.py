@@ -85,6 +85,8 @@ class Binding:
             "mapping": self.mapping,
             "pooling": self.pooling,
             "slot_map": self.slot_map is not None,
+            "value_dim": int(self.values.shape[1]),
+            "dtype": str(self.values.dtype).removeprefix("torch."),
         }
 
 

@@ -97,3 +97,41 @@ def test_unknown_format_is_refused_before_anything_is_written(tmp_path: Path) ->
     )
     assert result.exit_code == 2 and "tflite" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_engine_and_kernel_bundle_for_the_bundled_model(tmp_path: Path) -> None:
+    """TensorRT-RTX builds the engine on this CPU machine; the engine cannot run here, and
+    the manifest and the report say so. The bundle holds cubin and PTX per SM."""
+    out = tmp_path / "trt"
+    args = ["export", "--format", "onnx,tensorrt,kernels", "--sm", "80,90,120", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    formats = [a["format"] for a in manifest["artifacts"]]
+    assert formats.count("onnx") == 1 and formats.count("tensorrt") == 1
+    cubins = [a["path"] for a in manifest["artifacts"] if a["path"].endswith(".cubin")]
+    assert len(cubins) == 6 and {c.rsplit("-sm", 1)[1] for c in cubins} == {
+        "80.cubin",
+        "90.cubin",
+        "120.cubin",
+    }
+    for art in manifest["artifacts"]:
+        assert sha256_file(out / art["path"]) == art["sha256"]
+    trt = manifest["tensorrt"]
+    assert trt["executed"] is False and trt["execution_note"]
+    assert trt["layer_counts"]["TOPK"] == 3  # the lookup in TensorRT's own layers
+    assert trt["profile"]["tokens"][2] == 64  # capped at what the capture admits
+    stages = {s["stage"]: s for s in json.loads((out / "parity.json").read_text())["stages"]}
+    assert (
+        stages["tensorrt"]["executed"] is False and "not executed" in stages["tensorrt"]["reason"]
+    )
+
+
+def test_plugin_mode_under_tensorrt_rtx_is_refused_cleanly(tmp_path: Path) -> None:
+    out = tmp_path / "plugin"
+    result = CliRunner().invoke(
+        cli, ["export", "--format", "tensorrt", "--trt-mode", "plugin", "--out", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot build a plugin engine" in result.output and "native" in result.output
+    assert not out.exists()
