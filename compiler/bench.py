@@ -21,8 +21,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ultramem.compiler.artifacts import versions
+from ultramem.compiler.export_aoti import AOTI_FILE, load_aoti
 from ultramem.compiler.parity import compare_outputs, tolerance_for
-from ultramem.compiler.pipeline import ONNX_FILE, Compiled, ProgressFn
+from ultramem.compiler.pipeline import ENGINE_FILE, ONNX_FILE, Compiled, ProgressFn, engine_stage
 from ultramem.compiler.run_onnx import OnnxRunner
 from ultramem.compiler.stages import like_inputs, tensor_leaves
 from ultramem.compiler.timing import copy_bandwidth_gbs, measure
@@ -77,32 +78,31 @@ def make_backends(compiled: Compiled, artifacts: Path | None, wanted: list[str])
         elif name == "onnxruntime-cuda":
             out.append(Backend(name, None, _ort_cuda_reason(on_gpu)))
         elif name == "plugin-kernels":
-            out.append(
-                Backend(
-                    name,
-                    None,
-                    "needs a GPU and a kernel bundle (export --format kernels)"
-                    if not on_gpu
-                    else "no kernel bundle in the artifacts",
-                )
+            reason = (
+                "the launcher runs the lookup's AOT kernels, not a whole model; needs a GPU"
+                if not on_gpu
+                else "whole-model runs through the launcher are not wired yet"
             )
+            out.append(Backend(name, None, reason))
         elif name == "aotinductor":
-            out.append(
-                Backend(
-                    name, None, "no AOTInductor package in the artifacts (export --format aoti)"
-                )
-            )
+            path = artifacts / AOTI_FILE if artifacts is not None else None
+            if path is None or not path.is_file():
+                out.append(Backend(name, None, f"no {AOTI_FILE} (export --format aoti)"))
+            else:
+                package = load_aoti(path)
+                out.append(Backend(name, lambda x, p=package: p(*x)))
         elif name == "tensorrt":
-            out.append(
-                Backend(
-                    name,
-                    None,
-                    "no runnable TensorRT engine here: TensorRT-RTX engines need an "
-                    "sm 8.0/8.6/8.9/12.x GPU"
-                    if not on_gpu
-                    else "no engine in the artifacts",
+            engine = artifacts / ENGINE_FILE if artifacts is not None else None
+            if engine is None or not engine.is_file():
+                out.append(Backend(name, None, f"no {ENGINE_FILE} (export --format tensorrt)"))
+            else:
+                stage = engine_stage(engine, None)
+                runner = stage.run
+                out.append(
+                    Backend(name, None, stage.reason)
+                    if runner is None
+                    else Backend(name, lambda x, r=runner: r(x, [])[0])
                 )
-            )
         else:
             raise ValueError(f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}")
     return out

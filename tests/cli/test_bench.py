@@ -66,7 +66,7 @@ def test_bench_writes_json_markdown_and_chart(tmp_path: Path, user_models: str) 
     assert width > 400 and height > 300
     assert report["chart_series"] == ["eager", "fused-ops", "onnxruntime-cpu"]
     table = (out / "bench.md").read_text()
-    assert "| onnxruntime-cpu |" in table and "tensorrt: no runnable TensorRT engine" in table
+    assert "| onnxruntime-cpu |" in table and "tensorrt: no model.engine" in table
     # --compare shows the ratio against an earlier run
     result = CliRunner().invoke(
         cli, [*args[:-1], str(tmp_path / "again"), "--compare", str(out / "bench.json")]
