@@ -99,21 +99,33 @@ def inspect_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Inspect
     )
 
 
-def onnx_stage(path: Path) -> Stage:
-    runner = OnnxRunner(path)
+def onnx_stage(path: Path, provider: str = "CPUExecutionProvider") -> Stage:
+    runner = OnnxRunner(path, providers=[provider])
 
     def run(inputs: tuple[Any, ...], ref_records: list[SiteRecord]) -> Any:
         sizes = [r.input_size for r in ref_records if isinstance(r, TopkRecord)]
         return runner(inputs, sizes)
 
-    return Stage("onnxruntime-cpu", run)
+    name = "onnxruntime-cpu" if provider == "CPUExecutionProvider" else "onnxruntime-cuda"
+    return Stage(name, run)
+
+
+def onnx_cuda_stage(path: Path) -> Stage:
+    """ONNX Runtime's CUDA provider, where onnxruntime-gpu and a GPU are present."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return Stage("onnxruntime-cuda", None, "not executed: onnxruntime-gpu is not installed")
+    if not torch.cuda.is_available():
+        return Stage("onnxruntime-cuda", None, "not executed: no CUDA device")
+    return onnx_stage(path, "CUDAExecutionProvider")
 
 
 def artifact_stages(directory: Path, trt_package: str | None = None) -> list[Stage]:
     """One parity stage per artifact found in ``directory``."""
     stages = []
     if (directory / ONNX_FILE).is_file():
-        stages.append(onnx_stage(directory / ONNX_FILE))
+        stages += [onnx_stage(directory / ONNX_FILE), onnx_cuda_stage(directory / ONNX_FILE)]
     if (directory / AOTI_FILE).is_file():
         stages.append(torch_stage("aotinductor", load_aoti(directory / AOTI_FILE)))
     if (directory / ENGINE_FILE).is_file():

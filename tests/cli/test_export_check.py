@@ -34,9 +34,12 @@ def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> 
     assert onnx_art["sha256"] == sha256_file(bundled_export / "model.onnx")
     report = json.loads((bundled_export / "parity.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert set(stages) == {"torch.export", "fused-ops", "onnxruntime-cpu"}
+    assert set(stages) == {"torch.export", "fused-ops", "onnxruntime-cpu", "onnxruntime-cuda"}
+    # the CUDA provider is a stage of its own, reported as not executed where it cannot run
+    cuda = stages["onnxruntime-cuda"]
+    assert cuda["executed"] or "not executed" in cuda["reason"]
     assert len(report["inputs"]) >= 4  # sequence lengths other than the example's
-    for stage in stages.values():
+    for stage in (s for s in stages.values() if s["executed"]):
         assert stage["passed"]
         assert stage["selections"] and all(s["differing"] == 0 for s in stage["selections"])
         assert all(o["max_abs"] <= 1e-4 for o in stage["outputs"])
