@@ -8,6 +8,7 @@ import click
 
 from ultramem.cli.options import INPUT_ERRORS, InputError, load, model_options, progress
 from ultramem.compiler.export_tensorrt import TensorRTError, TensorRTLimitError
+from ultramem.compiler.onnx_ops import FORMS as ONNX_FORMS
 from ultramem.compiler.pipeline import FORMATS, TensorRTOptions, export_model
 from ultramem.plugins.bundle import DEFAULT_SMS
 
@@ -28,6 +29,13 @@ from ultramem.plugins.bundle import DEFAULT_SMS
     help=f"Comma-separated artifact formats: {', '.join(FORMATS)}.",
 )
 @click.option("--opset", default=20, show_default=True, help="ONNX opset of the exported graph.")
+@click.option(
+    "--onnx-form",
+    type=click.Choice(list(ONNX_FORMS)),
+    default="custom",
+    show_default=True,
+    help="custom: ultramem:: nodes with function bodies; portable: the bodies inlined.",
+)
 @click.option(
     "--trt-mode",
     type=click.Choice(["native", "plugin"]),
@@ -58,6 +66,7 @@ def export(
     out: Path,
     formats: str,
     opset: int,
+    onnx_form: str,
     trt_mode: str,
     trt_package: str | None,
     precision: str,
@@ -74,7 +83,9 @@ def export(
     trt = TensorRTOptions(trt_mode, trt_package, precision, profile_batch, profile_tokens, sms)
     loaded = load(model, weights, allow_unsafe_pickle)
     try:
-        _, report = export_model(loaded, out, progress, opset=opset, formats=chosen, trt=trt)
+        _, report = export_model(
+            loaded, out, progress, opset=opset, formats=chosen, trt=trt, onnx_form=onnx_form
+        )
     except (*INPUT_ERRORS, TensorRTLimitError, TensorRTError) as exc:
         raise InputError(str(exc)) from None
     click.echo(f"exported {loaded.source} to {out}: parity {'PASSED' if report else 'FAILED'}")

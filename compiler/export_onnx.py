@@ -5,6 +5,10 @@ symbols (``s27``); deployers want ``batch`` and ``tokens``, so the symbols of th
 captured input axes are renamed throughout the graph, and outputs get stable names
 (``output`` or ``output_<i>``).
 
+Fused lookups become ``ultramem::Retrieve`` / ``ultramem::Aggregate`` nodes carrying
+model-local functions (``onnx_ops``); form ``portable`` inlines those functions, for
+tools that read no functions.
+
 Weights over ``EXTERNAL_DATA_BYTES`` go to one external-data file beside the model
 (``model.onnx.data``; protobuf caps a file at 2 GB). The exporter writes the weights
 straight from the program's tensors, and the renaming works on the graph loaded
@@ -21,6 +25,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ultramem.compiler.capture import CaptureResult
+from ultramem.compiler.onnx_ops import FORMS, attach_functions, inline_functions, translation_table
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +46,32 @@ def export_onnx(
     *,
     program: ExportedProgram | None = None,
     opset: int = DEFAULT_OPSET,
+    form: str = "custom",
 ) -> list[Path]:
     """Write ``path`` (and its external data when large); return the files written.
 
     ``program`` defaults to the captured one; pass the rewritten program to export it
     with the capture's axis names.
     """
+    if form not in FORMS:
+        raise ValueError(f"ONNX form must be one of {', '.join(FORMS)}, got {form!r}")
     program = program if program is not None else capture.program
     external = weight_bytes(program) > EXTERNAL_DATA_BYTES
-    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+    onnx_program = torch.onnx.export(
+        program,
+        dynamo=True,
+        opset_version=opset,
+        verbose=False,
+        custom_translation_table=translation_table(),
+    )
     onnx_program.save(str(path), external_data=external)
     del onnx_program
     model = onnx.load(str(path), load_external_data=False)
     _name_axes(model, capture)
     _name_outputs(model)
+    attach_functions(model)
+    if form == "portable":
+        model = inline_functions(model)
     onnx.save_model(model, str(path))
     return [path, *external_data_files(model, path.parent)]
 

@@ -43,6 +43,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
+from ultramem.compiler.onnx_ops import inline_functions
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("tensorrt", "tensorrt_rtx")
@@ -492,8 +494,12 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
 
     model = _load_onnx(parser, onnx_path)
+    rewrites: list[str] = []
+    if model.functions:  # native mode: TensorRT's layers run the ultramem ops' bodies
+        model = inline_functions(model)
+        rewrites.append("model-local functions inlined (ultramem ops as standard-op bodies)")
     check_limits(model)
-    rewrites = lower_scatter_add(model)
+    rewrites += lower_scatter_add(model)
     mode = "fp32 (TF32 off)"
     if precision != "fp32" and weak:
         mode = f"BuilderFlag.{precision.upper()}, weakly typed: TensorRT picks per layer"

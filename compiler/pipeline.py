@@ -32,11 +32,13 @@ from ultramem.compiler.export_tensorrt import (
     package_name,
 )
 from ultramem.compiler.inspection import Inspection, fused_layer_table
+from ultramem.compiler.onnx_ops import DOMAIN as ONNX_DOMAIN
+from ultramem.compiler.onnx_ops import VERSION as ONNX_DOMAIN_VERSION
 from ultramem.compiler.parity import ParityReport
 from ultramem.compiler.rewrite import RewriteResult, op_counts, rewrite
 from ultramem.compiler.run_onnx import OnnxRunner
 from ultramem.compiler.run_tensorrt import EngineRunner
-from ultramem.compiler.selections import SiteRecord, TopkRecord, memory_layer_names
+from ultramem.compiler.selections import SiteRecord, memory_layer_names
 from ultramem.compiler.stages import Stage, parity_inputs, run_parity, torch_stage
 from ultramem.models.builtin import LoadedModel
 from ultramem.plugins.bundle import DEFAULT_SMS, build_bundle, specs_for_layers
@@ -102,9 +104,8 @@ def inspect_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Inspect
 def onnx_stage(path: Path, provider: str = "CPUExecutionProvider") -> Stage:
     runner = OnnxRunner(path, providers=[provider])
 
-    def run(inputs: tuple[Any, ...], ref_records: list[SiteRecord]) -> Any:
-        sizes = [r.input_size for r in ref_records if isinstance(r, TopkRecord)]
-        return runner(inputs, sizes)
+    def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> Any:
+        return runner(inputs)
 
     name = "onnxruntime-cpu" if provider == "CPUExecutionProvider" else "onnxruntime-cuda"
     return Stage(name, run)
@@ -228,6 +229,7 @@ def export_model(
     opset: int = 20,
     formats: tuple[str, ...] = ("onnx",),
     trt: TensorRTOptions | None = None,
+    onnx_form: str = "custom",
 ) -> tuple[dict[str, Any], ParityReport]:
     """Capture, rewrite, write each format, check parity; publish only when all steps ran."""
     unknown = [f for f in formats if f not in FORMATS]
@@ -242,8 +244,14 @@ def export_model(
         compiled = compile_model(loaded, progress)
         engine_info = None
         if "onnx" in formats or "tensorrt" in formats:
-            with step(progress, "exporting ONNX"):
-                files = export_onnx(compiled.capture, writer.path(ONNX_FILE), opset=opset)
+            with step(progress, f"exporting ONNX ({onnx_form} form)"):
+                files = export_onnx(
+                    compiled.capture,
+                    writer.path(ONNX_FILE),
+                    program=compiled.rewrite.program,
+                    opset=opset,
+                    form=onnx_form,
+                )
             for f in files:
                 writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
         if "tensorrt" in formats:
@@ -278,8 +286,11 @@ def export_model(
             },
             "onnx": {
                 "opset": opset,
+                "form": onnx_form,
+                "domain": {"name": ONNX_DOMAIN, "version": ONNX_DOMAIN_VERSION},
                 "nodes": len(model_proto.graph.node),
                 "op_counts": count_nodes(model_proto),
+                "functions": [f"{f.domain}::{f.name}:{f.overload}" for f in model_proto.functions],
             },
             "parity": _parity_summary(report),
         }

@@ -1,20 +1,62 @@
-"""Run an ONNX file in ONNX Runtime, exposing its TopK outputs as selection sites."""
+"""Run an ONNX file in ONNX Runtime, exposing its selection sites as extra outputs.
+
+A site is a top-level TopK (values, indices, and the length of the axis it ran over, via
+a Shape node on its input) or an ``ultramem::Retrieve`` node (scores, slots): the
+unfused and the fused forms of a lookup, in graph order, as parity expects them.
+"""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from onnx import helper
 
-from ultramem.compiler.selections import TopkRecord
+from ultramem.compiler.onnx_ops import DOMAIN
+from ultramem.compiler.selections import RetrieveRecord, SiteRecord, TopkRecord
+
+
+@dataclass
+class _Site:
+    kind: str  # "topk" or "retrieve"
+    outputs: tuple[str, str]
+    axis_shape: str = ""  # topk: output holding the shape of its input
+    axis: int = -1
+
+
+def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
+    """Add every site's tensors to the graph outputs (in memory); return the sites."""
+    sites = []
+    existing = {o.name for o in model.graph.output}
+
+    def expose(name: str) -> None:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            existing.add(name)
+
+    for node in list(model.graph.node):
+        if node.op_type == "TopK" and not node.domain:
+            shape = f"{node.output[1]}__probe_shape"
+            model.graph.node.append(helper.make_node("Shape", [node.input[0]], [shape]))
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            sites.append(_Site("topk", (node.output[0], node.output[1]), shape, axis))
+        elif node.op_type == "Retrieve" and node.domain == DOMAIN:
+            sites.append(_Site("retrieve", (node.output[0], node.output[1])))
+        else:
+            continue
+        for name in (*sites[-1].outputs, sites[-1].axis_shape):
+            if name:
+                expose(name)
+    return sites
 
 
 class OnnxRunner:
-    """An ONNX Runtime session whose outputs include every TopK's values and indices.
+    """An ONNX Runtime session whose outputs include every selection site.
 
     The probe outputs are added to an in-memory copy; the file on disk is untouched.
     """
@@ -27,16 +69,7 @@ class OnnxRunner:
         # weights stay in the file (or its external data): only the graph is loaded
         model = onnx.load(str(path), load_external_data=False)
         self.output_count = len(model.graph.output)
-        self.topk_outputs: list[tuple[str, str]] = []
-        existing = {o.name for o in model.graph.output}
-        for node in model.graph.node if probe_selections else []:
-            if node.op_type == "TopK" and not node.domain:
-                values, indices = node.output[0], node.output[1]
-                self.topk_outputs.append((values, indices))
-                for name in (values, indices):
-                    if name not in existing:
-                        model.graph.output.append(onnx.ValueInfoProto(name=name))
-                        existing.add(name)
+        self.sites = _probe_sites(model) if probe_selections else []
         self.input_names = [i.name for i in model.graph.input]
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -48,21 +81,19 @@ class OnnxRunner:
             )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(
-        self, inputs: tuple[Any, ...], topk_input_sizes: list[int] | None = None
-    ) -> tuple[list[torch.Tensor], list[TopkRecord]]:
+    def __call__(self, inputs: tuple[Any, ...]) -> tuple[list[torch.Tensor], list[SiteRecord]]:
         feeds = {
             name: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
             for name, x in zip(self.input_names, inputs, strict=True)
         }
         results = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         outputs = [torch.from_numpy(results[n]) for n in self.output_names[: self.output_count]]
-        records = []
-        for i, (values, indices) in enumerate(self.topk_outputs):
-            size = topk_input_sizes[i] if topk_input_sizes and i < len(topk_input_sizes) else -1
-            records.append(
-                TopkRecord(
-                    torch.from_numpy(results[values]), torch.from_numpy(results[indices]), size
-                )
-            )
+        records: list[SiteRecord] = []
+        for site in self.sites:
+            first, second = (torch.from_numpy(results[name]) for name in site.outputs)
+            if site.kind == "retrieve":
+                records.append(RetrieveRecord(first, second))
+            else:
+                size = int(results[site.axis_shape][site.axis])
+                records.append(TopkRecord(first, second, size))
         return outputs, records

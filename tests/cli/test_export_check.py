@@ -30,6 +30,14 @@ def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> 
     assert manifest["parity"]["passed"] is True
     for version in ("ultramem", "torch", "onnx", "onnxruntime"):
         assert manifest["versions"][version] != "not installed"
+    onnx_info = manifest["onnx"]  # the fused lookup as two custom-domain nodes
+    assert onnx_info["form"] == "custom" and onnx_info["domain"] == {
+        "name": "ultramem",
+        "version": 1,
+    }
+    assert onnx_info["op_counts"]["ultramem::Retrieve"] == 1
+    assert onnx_info["op_counts"]["ultramem::Aggregate"] == 1
+    assert "TopK" not in onnx_info["op_counts"] and len(onnx_info["functions"]) == 2
     [onnx_art] = [a for a in manifest["artifacts"] if a["format"] == "onnx"]
     assert onnx_art["sha256"] == sha256_file(bundled_export / "model.onnx")
     report = json.loads((bundled_export / "parity.json").read_text())
@@ -92,6 +100,18 @@ def test_aotinductor_package_exports_and_joins_parity(tmp_path: Path) -> None:
     assert aoti["passed"] and aoti["selections"]
     assert all(s["differing"] == 0 for s in aoti["selections"])
     assert all(o["max_abs"] <= 1e-4 for o in aoti["outputs"])
+
+
+def test_portable_form_inlines_the_functions_and_keeps_parity(tmp_path: Path) -> None:
+    out = tmp_path / "portable"
+    result = CliRunner().invoke(cli, ["export", "--onnx-form", "portable", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnx"]["form"] == "portable" and manifest["onnx"]["functions"] == []
+    assert not any(op.startswith("ultramem::") for op in manifest["onnx"]["op_counts"])
+    assert manifest["onnx"]["op_counts"]["TopK"] == 3
+    stage = manifest["parity"]["stages"]["onnxruntime-cpu"]
+    assert stage["passed"] and stage["selections_differing"] == 0 < stage["selections_compared"]
 
 
 def test_unknown_format_is_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from ultramem.compiler.export_tensorrt import (
     lower_scatter_add,
     parse_range,
 )
+from ultramem.compiler.rewrite import rewrite
+from ultramem.compiler.selections import memory_layer_names
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
 
@@ -86,6 +89,29 @@ def lm_onnx(tmp_path_factory: pytest.TempPathFactory) -> LMs:
         path = tmp_path_factory.mktemp(f"lm{layers}") / "model.onnx"
         export_onnx(cap, path)
         out[layers] = (model, path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_fused_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Custom-domain ONNX (ultramem::Retrieve/Aggregate with function bodies) of the same
+    LMs after fusion: what ``ultramem export`` writes."""
+    torch.manual_seed(0)
+    out: dict[int, Path] = {}
+    for layers in (1, 2):
+        cfg = LMConfig(
+            memory=UltraMemConfig(heads=2, cores=2, expansion=4),
+            memory_layers=dict.fromkeys(range(layers), 1),
+            max_seq_len=64,
+        )
+        model = UltraMemLM(cfg).eval()
+        example = (torch.randint(0, 64, (2, 16)),)
+        cap = capture(model, example, max_tokens=64)
+        fused = rewrite(model, cap, example, memory_layer_names(cap.program.graph))
+        assert len(fused.fused_layers) == layers
+        path = tmp_path_factory.mktemp(f"fused{layers}") / "model.onnx"
+        export_onnx(cap, path, program=fused.program)
+        out[layers] = path
     return out
 
 
@@ -284,6 +310,28 @@ def test_engine_builds_with_lookup_layers(lm_onnx: LMs, tmp_path: Path, layers: 
     assert info.profile == {"batch": (1, 2, 4), "tokens": (1, 16, 64)}
     assert info.executed is False and info.execution_note
     assert info.precision_mode == "fp32 (TF32 off)"
+
+
+@needs_trt
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fused_engine_runs_the_function_bodies_in_native_layers(
+    lm_fused_onnx: dict[int, Path], tmp_path: Path, layers: int
+) -> None:
+    """The custom-domain file builds: its functions are inlined into TensorRT's own layers."""
+    info = build_engine(lm_fused_onnx[layers], tmp_path / "model.engine", profile=PROFILE)
+    assert info.engine_bytes > 0 and _leftovers(tmp_path) == []
+    assert info.rewrites == ["model-local functions inlined (ultramem ops as standard-op bodies)"]
+    if info.layers_source.startswith("network definition"):
+        by_op: dict[str, Counter[str]] = {"Retrieve": Counter(), "Aggregate": Counter()}
+        for layer in info.layers:
+            op = layer["name"].split("/")[0]
+            if op in by_op:
+                by_op[op][layer["type"]] += 1
+        retrieve, aggregate = by_op["Retrieve"], by_op["Aggregate"]
+        assert retrieve["TOPK"] == 3 * layers  # row, column and grid top-k
+        assert retrieve["MATRIX_MULTIPLY"] == 2 * layers  # the Tucker-core grid
+        assert aggregate["GATHER"] >= layers and aggregate["MATRIX_MULTIPLY"] == layers
+        assert not any(layer["type"] == "SCATTER" for layer in info.layers)
 
 
 @needs_trt

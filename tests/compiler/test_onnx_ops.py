@@ -1,0 +1,283 @@
+"""The ``ultramem`` ONNX domain: function bodies against the PyTorch references, and the
+custom-domain export of fused models (checker, stock ONNX Runtime, node counts, portable form).
+
+Single-node models run the bodies in stock ONNX Runtime (CPU): with small-integer inputs
+every sum is exact, so slots must be identical and ties must break as the reference's do;
+with random inputs slots must still be identical (fixed seeds) and outputs within the
+tolerance of their dtype. Nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+
+from ultramem.compiler.capture import capture
+from ultramem.compiler.export_onnx import count_nodes, export_onnx
+from ultramem.compiler.onnx_ops import DOMAIN, VERSION, attach_functions, register_schemas
+from ultramem.compiler.pipeline import onnx_stage
+from ultramem.compiler.rewrite import rewrite
+from ultramem.compiler.selections import layer_selections, memory_layer_names, run_recording_sites
+from ultramem.compiler.stages import run_parity
+from ultramem.kernels import aggregate_reference, retrieve_reference
+from ultramem.models.config import LMConfig, UltraMemConfig
+from ultramem.models.lm import UltraMemLM
+from ultramem.tests.kernels import test_aggregate as agg_cases
+from ultramem.tests.kernels import test_retrieve as ret_cases
+
+OPSETS = [helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)]
+
+
+def _run_single_node(
+    op_type: str,
+    inputs: dict[str, torch.Tensor | None],
+    outputs: dict[str, tuple[torch.dtype, int]],
+    **attrs: object,
+) -> list[np.ndarray]:
+    """One ``ultramem`` node with its function attached, checked, run in stock ORT."""
+    register_schemas()
+    given = {name: x for name, x in inputs.items() if x is not None}
+    node = helper.make_node(
+        op_type,
+        [n if inputs[n] is not None else "" for n in inputs],
+        outputs,
+        domain=DOMAIN,
+        **attrs,
+    )
+    graph = helper.make_graph(
+        [node],
+        "single",
+        [
+            helper.make_tensor_value_info(name, _elem_type(x.dtype), list(x.shape))
+            for name, x in given.items()
+        ],
+        [
+            helper.make_tensor_value_info(name, _elem_type(dtype), [None] * rank)
+            for name, (dtype, rank) in outputs.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=OPSETS)
+    assert attach_functions(model) == 1 and len(model.functions) == 1
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {name: x.numpy() for name, x in given.items()})
+
+
+def _elem_type(dtype: torch.dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def _retrieve_onnx(inputs: list[torch.Tensor], topm: int, topk: int, activation: str) -> tuple:
+    names = ["row_scores", "col_scores", "row_weight", "col_weight", "cores"]
+    scores, slots = _run_single_node(
+        "Retrieve",
+        dict(zip(names, inputs, strict=True)),
+        {"scores": (inputs[0].dtype, 4), "slots": (torch.int64, 3)},
+        topm=topm,
+        topk=topk,
+        activation=activation,
+    )
+    return torch.from_numpy(scores), torch.from_numpy(slots)
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["randn", "integer-ties"])
+@pytest.mark.parametrize(
+    ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation"), ret_cases.CASES
+)
+def test_retrieve_body_selects_what_the_reference_selects(
+    tokens: int,
+    heads: int,
+    n: int,
+    rank: int,
+    n_cores: int,
+    topm: int,
+    topk: int,
+    activation: str,
+    integer: bool,
+) -> None:
+    inputs = [
+        x.cpu() for x in ret_cases.make_inputs(tokens, heads, n, rank, n_cores, integer=integer)
+    ]
+    if integer:
+        ret_cases.duplicate_keys(inputs[0], inputs[1])
+    want_scores, want_slots = retrieve_reference(*inputs, topm, topk, activation)
+    scores, slots = _retrieve_onnx(inputs, topm, topk, activation)
+    ret_cases.assert_slots_equal(slots, want_slots)
+    ret_cases.assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_retrieve_body_in_half_precision() -> None:
+    inputs = [x.cpu() for x in ret_cases.make_inputs(5, 2, 33, 3, 2, dtype=torch.float16)]
+    want_scores, want_slots = retrieve_reference(*inputs, 7, 9, "softmax")
+    scores, slots = _retrieve_onnx(inputs, 7, 9, "softmax")
+    assert scores.dtype == torch.float16
+    ret_cases.assert_slots_equal(slots, want_slots)
+    ret_cases.assert_close("scores", scores, want_scores, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    (
+        "tokens",
+        "heads",
+        "k",
+        "n_cores",
+        "rows",
+        "dim",
+        "expansion",
+        "mapping",
+        "pooling",
+        "smap",
+        "offset",
+    ),
+    agg_cases.CASES,
+)
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_aggregate_body_pools_what_the_reference_pools(
+    tokens: int,
+    heads: int,
+    k: int,
+    n_cores: int,
+    rows: int,
+    dim: int,
+    expansion: int,
+    mapping: str,
+    pooling: str,
+    smap: str,
+    offset: int,
+    dtype: torch.dtype,
+    atol: float,
+) -> None:
+    values, scores, slots, slot_map = (
+        None if x is None else x.cpu()
+        for x in agg_cases.make_inputs(
+            tokens, heads, k, n_cores, rows, dim, expansion, smap, dtype=dtype
+        )
+    )
+    want = aggregate_reference(values, scores, slots, slot_map, expansion, mapping, pooling, offset)
+    (pooled,) = _run_single_node(
+        "Aggregate",
+        {"values": values, "scores": scores, "slots": slots, "slot_map": slot_map},
+        {"pooled": (dtype, 3)},
+        expansion=expansion,
+        mapping=mapping,
+        pooling=pooling,
+        row_offset=offset,
+    )
+    got = torch.from_numpy(pooled)
+    assert got.dtype == dtype
+    agg_cases.assert_close("pooled", got, want, atol=atol, rtol=atol)
+
+
+def test_one_function_per_attribute_set() -> None:
+    register_schemas()
+    names = ["rs", "cs", "rw", "cw", "c"]
+    nodes = [
+        helper.make_node("Retrieve", names, [f"s{i}", f"i{i}"], domain=DOMAIN, **attrs)
+        for i, attrs in enumerate(
+            [
+                {"topm": 4, "topk": 4, "activation": "relu"},
+                {"topm": 4, "topk": 4, "activation": "relu"},
+                {"topm": 4, "topk": 8, "activation": "relu"},
+            ]
+        )
+    ]
+    graph = helper.make_graph(nodes, "g", [], [])
+    model = helper.make_model(graph, opset_imports=OPSETS)
+    assert attach_functions(model) == 3
+    assert [n.overload for n in model.graph.node] == ["m4_k4_relu", "m4_k4_relu", "m4_k8_relu"]
+    assert sorted(f.overload for f in model.functions) == ["m4_k4_relu", "m4_k8_relu"]
+    assert model.ir_version >= 10
+
+
+# ---- export of fused models -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_layer_exports(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-memory-layer LM (softmax scores, E = 4, 2 cores), exported unfused, custom, portable."""
+    torch.manual_seed(0)
+    cfg = LMConfig(
+        memory=UltraMemConfig(heads=2, cores=2, expansion=4, score_activation="softmax"),
+        memory_layers=dict.fromkeys(range(2), 1),
+        max_seq_len=64,
+    )
+    model = UltraMemLM(cfg).eval()
+    example = (torch.randint(0, 64, (2, 16)),)
+    cap = capture(model, example, max_tokens=64)
+    layers = memory_layer_names(cap.program.graph)
+    rewritten = rewrite(model, cap, example, layers)
+    assert len(rewritten.fused_layers) == 2
+    directory = tmp_path_factory.mktemp("onnx_ops")
+    paths = {}
+    for form, program in (
+        ("unfused", None),
+        ("custom", rewritten.program),
+        ("portable", rewritten.program),
+    ):
+        paths[form] = directory / f"{form}.onnx"
+        export_onnx(
+            cap, paths[form], program=program, form="portable" if form == "portable" else "custom"
+        )
+    return {"model": model, "paths": paths, "layers": layers, "capture": cap}
+
+
+def test_custom_domain_export_is_valid_and_smaller(two_layer_exports: dict) -> None:
+    paths = two_layer_exports["paths"]
+    custom = onnx.load(str(paths["custom"]))
+    onnx.checker.check_model(custom, full_check=True)
+    counts = count_nodes(custom)
+    assert counts[f"{DOMAIN}::Retrieve"] == counts[f"{DOMAIN}::Aggregate"] == 2
+    assert not {"TopK", "ScatterElements", "GatherElements"} & set(counts)
+    assert {(f.name, f.overload) for f in custom.functions} == {
+        ("Retrieve", "m8_k8_softmax"),
+        ("Aggregate", "e4_mod_add_o0_map"),
+    }
+    unfused = onnx.load(str(paths["unfused"]))
+    assert len(custom.graph.node) < len(unfused.graph.node)
+    inferred = onnx.shape_inference.infer_shapes(custom, strict_mode=True)
+    (inp,), (out,) = inferred.graph.input, inferred.graph.output
+    assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "tokens"]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim][:2] == [
+        "batch",
+        "tokens",
+    ]
+
+
+def test_portable_form_has_no_functions_and_no_custom_nodes(two_layer_exports: dict) -> None:
+    portable = onnx.load(str(two_layer_exports["paths"]["portable"]))
+    onnx.checker.check_model(portable, full_check=True)
+    assert not portable.functions
+    assert all(n.domain in ("", "ai.onnx") for n in portable.graph.node)
+    assert DOMAIN not in {o.domain for o in portable.opset_import}
+    assert count_nodes(portable)["TopK"] == 6  # row, column, grid per layer
+
+
+@pytest.mark.parametrize("form", ["unfused", "custom", "portable"])
+def test_every_form_runs_in_stock_onnxruntime_with_parity(
+    two_layer_exports: dict, form: str
+) -> None:
+    model, layers = two_layer_exports["model"], two_layer_exports["layers"]
+    inputs = [(torch.randint(0, 64, (1, 7)),), (torch.randint(0, 64, (3, 29)),)]
+    stage = onnx_stage(two_layer_exports["paths"][form])
+    report = run_parity(model, [stage], inputs, layers)
+    (result,) = report.stages
+    assert result.passed, report.summary_lines()
+    assert len(result.selections) == 2 * len(inputs)  # both layers' sites were probed
+    assert all(s.differing == 0 for s in result.selections)
+    assert max(o.max_abs for o in result.outputs) <= 1e-5
+
+
+def test_probed_custom_nodes_give_the_reference_slots(two_layer_exports: dict) -> None:
+    model = two_layer_exports["model"]
+    tokens = (torch.randint(0, 64, (2, 11)),)
+    _, ref_records = run_recording_sites(model, tokens)
+    stage = onnx_stage(two_layer_exports["paths"]["custom"])
+    _, records = stage.run(tokens, ref_records)
+    ref, got = layer_selections(ref_records), layer_selections(records)
+    assert len(ref) == len(got) == 2
+    for r, g in zip(ref, got, strict=True):
+        assert torch.equal(r.slots.sort(-1).values, g.slots.sort(-1).values)
