@@ -23,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on CI or the GPU machine
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 
 def markdown(report: dict[str, Any], old: dict[str, Any] | None = None) -> str:
@@ -89,6 +90,11 @@ def _p50_index(report: dict[str, Any]) -> dict[tuple[str, int], float]:
     }
 
 
+def _two_and_five(value: float, _: object) -> str:
+    """Label the 2s and 5s between decades, leave the other minor ticks bare."""
+    return f"{value:g}" if f"{value:e}"[0] in "25" else ""
+
+
 def chart(report: dict[str, Any], path: Path) -> list[str]:
     """Latency (p50, with p90 whiskers) against tokens per backend, log-log. Returns the series."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -104,6 +110,14 @@ def chart(report: dict[str, Any], path: Path) -> list[str]:
         series.append(b["name"])
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # plain numbers (1, 16, 64; 0.2, 0.5, 1) read faster than 10^x labels
+    token_counts = sorted(
+        {r["tokens"] * r["batch"] for b in report["backends"] for r in b["results"]}
+    )
+    ax.set_xticks(token_counts, [str(t) for t in token_counts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("tokens per call (batch × sequence)")
     ax.set_ylabel("latency, p50 ms (bar: p90)")
     gpu = report["machine"].get("gpu")
