@@ -44,6 +44,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from ultramem.compiler.onnx_ops import inline_functions
+from ultramem.plugins.trt_plugin import PLUGIN_NAMESPACE, plugin_onnx
 
 log = logging.getLogger(__name__)
 
@@ -479,8 +480,16 @@ def build_engine(
     precision: Precision = "fp32",
     timing_cache: Path | None = None,
     package: str | None = None,
+    lookup: str = "native",
 ) -> EngineInfo:
-    """Parse ``onnx_path``, build a serialized engine and write it atomically to ``engine_path``."""
+    """Parse ``onnx_path``, build a serialized engine and write it atomically to ``engine_path``.
+
+    ``lookup`` ``native`` inlines the ``ultramem`` functions into TensorRT's own layers;
+    ``plugin`` maps the nodes to the AOT plugins, which ``register_plugins`` must have
+    registered (``compiler/pipeline.py`` does).
+    """
+    if lookup not in ("native", "plugin"):
+        raise ValueError(f"lookup must be native or plugin, got {lookup!r}")
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     profile = profile or ShapeProfile()
@@ -495,7 +504,10 @@ def build_engine(
 
     model = _load_onnx(parser, onnx_path)
     rewrites: list[str] = []
-    if model.functions:  # native mode: TensorRT's layers run the ultramem ops' bodies
+    if lookup == "plugin":
+        model, count = plugin_onnx(model)
+        rewrites.append(f"{count} ultramem nodes mapped to the AOT plugins ({PLUGIN_NAMESPACE})")
+    elif model.functions:  # native mode: TensorRT's layers run the ultramem ops' bodies
         model = inline_functions(model)
         rewrites.append("model-local functions inlined (ultramem ops as standard-op bodies)")
     check_limits(model)

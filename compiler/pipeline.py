@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from ultramem.compiler.selections import SiteRecord, memory_layer_names
 from ultramem.compiler.stages import Stage, parity_inputs, run_parity, torch_stage
 from ultramem.models.builtin import LoadedModel
 from ultramem.plugins.bundle import DEFAULT_SMS, build_bundle, specs_for_layers
+from ultramem.plugins.metadata import load_bundle
+from ultramem.plugins.trt_plugin import register_plugins
 from ultramem.plugins.trt_support import plugin_mode_support
 
 ProgressFn = Callable[[str], None]
@@ -146,7 +148,7 @@ def engine_stage(path: Path, package: str | None) -> Stage:
     return Stage("tensorrt", lambda inputs, _: (runner(*inputs), []))
 
 
-def _refuse_plugin_mode(package: str | None) -> None:
+def _check_plugin_mode(package: str | None, precision: str) -> None:
     """Plugin engines need a TensorRT that can build them; say why not before any work."""
     try:
         name = package_name(import_tensorrt(package))
@@ -155,10 +157,21 @@ def _refuse_plugin_mode(package: str | None) -> None:
     supported, why = plugin_mode_support(name)
     if not supported:
         raise ArtifactError(why)
-    raise ArtifactError(
-        f"--trt-mode plugin with {name}: building the quickly-deployable plugin engine is not "
-        "implemented yet; use --trt-mode native, or --format kernels for the AOT kernel bundle"
-    )
+    if precision != "fp32":
+        raise ArtifactError(
+            "--trt-mode plugin builds engines in the model's own dtype (the kernel bundle is "
+            f"specialised on it), not --precision {precision}; use --trt-mode native for that"
+        )
+    if not torch.cuda.is_available():
+        raise ArtifactError(
+            f"--trt-mode plugin with {name} builds on a GPU (the plugins' kernels are picked "
+            "for its architecture) and none is visible here"
+        )
+
+
+def _build_sm() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
 
 
 def _write_kernel_bundle(compiled: Compiled, writer: ArtifactWriter, sms: tuple[int, ...]) -> None:
@@ -238,8 +251,10 @@ def export_model(
             f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
         )
     trt = trt or TensorRTOptions()
-    if "tensorrt" in formats and trt.mode == "plugin":
-        _refuse_plugin_mode(trt.package)
+    plugin_mode = "tensorrt" in formats and trt.mode == "plugin"
+    if plugin_mode:
+        _check_plugin_mode(trt.package, trt.precision)
+        trt = replace(trt, sms=tuple(sorted({*trt.sms, _build_sm()})))
     with ArtifactWriter(out) as writer:
         compiled = compile_model(loaded, progress)
         engine_info = None
@@ -254,6 +269,11 @@ def export_model(
                 )
             for f in files:
                 writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
+        if "kernels" in formats or plugin_mode:
+            with step(progress, f"compiling the kernel bundle for sm {trt.sms}"):
+                _write_kernel_bundle(compiled, writer, trt.sms)
+        if plugin_mode:
+            register_plugins(load_bundle(writer.path(KERNELS_DIR)), _build_sm())
         if "tensorrt" in formats:
             with step(progress, f"building a TensorRT engine ({trt.mode}, {trt.precision})"):
                 engine_info = build_engine(
@@ -262,12 +282,10 @@ def export_model(
                     profile=_trt_profile(trt, compiled.capture),
                     precision=trt.precision,  # type: ignore[arg-type]
                     package=trt.package,
+                    lookup=trt.mode,
                 )
             writer.add(ENGINE_FILE, "tensorrt")
             progress(f"engine: {engine_info.engine_bytes} bytes in {engine_info.build_seconds} s")
-        if "kernels" in formats:
-            with step(progress, f"compiling the kernel bundle for sm {trt.sms}"):
-                _write_kernel_bundle(compiled, writer, trt.sms)
         if "aoti" in formats:
             with step(progress, "compiling the AOTInductor package"):
                 export_aoti(compiled.rewrite.program, writer.path(AOTI_FILE))

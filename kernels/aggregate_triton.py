@@ -42,11 +42,15 @@ from ultramem.kernels.retrieve_triton import LaunchConfig, register_triton_impl
 _TILE = 4096
 
 
+# Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs,
+# the int32 scalars, then the op's outputs. The plugin (plugins/trt_plugin.py) launches
+# this very kernel from the bundle, so the order is part of its contract.
 @triton.jit
 def _aggregate_kernel(
-    values_ptr, scores_ptr, slots_ptr, slot_map_ptr, out_ptr,
+    values_ptr, scores_ptr, slots_ptr, slot_map_ptr,
     selections, value_rows, value_dim, chunk, n_cores, expansion, slot_count, row_offset,
     values_stride_row, values_stride_col,
+    out_ptr,
     HAS_MAP: tl.constexpr, MAPPING: tl.constexpr, POOLING: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -161,9 +165,10 @@ def aggregate_triton(
         heads, k, value_dim, expansion, mapping, pooling, has_map=slot_map is not None
     )
     wrap_triton(_aggregate_kernel)[config.grid(tokens)](
-        values, scores, slots, slot_map if slot_map is not None else slots, out,
+        values, scores, slots, slot_map if slot_map is not None else slots,
         selections, value_rows, value_dim, value_dim // n_cores, n_cores, expansion,
         slot_count, row_offset, *values.stride(),
+        out,
         **config.constexprs,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -104,12 +104,16 @@ def _candidates(
     return picked
 
 
+# Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs,
+# the int32 scalars, then the op's outputs. The plugin (plugins/trt_plugin.py) launches
+# this very kernel from the bundle, so the order is part of its contract.
 @triton.jit
 def _retrieve_kernel(
-    row_ptr, col_ptr, row_weight_ptr, col_weight_ptr, cores_ptr, scores_ptr, slots_ptr,
+    row_ptr, col_ptr, row_weight_ptr, col_weight_ptr, cores_ptr,
     n, m, k, heads,
     row_stride_t, row_stride_h, row_stride_n, row_stride_r,
     col_stride_t, col_stride_h, col_stride_n, col_stride_r,
+    scores_ptr, slots_ptr,
     R: tl.constexpr, M: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -250,9 +254,10 @@ def retrieve_triton(
         return scores, slots
     config = retrieve_launch_config(heads, n, rank, n_cores, topm, topk, activation)
     wrap_triton(_retrieve_kernel)[config.grid(tokens)](
-        row_scores, col_scores, row_weight, col_weight, cores, scores, slots,
+        row_scores, col_scores, row_weight, col_weight, cores,
         n, topm, topk, heads,
         *row_scores.stride(), *col_scores.stride(),
+        scores, slots,
         **config.constexprs,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -160,15 +160,47 @@ def specs_for_layer(
     tensors are ``dtype``, slots and the slot map int64.
     """
     _checked_binding(binding, dtype, value_dim)
-    heads, n, rank = int(binding["heads"]), int(binding["n_keys"]), int(binding["tucker_rank"])
-    cores, topm, topk = int(binding["cores"]), int(binding["topm"]), int(binding["topk"])
-    expansion, has_map = int(binding["expansion"]), bool(binding["slot_map"])
-    act, mapping, pooling = binding["activation"], binding["mapping"], binding["pooling"]
-    row_offset = int(binding.get("row_offset", 0))  # V2 tables shared by layers
-    dt = TRITON_DTYPES[dtype]
+    heads, topk, cores = int(binding["heads"]), int(binding["topk"]), int(binding["cores"])
+    return [
+        retrieve_spec(
+            dtype,
+            heads,
+            int(binding["n_keys"]),
+            int(binding["tucker_rank"]),
+            cores,
+            int(binding["topm"]),
+            topk,
+            binding["activation"],
+        ),
+        aggregate_spec(
+            dtype,
+            heads,
+            topk,
+            cores,
+            value_dim,
+            int(binding["expansion"]),
+            binding["mapping"],
+            binding["pooling"],
+            has_map=bool(binding["slot_map"]),
+            row_offset=int(binding.get("row_offset", 0)),  # V2 tables shared by layers
+        ),
+    ]
 
+
+def retrieve_spec(
+    dtype: torch.dtype,
+    heads: int,
+    n: int,
+    rank: int,
+    cores: int,
+    topm: int,
+    topk: int,
+    act: str,
+) -> KernelSpec:
+    """The retrieve kernel for one shape; the name says every specialised value."""
+    dt = TRITON_DTYPES[dtype]
     retrieve = retrieve_launch_config(heads, n, rank, cores, topm, topk, act)
-    retrieve_spec = KernelSpec(
+    return KernelSpec(
         name=f"retrieve_{dt}_h{heads}_n{n}_r{rank}_c{cores}_m{topm}_k{topk}_{act}",
         op="retrieve",
         pointer_dtypes=dict.fromkeys(_RETRIEVE_FLOATS, dt) | {"slots": "i64"},
@@ -186,6 +218,22 @@ def specs_for_layer(
         grid=_grid(retrieve, "H", {"H": heads}),
     )
 
+
+def aggregate_spec(
+    dtype: torch.dtype,
+    heads: int,
+    topk: int,
+    cores: int,
+    value_dim: int,
+    expansion: int,
+    mapping: str,
+    pooling: str,
+    *,
+    has_map: bool,
+    row_offset: int = 0,
+) -> KernelSpec:
+    """The aggregate kernel for one shape; the name says every specialised value."""
+    dt = TRITON_DTYPES[dtype]
     aggregate = aggregate_launch_config(
         heads, topk, value_dim, expansion, mapping, pooling, has_map=has_map
     )
@@ -203,7 +251,7 @@ def specs_for_layer(
         dims["SLOTS"] = DimInfo("slot_map", 0, None)
     variant = f"{mapping}_{pooling}_{'map' if has_map else 'nomap'}"
     variant += f"_off{row_offset}" if row_offset else ""
-    aggregate_spec = KernelSpec(
+    return KernelSpec(
         name=f"aggregate_{dt}_h{heads}_k{topk}_c{cores}_d{value_dim}_e{expansion}_{variant}",
         op="aggregate",
         pointer_dtypes=dict.fromkeys(("values", "scores", "out"), dt)
@@ -213,7 +261,6 @@ def specs_for_layer(
         dims=dims,
         grid=_grid(aggregate, "cdiv(D, BLOCK_D)", {"D": value_dim}),
     )
-    return [retrieve_spec, aggregate_spec]
 
 
 def specs_for_layers(

@@ -180,33 +180,38 @@ _CALLS = {
 }
 
 
-def evaluate(expr: str, env: Mapping[str, Any]) -> int:
-    """Value of an integer expression over ``env``; ``ValueError`` for anything else."""
+def evaluate(expr: str, env: Mapping[str, Any], *, symbolic: bool = False) -> Any:
+    """Value of an integer expression over ``env``; ``ValueError`` for anything else.
+
+    ``symbolic`` lets names stand for objects with integer arithmetic (TensorRT's
+    ``SymIntExpr``): ``+ - * // %`` and ``cdiv`` then build an expression; ``min``, ``max``
+    and negation still need integers.
+    """
     try:
         tree = ast.parse(expr, mode="eval")
     except SyntaxError as e:
         raise ValueError(f"cannot parse expression {expr!r}: {e.msg}") from None
-    return _eval(tree.body, env, expr)
+    return _eval(tree.body, env, expr, symbolic)
 
 
-def _eval(node: ast.expr, env: Mapping[str, Any], expr: str) -> int:
+def _eval(node: ast.expr, env: Mapping[str, Any], expr: str, symbolic: bool) -> Any:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value
     if isinstance(node, ast.Name):
         value = env.get(node.id)
-        if type(value) is not int:
+        if type(value) is not int and not (symbolic and value is not None):
             raise ValueError(
                 f"{node.id!r} in {expr!r} is {value!r}, expected an integer; "
                 f"known integers: {sorted(k for k, v in env.items() if type(v) is int)}"
             )
         return value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = _eval(node.left, env, expr), _eval(node.right, env, expr)
-        if isinstance(node.op, ast.FloorDiv | ast.Mod) and right == 0:
+        left, right = _eval(node.left, env, expr, symbolic), _eval(node.right, env, expr, symbolic)
+        if isinstance(node.op, ast.FloorDiv | ast.Mod) and type(right) is int and right == 0:
             raise ValueError(f"division by zero in {expr!r}")
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_eval(node.operand, env, expr)
+        return -_integer(_eval(node.operand, env, expr, symbolic), expr)
     if (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
@@ -214,11 +219,19 @@ def _eval(node: ast.expr, env: Mapping[str, Any], expr: str) -> int:
         and not node.keywords
         and len(node.args) == 2
     ):
-        a, b = (_eval(arg, env, expr) for arg in node.args)
-        if node.func.id == "cdiv" and b == 0:
+        a, b = (_eval(arg, env, expr, symbolic) for arg in node.args)
+        if node.func.id == "cdiv" and type(b) is int and b == 0:
             raise ValueError(f"division by zero in {expr!r}")
-        return _CALLS[node.func.id](a, b)
+        if node.func.id == "cdiv" and not (type(a) is int and type(b) is int):
+            return (a + b - 1) // b  # sizes are non-negative, so this is the ceiling too
+        return _CALLS[node.func.id](_integer(a, expr), _integer(b, expr))
     raise ValueError(
         f"{ast.unparse(node)!r} in {expr!r} is not allowed: use integers, names, + - * // %, "
         "and cdiv/min/max of two arguments"
     )
+
+
+def _integer(value: Any, expr: str) -> int:
+    if type(value) is not int:
+        raise ValueError(f"{expr!r} needs integers here, got {value!r}")
+    return value
