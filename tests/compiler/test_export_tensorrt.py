@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ultramem.compiler import export_tensorrt as et
-from ultramem.compiler.capture import capture
+from ultramem.compiler.capture import CaptureResult, capture
 from ultramem.compiler.export_onnx import export_onnx
 from ultramem.compiler.export_tensorrt import (
     Precision,
@@ -73,19 +73,25 @@ def _topk_model(k: int, computed: bool = False) -> onnx.ModelProto:
     return _model(nodes, [x], [out], inits)
 
 
+def _captured_lm(layers: int) -> tuple[UltraMemLM, CaptureResult, tuple[torch.Tensor]]:
+    """The bundled-style LM with ``layers`` memory layers, captured; and its example."""
+    cfg = LMConfig(
+        memory=UltraMemConfig(heads=2, cores=2, expansion=4),
+        memory_layers=dict.fromkeys(range(layers), 1),
+        max_seq_len=64,
+    )
+    model = UltraMemLM(cfg).eval()
+    example = (torch.randint(0, 64, (2, 16)),)
+    return model, capture(model, example, max_tokens=64), example
+
+
 @pytest.fixture(scope="module")
 def lm_onnx(tmp_path_factory: pytest.TempPathFactory) -> LMs:
     """ONNX of the bundled-style LM with 1 and 2 memory layers (unfused)."""
     torch.manual_seed(0)
     out: dict[int, tuple[UltraMemLM, Path]] = {}
     for layers in (1, 2):
-        cfg = LMConfig(
-            memory=UltraMemConfig(heads=2, cores=2, expansion=4),
-            memory_layers=dict.fromkeys(range(layers), 1),
-            max_seq_len=64,
-        )
-        model = UltraMemLM(cfg).eval()
-        cap = capture(model, (torch.randint(0, 64, (2, 16)),), max_tokens=64)
+        model, cap, _ = _captured_lm(layers)
         path = tmp_path_factory.mktemp(f"lm{layers}") / "model.onnx"
         export_onnx(cap, path)
         out[layers] = (model, path)
@@ -99,14 +105,7 @@ def lm_fused_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     torch.manual_seed(0)
     out: dict[int, Path] = {}
     for layers in (1, 2):
-        cfg = LMConfig(
-            memory=UltraMemConfig(heads=2, cores=2, expansion=4),
-            memory_layers=dict.fromkeys(range(layers), 1),
-            max_seq_len=64,
-        )
-        model = UltraMemLM(cfg).eval()
-        example = (torch.randint(0, 64, (2, 16)),)
-        cap = capture(model, example, max_tokens=64)
+        model, cap, example = _captured_lm(layers)
         fused = rewrite(model, cap, example, memory_layer_names(cap.program.graph))
         assert len(fused.fused_layers) == layers
         path = tmp_path_factory.mktemp(f"fused{layers}") / "model.onnx"
