@@ -506,6 +506,11 @@ def build_engine(
     rewrites: list[str] = []
     if lookup == "plugin":
         model, count = plugin_onnx(model)
+        if not count:
+            raise TensorRTError(
+                f"{onnx_path}: no ultramem:: node to run as a plugin (no layer fused, or the "
+                "portable form); use --trt-mode native"
+            )
         rewrites.append(f"{count} ultramem nodes mapped to the AOT plugins ({PLUGIN_NAMESPACE})")
     elif model.functions:  # native mode: TensorRT's layers run the ultramem ops' bodies
         model = inline_functions(model)

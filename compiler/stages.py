@@ -28,7 +28,7 @@ from ultramem.compiler.selections import (
 )
 
 StageFn = Callable[[tuple[Any, ...], list[SiteRecord]], tuple[list[Tensor], list[SiteRecord]]]
-"""Runs one stage on inputs; gets the reference's site records (for top-k input sizes)."""
+"""Runs one stage on inputs; also gets the reference's site records, should a stage need them."""
 
 
 @dataclass

@@ -451,3 +451,11 @@ def test_engine_runs_and_matches_eager(lm_onnx: LMs, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(tokens.cpu())
     torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_trt
+def test_plugin_lookup_without_ultramem_nodes_is_refused(lm_onnx: LMs, tmp_path: Path) -> None:
+    _, unfused = lm_onnx[1]
+    with pytest.raises(TensorRTError, match="no ultramem:: node to run as a plugin"):
+        build_engine(unfused, tmp_path / "e.engine", profile=PROFILE, lookup="plugin")
+    assert list(tmp_path.iterdir()) == []
