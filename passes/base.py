@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
+
+from ultramem.passes.graph_utils import SHAPE_ONLY_OPS
 
 
 @dataclass
@@ -72,6 +74,19 @@ def count_nodes(gm: GraphModule) -> int:
 
 def finish(gm: GraphModule) -> None:
     """End every pass the same way: drop dead code, lint, recompile."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_has_visible_effect)
     gm.graph.lint()
     gm.recompile()
+
+
+def _has_visible_effect(node: Node) -> bool:
+    """Impure, unless it only writes into a fresh buffer that nothing else reads
+    (``x.new_zeros(...).scatter_(...)`` whose result a fusion replaced)."""
+    if not node.is_impure():
+        return False
+    schema = getattr(node.target, "_schema", None)
+    written = node.args[0] if node.args else None
+    if schema is None or not schema.is_mutable or not isinstance(written, Node):
+        return True
+    fresh = written.op == "call_function" and written.target in SHAPE_ONLY_OPS
+    return not (fresh and set(written.users) == {node} and not node.users)

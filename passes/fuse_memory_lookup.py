@@ -133,6 +133,9 @@ def _replace(
         )
         scores = graph.call_function(operator.getitem, (retrieved, 0))
         slots = graph.call_function(operator.getitem, (retrieved, 1))
+        if b.slot_offsets is not None:
+            offsets = constant("slot_offsets", b.slot_offsets.view(1, -1, 1))
+            slots = graph.call_function(torch.ops.aten.add.Tensor, (slots, offsets))
         agg = graph.call_function(
             torch.ops.ultramem.aggregate.default,
             (
@@ -146,7 +149,10 @@ def _replace(
                 b.row_offset,
             ),
         )
-        out = graph.call_function(torch.ops.aten.reshape.default, (agg, shape))
+        out = graph.call_function(torch.ops.aten.view.default, (agg, b.pooled_shape()))
+        if b.heads_first:
+            out = graph.call_function(torch.ops.aten.transpose.int, (out, 0, 1))
+        out = graph.call_function(torch.ops.aten.reshape.default, (out, shape))
     pooled.replace_all_uses_with(out)
     # dtype/shape assertions on the region's values (``.float()`` leaves one) would keep
     # the replaced nodes alive; they describe values that no longer exist
@@ -158,9 +164,14 @@ def _replace(
 
 def _canonical(graph: torch.fx.Graph, scores: Node, layout: Layout, n: int) -> Node:
     permuted = graph.call_function(torch.ops.aten.permute.default, (scores, list(layout.perm)))
+    heads = 1 if layout.broadcast else layout.heads
     shaped = graph.call_function(
-        torch.ops.aten.reshape.default, (permuted, [-1, layout.heads, n, layout.rank])
+        torch.ops.aten.reshape.default, (permuted, [-1, heads, n, layout.rank])
     )
+    if layout.broadcast:
+        shaped = graph.call_function(
+            torch.ops.aten.expand.default, (shaped, [-1, layout.heads, -1, -1])
+        )
     if not layout.additive:
         return shaped
     ones = graph.call_function(torch.ops.aten.ones_like.default, (shaped,))

@@ -12,6 +12,7 @@ the model's real activations and on random score tensors. Nothing is accepted on
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,12 @@ from ultramem.passes.lookup_region import LookupRegion, NotALookup
 
 _RELU = {torch.ops.aten.relu.default}
 _SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
-_SCATTER = {torch.ops.aten.scatter.src, torch.ops.aten.scatter.value}
+_SCATTER = {
+    torch.ops.aten.scatter.src,
+    torch.ops.aten.scatter.value,
+    torch.ops.aten.scatter_.src,
+    torch.ops.aten.scatter_.value,
+}
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,15 @@ class Layout:
     rank: int
     # PKM's additive grid as a rank-2 Tucker product: rows [s, 1], columns [1, s]
     additive: str = ""  # "", "row" or "col"
+    # one score tensor shared by every head (the PyPI package's cores-as-heads)
+    broadcast: bool = False
 
     def canonical(self, x: Tensor, n: int) -> Tensor:
-        x = x.permute(self.perm).reshape(-1, self.heads, n, self.rank)
+        x = x.permute(self.perm)
+        if self.broadcast:
+            x = x.reshape(-1, 1, n, self.rank).expand(-1, self.heads, -1, -1)
+        else:
+            x = x.reshape(-1, self.heads, n, self.rank)
         if not self.additive:
             return x
         ones = torch.ones_like(x)
@@ -71,6 +83,24 @@ class Binding:
     pooling: str
     values: Tensor  # the table the aggregate reads: the model's own, or its tables side by side
     row_offset: int = 0
+    # Per-head pooling ([T, H, E, Dv], the heads concatenated later) binds as the plain op
+    # with H·E groups: head h's slots move to their own id range (slot_offsets[h] = h·S)
+    # and the slot map sends them to groups h·E .. h·E + E - 1 (``per_head_slots``).
+    # ``expansion`` and ``slot_map`` above are then the op's (H·E, the moved map).
+    slot_offsets: Tensor | None = None
+    heads_first: bool = False  # per-head output as [H, T, E, Dv] rather than [T, H, E, Dv]
+
+    @property
+    def per_head(self) -> bool:
+        return self.slot_offsets is not None
+
+    def pooled_shape(self) -> list[int]:
+        """The aggregate's output viewed per head: [T, H, E, Dv] (or per token: [T, E, Dv])."""
+        dim = int(self.values.shape[1])
+        if not self.per_head:
+            return [-1, self.expansion, dim]
+        heads = self.row_layout.heads
+        return [-1, heads, self.expansion // heads, dim]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -85,12 +115,14 @@ class Binding:
             "mapping": self.mapping,
             "pooling": self.pooling,
             "slot_map": self.slot_map is not None,
+            "per_head_pooling": self.per_head,
             "value_dim": int(self.values.shape[1]),
             "dtype": str(self.values.dtype).removeprefix("torch."),
         }
 
 
 def run_fused(binding: Binding, row_scores: Tensor, col_scores: Tensor) -> Tensor:
+    """The fused ops on canonical score views; per-head output as ``pooled_shape`` says."""
     b = binding
     scores, slots = torch.ops.ultramem.retrieve(
         b.row_layout.canonical(row_scores, b.n),
@@ -102,9 +134,30 @@ def run_fused(binding: Binding, row_scores: Tensor, col_scores: Tensor) -> Tenso
         b.topk,
         b.activation,
     )
-    return torch.ops.ultramem.aggregate(
+    if b.slot_offsets is not None:
+        slots = slots + b.slot_offsets.view(1, -1, 1)
+    pooled = torch.ops.ultramem.aggregate(
         b.values, scores, slots, b.slot_map, b.expansion, b.mapping, b.pooling, b.row_offset
-    )
+    ).view(b.pooled_shape())
+    return pooled.transpose(0, 1) if b.heads_first else pooled
+
+
+def per_head_slots(
+    slot_map: Tensor | None, heads: int, slots: int, rows: int, expansion: int, mapping: str
+) -> tuple[Tensor, Tensor]:
+    """(slot map, slot offsets) that make the op pool each head into its own E groups.
+
+    Head h's slot s becomes h·S + s; its virtual id keeps its row and moves its group to
+    h·E + group: + h·R·E under ``mod``, re-spread over H·E per row under ``div``.
+    """
+    base = slot_map if slot_map is not None else torch.arange(slots)
+    head = torch.arange(heads).view(-1, 1)
+    if mapping == "mod":
+        moved = base.view(1, -1) + head * rows * expansion
+    else:
+        row, group = (base // expansion).view(1, -1), (base % expansion).view(1, -1)
+        moved = row * heads * expansion + head * expansion + group
+    return moved.reshape(-1), torch.arange(heads) * slots
 
 
 def _layouts(scores: Node, n: int) -> list[Layout]:
@@ -208,14 +261,16 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
             region, n, topm, topk, activations, slot_maps, expansion, pooling, table
         )
         return
-    for row_layout in _layouts(region.row_scores, n):
+    pooled_static = math.prod(s for s in region.pooled.meta["val"].shape if isinstance(s, int))
+    col_candidates = _with_broadcast(_layouts(region.col_scores, n), col_weights)
+    for row_layout in _with_broadcast(_layouts(region.row_scores, n), row_weights):
         col_layouts = [
-            c
-            for c in _layouts(region.col_scores, n)
-            if (c.heads, c.rank) == (row_layout.heads, row_layout.rank)
+            c for c in col_candidates if (c.heads, c.rank) == (row_layout.heads, row_layout.rank)
         ]
         h, r = row_layout.heads, row_layout.rank
-        for col_layout, u, v, cores, act, smap, mapping in itertools.product(
+        # pooled per head ([.., H, E, Dv]) only if the output has room for H·E·Dv per token
+        per_head = h > 1 and pooled_static == h * expansion * table.shape[1]
+        for col_layout, u, v, cores, act, smap, mapping, heads_first in itertools.product(
             col_layouts,
             _vector_candidates(row_weights, h, r),
             _vector_candidates(col_weights, h, r),
@@ -223,23 +278,36 @@ def hypotheses(gm: GraphModule, region: LookupRegion) -> Iterator[Binding]:
             activations,
             slot_maps,
             ("mod", "div"),
+            (False, True) if per_head else (False,),
         ):
+            common = (n, topm, topk, row_layout, col_layout, u, v, cores, act)
+            if not per_head:
+                yield Binding(*common, smap, expansion, mapping, pooling, table)
+                continue
+            moved, offsets = per_head_slots(smap, h, n * n, table.shape[0], expansion, mapping)
             yield Binding(
-                n,
-                topm,
-                topk,
-                row_layout,
-                col_layout,
-                u,
-                v,
-                cores,
-                act,
-                smap,
-                expansion,
+                *common,
+                moved,
+                h * expansion,
                 mapping,
                 pooling,
                 table,
+                slot_offsets=offsets,
+                heads_first=heads_first,
             )
+
+
+def _with_broadcast(layouts: list[Layout], weights: list[Tensor]) -> list[Layout]:
+    """``layouts``, plus each head-less one read by H heads, for each H the weights allow
+    (rank-1 vectors of H·r values: one score tensor shared by per-head selections)."""
+    out = list(layouts)
+    for layout in layouts:
+        if layout.heads != 1 or layout.additive:
+            continue
+        counts = {w.numel() // layout.rank for w in weights if w.numel() % layout.rank == 0}
+        for heads in sorted(c for c in counts if c > 1):
+            out.append(Layout(layout.perm, heads, layout.rank, broadcast=True))
+    return out
 
 
 def _additive_hypotheses(

@@ -31,7 +31,7 @@ from ultramem.passes.graph_utils import (
     depends_on_data,
     descendants,
     is_symint,
-    mutated_bases,
+    mutations,
 )
 
 TOPK = torch.ops.aten.topk.default
@@ -170,13 +170,16 @@ def find_region(gm: GraphModule, final: Node, row: Node, col: Node, pooled: Node
     inside -= boundary
     # Weight-only maths and shape-only buffers the region reads (what folding left, a
     # view of a table, ``x.new_zeros(...)`` to pool into) belong to it; a buffer some op
-    # writes in place does not, since its value is not what its creation says.
-    mutated = mutated_bases(gm.graph)
+    # writes in place does not, since its value is not what its creation says, unless
+    # every write is the region's own (``x.new_zeros(...).scatter_(...)``).
+    writers = mutations(gm.graph)
     data: dict[Node, bool] = {}
     pending = [i for n in inside for i in n.all_input_nodes if i.op == "call_function"]
     while pending:
         node = pending.pop()
-        if node in inside or node in boundary or is_symint(node) or node in mutated:
+        if node in inside or node in boundary or is_symint(node):
+            continue
+        if any(w not in inside for w in writers.get(node, ())):
             continue
         if not depends_on_data(node, data):
             inside.add(node)

@@ -55,15 +55,7 @@ class Case:
 
 POSITIVE = [
     pytest.param(Case(fm.AuthorsV1Loops, 48, 1), id="authors-v1-loops"),
-    pytest.param(
-        Case(fm.PyPIStyle, 32, 1),
-        id="pypi-ultra-mem",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="not fused yet: pools per head and concatenates the heads (aggregate sums "
-            "all H·k rows into one [T, E, Dv]); needs a per-head pooling attribute",
-        ),
-    ),
+    pytest.param(Case(fm.PyPIStyle, 32, 1), id="pypi-ultra-mem"),
     pytest.param(Case(fm.BmmStyle, 32, 1), id="bmm-per-core-tables"),
     pytest.param(Case(fm.PKMStyle, 32, 1), id="pkm-embedding-bag"),
     pytest.param(
