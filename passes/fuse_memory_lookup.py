@@ -149,8 +149,9 @@ def _replace(
                 b.row_offset,
             ),
         )
-        out = graph.call_function(torch.ops.aten.view.default, (agg, b.pooled_shape()))
-        if b.heads_first:
+        out = agg
+        if b.heads_first:  # [T, H·E, Dv] -> [H, T, E, Dv]
+            out = graph.call_function(torch.ops.aten.view.default, (out, b.pooled_shape()))
             out = graph.call_function(torch.ops.aten.transpose.int, (out, 0, 1))
         out = graph.call_function(torch.ops.aten.reshape.default, (out, shape))
     pooled.replace_all_uses_with(out)
