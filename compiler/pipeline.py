@@ -35,6 +35,7 @@ from ultramem.compiler.inspection import Inspection, fused_layer_table
 from ultramem.compiler.onnx_ops import DOMAIN as ONNX_DOMAIN
 from ultramem.compiler.onnx_ops import VERSION as ONNX_DOMAIN_VERSION
 from ultramem.compiler.parity import ParityReport
+from ultramem.compiler.plugin_stage import plugin_kernels_stage
 from ultramem.compiler.rewrite import RewriteResult, op_counts, rewrite
 from ultramem.compiler.run_onnx import OnnxRunner
 from ultramem.compiler.run_tensorrt import EngineRunner
@@ -204,6 +205,8 @@ def run_checks(
         torch_stage("fused-ops", compiled.rewrite.program.module()),
         *artifact_stages(directory, trt_package),
     ]
+    if (directory / KERNELS_DIR / "bundle.json").is_file():
+        stages.append(plugin_kernels_stage(compiled.rewrite.program, directory / KERNELS_DIR))
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
         report = run_parity(compiled.loaded.model, stages, inputs, compiled.layers)
     for line in report.summary_lines():

@@ -55,13 +55,18 @@ class Selection:
     values: Tensor
 
 
-class _SiteRecorder(TorchDispatchMode):
+class SiteRecorder(TorchDispatchMode):
+    """Records every top-k and fused retrieval; ``run_op`` says how an op runs (as it is)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.records: list[SiteRecord] = []
 
+    def run_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return func(*args, **kwargs)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        out = self.run_op(func, args, kwargs or {})
         if func in TOPK_OPS:
             x = args[0]
             dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
@@ -74,10 +79,10 @@ class _SiteRecorder(TorchDispatchMode):
 
 
 def run_recording_sites(
-    fn: Callable[..., Any], inputs: tuple[Any, ...]
+    fn: Callable[..., Any], inputs: tuple[Any, ...], recorder: SiteRecorder | None = None
 ) -> tuple[Any, list[SiteRecord]]:
     """Run ``fn`` and record every top-k and fused retrieval it computes, in order."""
-    recorder = _SiteRecorder()
+    recorder = recorder if recorder is not None else SiteRecorder()
     with torch.no_grad(), recorder:
         out = fn(*inputs)
     return out, recorder.records

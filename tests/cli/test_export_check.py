@@ -148,6 +148,8 @@ def test_engine_and_kernel_bundle_for_the_bundled_model(tmp_path: Path) -> None:
     assert (
         stages["tensorrt"]["executed"] is False and "not executed" in stages["tensorrt"]["reason"]
     )
+    kernels = stages["plugin-kernels"]  # the bundle, launched as a plugin would, on a GPU
+    assert kernels["passed"] if kernels["executed"] else "CUDA" in kernels["reason"]
 
 
 def test_plugin_mode_under_tensorrt_rtx_is_refused_cleanly(tmp_path: Path) -> None:
