@@ -190,6 +190,8 @@ def register_plugins(bundle: BundleManifest, sm: int) -> None:
             raise ValueError(problem)
         return meta
 
+    # tensorrt.plugin checks each function's own signature (annotations included) against
+    # the registered one, so the descriptor and the aot_impl both spell out every argument
     if "Retrieve" not in _registered:
 
         @trtp.register(f"{PLUGIN_NAMESPACE}::Retrieve")
