@@ -32,17 +32,26 @@ KernelRunner = Callable[[str, str, tuple[Any, ...]], Any]
 """(op, bundled kernel name, the op's arguments) -> the op's outputs."""
 
 
+def _all_arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Every argument of the op call in schema order, defaults filled in."""
+    out = list(args)
+    for spec in func._schema.arguments[len(args) :]:
+        default = spec.default_value if spec.has_default_value() else None
+        out.append(kwargs.get(spec.name, default))
+    return tuple(out)
+
+
 def retrieve_kernel_name(args: tuple[Any, ...]) -> str:
-    row_scores, _, _, _, cores, topm, topk, *rest = args
+    """The bundled kernel for a ``retrieve`` call (all arguments, in schema order)."""
+    row_scores, _, _, _, cores, topm, topk, activation = args
     _, heads, n, rank = row_scores.shape
-    activation = rest[0] if rest else "none"
     spec = retrieve_spec(row_scores.dtype, heads, n, rank, cores.shape[0], topm, topk, activation)
     return spec.name
 
 
 def aggregate_kernel_name(args: tuple[Any, ...]) -> str:
-    values, scores, _, slot_map, expansion, *rest = args
-    mapping, pooling, row_offset = [*rest, *("mod", "add", 0)[len(rest) :]][:3]
+    """The bundled kernel for an ``aggregate`` call (all arguments, in schema order)."""
+    values, scores, _, slot_map, expansion, mapping, pooling, row_offset = args
     _, heads, topk, cores = scores.shape
     spec = aggregate_spec(
         values.dtype,
@@ -65,19 +74,14 @@ class BundleRouter(SiteRecorder):
     def __init__(self, runner: KernelRunner) -> None:
         super().__init__()
         self.runner = runner
-        self.launched: list[str] = []
 
     def run_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if kwargs or func not in (RETRIEVE_OP, AGGREGATE_OP):
+        if func not in (RETRIEVE_OP, AGGREGATE_OP):
             return func(*args, **kwargs)
+        args = _all_arguments(func, args, kwargs)
         if func is RETRIEVE_OP:
-            name = retrieve_kernel_name(args)
-            out = self.runner("retrieve", name, args)
-        else:
-            name = aggregate_kernel_name(args)
-            out = self.runner("aggregate", name, args)
-        self.launched.append(name)
-        return out
+            return self.runner("retrieve", retrieve_kernel_name(args), args)
+        return self.runner("aggregate", aggregate_kernel_name(args), args)
 
 
 def launcher_runner(bundle: BundleManifest) -> KernelRunner:
