@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from ultramem.cli.options import INPUT_ERRORS, InputError, load, model_options, progress
-from ultramem.compiler.export_tensorrt import TensorRTError, TensorRTLimitError
+from ultramem.compiler.export_tensorrt import TensorRTError
 from ultramem.compiler.onnx_ops import FORMS as ONNX_FORMS
 from ultramem.compiler.pipeline import FORMATS, TensorRTOptions, export_model
+from ultramem.compiler.trt_onnx import TensorRTLimitError
 from ultramem.plugins.bundle import DEFAULT_SMS
 
 

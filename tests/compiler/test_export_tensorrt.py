@@ -26,20 +26,22 @@ from ultramem.compiler import export_tensorrt as et
 from ultramem.compiler.capture import CaptureResult, capture
 from ultramem.compiler.export_onnx import export_onnx
 from ultramem.compiler.export_tensorrt import (
-    Precision,
     ShapeProfile,
     TensorRTError,
-    TensorRTLimitError,
     build_engine,
     can_run_engine,
-    check_limits,
-    convert_precision,
     import_tensorrt,
-    lower_scatter_add,
     parse_range,
 )
 from ultramem.compiler.rewrite import rewrite
 from ultramem.compiler.selections import memory_layer_names
+from ultramem.compiler.trt_onnx import (
+    Precision,
+    TensorRTLimitError,
+    check_limits,
+    convert_precision,
+    lower_scatter_add,
+)
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
 
