@@ -16,7 +16,7 @@ try:
     from ultramem.kernels.retrieve_triton import retrieve_triton, triton_on_cpu
 
     HAS_TRITON = True
-except ImportError:  # triton is an optional dependency (extra "triton")
+except ImportError:  # e.g. a platform without Triton wheels: the references still run
     HAS_TRITON = False
 
 __all__ = [
