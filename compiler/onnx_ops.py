@@ -149,7 +149,8 @@ def translation_table() -> dict[Any, Any]:
     }
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, strings decoded."""
     out = {}
     for attr in node.attribute:
         value = helper.get_attribute_value(attr)
@@ -158,7 +159,7 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _function_for(node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
-    a = _attributes(node)
+    a = node_attributes(node)
     if node.op_type == "Retrieve":
         activation = a.get("activation", "none")
         overload = f"m{a['topm']}_k{a['topk']}_{activation}"

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ultramem.compiler.onnx_ops import node_attributes
+
 TOPK_MAX_K = 3840  # ITopKLayer; tensorrt_rtx 1.7 builds K = 3840 and refuses 3841
 EINSUM_CHARS = set("abcdefghijklmnopqrstuvwxyz,->. ")  # the parser refuses "IJ,JK->IK"
 EINSUM_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -32,10 +34,6 @@ _LOW = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 class TensorRTLimitError(ValueError):
     """The ONNX graph breaks a known TensorRT limit; the message names the node and limit."""
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
@@ -76,7 +74,7 @@ def check_limits(model: onnx.ModelProto) -> None:
     constants, types = _small_constants(model), _tensor_types(model)
     problems: list[str] = []
     for node in model.graph.node:
-        where, attrs = f"{node.name or node.output[0]} ({node.op_type})", _attrs(node)
+        where, attrs = f"{node.name or node.output[0]} ({node.op_type})", node_attributes(node)
         if node.op_type == "TopK":
             k = attrs.get("k") if len(node.input) < 2 else constants.get(node.input[1])
             if k is not None and int(np.max(k)) > TOPK_MAX_K:
@@ -84,7 +82,7 @@ def check_limits(model: onnx.ModelProto) -> None:
                     f"{where}: K = {int(np.max(k))} exceeds TensorRT's TopK limit K <= {TOPK_MAX_K}"
                 )
         elif node.op_type == "Einsum":
-            equation = attrs["equation"].decode()
+            equation = attrs["equation"]
             if set(equation) - EINSUM_CHARS:
                 problems.append(
                     f"{where}: equation {equation!r} has labels outside a-z, "
@@ -92,8 +90,8 @@ def check_limits(model: onnx.ModelProto) -> None:
                 )
             if any(types.get(i, (0,))[0] not in {0, *EINSUM_TYPES} for i in node.input):
                 problems.append(f"{where}: TensorRT's Einsum takes fp32/fp16/bf16 inputs only")
-        elif node.op_type == "ScatterElements" and attrs.get("reduction", b"none") != b"none":
-            reduction = attrs["reduction"].decode()
+        elif node.op_type == "ScatterElements" and attrs.get("reduction", "none") != "none":
+            reduction = attrs["reduction"]
             why = _scatter_mismatch(node, types) if reduction == "add" else f"{reduction!r}"
             if why:
                 problems.append(
@@ -109,7 +107,7 @@ def _scatter_mismatch(node: onnx.NodeProto, types: dict[str, Any]) -> str | None
     data, indices, updates = (types.get(name, (0, []))[1] for name in node.input)
     if not data or len(data) != len(indices) or indices != updates:
         return "'add' with unknown or unequal shapes of data, indices and updates"
-    axis = _attrs(node).get("axis", 0) % len(data)
+    axis = node_attributes(node).get("axis", 0) % len(data)
     off_axis = [(d, i) for n, (d, i) in enumerate(zip(data, indices, strict=True)) if n != axis]
     if any(d != i or d in (0, "") for d, i in off_axis):  # 0: a dim shape inference left open
         return f"'add' with indices {indices} not provably like data {data} off axis {axis}"
@@ -123,14 +121,14 @@ def lower_scatter_add(model: onnx.ModelProto) -> list[str]:
     nodes: list[onnx.NodeProto] = []
     types: dict[str, Any] = {}
     for node in model.graph.node:
-        if node.op_type != "ScatterElements" or _attrs(node).get("reduction") != b"add":
+        if node.op_type != "ScatterElements" or node_attributes(node).get("reduction") != "add":
             nodes.append(node)
             continue
         types = types or _tensor_types(model)
         if why := _scatter_mismatch(node, types):
             raise TensorRTLimitError(f"{node.name} (ScatterElements): {why} cannot be lowered")
         rank = len(types[node.input[0]][1])
-        axis = _attrs(node).get("axis", 0) % rank
+        axis = node_attributes(node).get("axis", 0) % rank
         nodes.extend(_one_hot_sum(model, node, axis, rank))
         notes.append(f"{node.name}: ScatterElements(add) -> Equal/Where/ReduceSum on axis {axis}")
     del model.graph.node[:]

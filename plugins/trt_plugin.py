@@ -33,7 +33,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from ultramem.compiler.onnx_ops import DOMAIN, VERSION
+from ultramem.compiler.onnx_ops import DOMAIN, VERSION, node_attributes
 from ultramem.plugins.bundle import aggregate_spec, retrieve_spec
 from ultramem.plugins.launcher import pick_kernel
 from ultramem.plugins.metadata import BundleManifest, KernelMetadata, evaluate
@@ -124,7 +124,7 @@ def plugin_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 del node.input[3:]
                 node.input.append(stand_in)
             node.attribute.append(helper.make_attribute(HAS_SLOT_MAP, int(has_map)))
-        given = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        given = node_attributes(node)
         del node.attribute[:]
         node.attribute.extend(
             [
