@@ -21,25 +21,12 @@ from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map
 
 from ultramem.passes.base import PassContext, PassResult, count_nodes, finish
-from ultramem.passes.graph_utils import get_attr_value
+from ultramem.passes.graph_utils import VIEW_OPS, get_attr_value
 
 log = logging.getLogger(__name__)
 
-# Views and expansions: folding these alone only copies a weight.
-_NO_MATHS = {
-    torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten.expand.default,
-    torch.ops.aten.slice.Tensor,
-    torch.ops.aten.select.int,
-    torch.ops.aten.unsqueeze.default,
-    torch.ops.aten.squeeze.dim,
-    torch.ops.aten.permute.default,
-    torch.ops.aten.transpose.int,
-    torch.ops.aten.t.default,
-    torch.ops.aten.alias.default,
-    torch.ops.aten.detach.default,
-}
+# Views, expansions and copies: folding these alone only copies a weight.
+_NO_MATHS = VIEW_OPS | {torch.ops.aten.detach.default}
 
 
 def _is_random(node: Node) -> bool:
