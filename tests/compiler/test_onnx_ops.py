@@ -85,9 +85,7 @@ def _retrieve_onnx(inputs: list[torch.Tensor], topm: int, topk: int, activation:
 
 
 @pytest.mark.parametrize("integer", [False, True], ids=["randn", "integer-ties"])
-@pytest.mark.parametrize(
-    ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation"), ret_cases.CASES
-)
+@pytest.mark.parametrize(ret_cases.CASE_FIELDS, ret_cases.CASES)
 def test_retrieve_body_selects_what_the_reference_selects(
     tokens: int,
     heads: int,
@@ -119,22 +117,7 @@ def test_retrieve_body_in_half_precision() -> None:
     ret_cases.assert_close("scores", scores, want_scores, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize(
-    (
-        "tokens",
-        "heads",
-        "k",
-        "n_cores",
-        "rows",
-        "dim",
-        "expansion",
-        "mapping",
-        "pooling",
-        "smap",
-        "offset",
-    ),
-    agg_cases.CASES,
-)
+@pytest.mark.parametrize(agg_cases.CASE_FIELDS, agg_cases.CASES)
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_aggregate_body_pools_what_the_reference_pools(
     tokens: int,
@@ -146,26 +129,26 @@ def test_aggregate_body_pools_what_the_reference_pools(
     expansion: int,
     mapping: str,
     pooling: str,
-    smap: str,
-    offset: int,
+    slot_map: str,
+    row_offset: int,
     dtype: torch.dtype,
     atol: float,
 ) -> None:
-    values, scores, slots, slot_map = (
+    values, scores, slots, smap = (
         None if x is None else x.cpu()
         for x in agg_cases.make_inputs(
-            tokens, heads, k, n_cores, rows, dim, expansion, smap, dtype=dtype
+            tokens, heads, k, n_cores, rows, dim, expansion, slot_map, dtype=dtype
         )
     )
-    want = aggregate_reference(values, scores, slots, slot_map, expansion, mapping, pooling, offset)
+    want = aggregate_reference(values, scores, slots, smap, expansion, mapping, pooling, row_offset)
     (pooled,) = _run_single_node(
         "Aggregate",
-        {"values": values, "scores": scores, "slots": slots, "slot_map": slot_map},
+        {"values": values, "scores": scores, "slots": slots, "slot_map": smap},
         {"pooled": (dtype, 3)},
         expansion=expansion,
         mapping=mapping,
         pooling=pooling,
-        row_offset=offset,
+        row_offset=row_offset,
     )
     got = torch.from_numpy(pooled)
     assert got.dtype == dtype

@@ -23,7 +23,10 @@ TOLERANCES = [
     (torch.bfloat16, 2e-2, 2e-2),
 ]
 
-# (T, H, k, M, R, Dv, E, mapping, pooling, slot_map, row_offset)
+CASE_FIELDS = (
+    "tokens", "heads", "k", "n_cores", "rows", "dim", "expansion", "mapping", "pooling",
+    "slot_map", "row_offset",
+)  # fmt: skip
 CASES = [
     pytest.param(1, 1, 4, 1, 16, 32, 1, "mod", "add", "none", 0, id="T1-E1"),
     pytest.param(7, 2, 5, 2, 20, 12, 4, "mod", "add", "perm", 3, id="T7-shuffle-offset"),
@@ -138,19 +141,7 @@ def test_reference_matches_naive_loop(
 
 
 @pytest.mark.parametrize(
-    (
-        "tokens",
-        "heads",
-        "k",
-        "n_cores",
-        "rows",
-        "dim",
-        "expansion",
-        "mapping",
-        "pooling",
-        "slot_map",
-        "row_offset",
-    ),
+    CASE_FIELDS,
     CASES,
 )
 def test_triton_matches_reference(
@@ -274,19 +265,7 @@ class TestAggregateCuda:
     """The registered op on CUDA tensors: Triton eagerly and under torch.compile."""
 
     @pytest.mark.parametrize(
-        (
-            "tokens",
-            "heads",
-            "k",
-            "n_cores",
-            "rows",
-            "dim",
-            "expansion",
-            "mapping",
-            "pooling",
-            "slot_map",
-            "row_offset",
-        ),
+        CASE_FIELDS,
         CASES,
     )
     def test_op_matches_reference(

@@ -26,7 +26,7 @@ TOLERANCES = [
     (torch.bfloat16, 1e-2, 1e-2),
 ]
 
-# (T, H, n, r, M, m, k, activation)
+CASE_FIELDS = ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation")
 CASES = [
     pytest.param(1, 1, 16, 2, 1, 4, 4, "none", id="T1-k=m"),
     pytest.param(7, 1, 13, 2, 2, 5, 3, "relu", id="T7-n13-m5-k3"),
@@ -143,7 +143,7 @@ def naive_retrieve(
 
 @pytest.mark.parametrize("integer", [False, True], ids=["randn", "integer-ties"])
 @pytest.mark.parametrize(
-    ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation"),
+    CASE_FIELDS,
     [
         (3, 2, 9, 2, 2, 4, 5, "none"),
         (2, 1, 7, 1, 1, 3, 3, "softmax"),
@@ -168,9 +168,7 @@ def test_reference_matches_naive_loops(
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation"), CASES
-)
+@pytest.mark.parametrize(CASE_FIELDS, CASES)
 def test_triton_matches_reference(
     tokens: int,
     heads: int,
@@ -345,9 +343,7 @@ def test_bad_inputs_raise_value_error(change: dict, message: str) -> None:
 class TestRetrieveCuda:
     """The registered op on CUDA tensors: Triton eagerly and under torch.compile."""
 
-    @pytest.mark.parametrize(
-        ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation"), CASES
-    )
+    @pytest.mark.parametrize(CASE_FIELDS, CASES)
     def test_op_matches_reference(
         self,
         tokens: int,
