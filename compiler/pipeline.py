@@ -257,7 +257,8 @@ def export_model(
     plugin_mode = "tensorrt" in formats and trt.mode == "plugin"
     if plugin_mode:
         _check_plugin_mode(trt.package, trt.precision)
-        trt = replace(trt, sms=tuple(sorted({*trt.sms, _build_sm()})))
+        build_sm = _build_sm()
+        trt = replace(trt, sms=tuple(sorted({*trt.sms, build_sm})))
     with ArtifactWriter(out) as writer:
         compiled = compile_model(loaded, progress)
         engine_info = None
@@ -276,7 +277,7 @@ def export_model(
             with step(progress, f"compiling the kernel bundle for sm {trt.sms}"):
                 _write_kernel_bundle(compiled, writer, trt.sms)
         if plugin_mode:
-            register_plugins(load_bundle(writer.path(KERNELS_DIR)), _build_sm())
+            register_plugins(load_bundle(writer.path(KERNELS_DIR)), build_sm)
         if "tensorrt" in formats:
             with step(progress, f"building a TensorRT engine ({trt.mode}, {trt.precision})"):
                 engine_info = build_engine(

@@ -12,6 +12,7 @@ how the CPU tests check them (``BundleRouter`` takes the runner).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,14 @@ def retrieve_kernel_name(args: tuple[Any, ...]) -> str:
     """The bundled kernel for a ``retrieve`` call (all arguments, in schema order)."""
     row_scores, _, _, _, cores, topm, topk, activation = args
     _, heads, n, rank = row_scores.shape
-    spec = retrieve_spec(row_scores.dtype, heads, n, rank, cores.shape[0], topm, topk, activation)
-    return spec.name
+    return _retrieve_name(row_scores.dtype, heads, n, rank, cores.shape[0], topm, topk, activation)
 
 
 def aggregate_kernel_name(args: tuple[Any, ...]) -> str:
     """The bundled kernel for an ``aggregate`` call (all arguments, in schema order)."""
     values, scores, _, slot_map, expansion, mapping, pooling, row_offset = args
     _, heads, topk, cores = scores.shape
-    spec = aggregate_spec(
+    return _aggregate_name(
         values.dtype,
         heads,
         topk,
@@ -65,7 +65,17 @@ def aggregate_kernel_name(args: tuple[Any, ...]) -> str:
         has_map=slot_map is not None,
         row_offset=row_offset,
     )
-    return spec.name
+
+
+# a spec is built (and its grid checked) once per specialisation, not once per op call
+@functools.cache
+def _retrieve_name(*key: Any) -> str:
+    return retrieve_spec(*key).name
+
+
+@functools.cache
+def _aggregate_name(*key: Any, has_map: bool, row_offset: int) -> str:
+    return aggregate_spec(*key, has_map=has_map, row_offset=row_offset).name
 
 
 class BundleRouter(SiteRecorder):
