@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ultramem.cli.options import INPUT_ERRORS, InputError, load, model_options, progress
-from ultramem.compiler.bench import ALL_BACKENDS, make_backends, run_bench
-from ultramem.compiler.bench_report import markdown, write_reports
-from ultramem.compiler.pipeline import compile_model
+from ..compiler.bench.report import markdown, write_reports
+from ..compiler.bench.run import ALL_BACKENDS, make_backends, run_bench
+from ..compiler.pipeline import compile_model
+from .options import INPUT_ERRORS, InputError, load, model_options, progress
 
 
 def _int_list(text: str) -> list[int]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ultramem.cli.options import INPUT_ERRORS, InputError, load, model_options, progress
-from ultramem.compiler.artifacts import read_manifest
-from ultramem.compiler.pipeline import check_artifacts
+from ..compiler.artifacts import read_manifest
+from ..compiler.pipeline import check_artifacts
+from .options import INPUT_ERRORS, InputError, load, model_options, progress
 
 
 @click.command("check")

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from ultramem.cli.options import INPUT_ERRORS, InputError, load, model_options, progress
-from ultramem.compiler.export_tensorrt import TensorRTError
-from ultramem.compiler.onnx_ops import FORMS as ONNX_FORMS
-from ultramem.compiler.pipeline import FORMATS, TensorRTOptions, export_model
-from ultramem.compiler.trt_onnx import TensorRTLimitError
-from ultramem.plugins.bundle import DEFAULT_SMS
+from ..compiler.formats import FORMATS, ExportOptions, TensorRTOptions
+from ..compiler.onnx.domain import FORMS as ONNX_FORMS
+from ..compiler.pipeline import export_model
+from ..compiler.tensorrt.package import TensorRTError
+from ..compiler.tensorrt.prepare import TensorRTLimitError
+from ..plugins.bundle import DEFAULT_SMS
+from .options import INPUT_ERRORS, InputError, load, model_options, progress
 
 
 @click.command("export")
@@ -82,11 +83,10 @@ def export(
     except ValueError:
         raise InputError(f"--sm takes comma-separated integers such as 80,90, got {sm!r}") from None
     trt = TensorRTOptions(trt_mode, trt_package, precision, profile_batch, profile_tokens, sms)
+    options = ExportOptions(opset, onnx_form, trt)
     loaded = load(model, weights, allow_unsafe_pickle)
     try:
-        _, report = export_model(
-            loaded, out, progress, opset=opset, formats=chosen, trt=trt, onnx_form=onnx_form
-        )
+        _, report = export_model(loaded, out, progress, formats=chosen, options=options)
     except (*INPUT_ERRORS, TensorRTLimitError, TensorRTError) as exc:
         raise InputError(str(exc)) from None
     click.echo(f"exported {loaded.source} to {out}: parity {'PASSED' if report else 'FAILED'}")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ultramem.cli.options import load, model_options, progress
-from ultramem.compiler.pipeline import inspect_model
+from ..compiler.pipeline import inspect_model
+from .options import load, model_options, progress
 
 
 @click.command("inspect")

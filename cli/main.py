@@ -8,11 +8,11 @@ import warnings
 
 import click
 
-from ultramem import __version__
-from ultramem.cli.bench import bench
-from ultramem.cli.check import check
-from ultramem.cli.export import export
-from ultramem.cli.inspect_cmd import inspect
+from .. import __version__
+from .bench import bench
+from .check import check
+from .export import export
+from .inspect_cmd import inspect
 
 
 @click.group()

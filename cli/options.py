@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
-from ultramem.compiler.artifacts import ArtifactError
-from ultramem.compiler.loading import DEFAULT_MODEL, ModelLoadError, load_model
-from ultramem.models.builtin import LoadedModel
+from ..compiler.artifacts import ArtifactError
+from ..compiler.loading import DEFAULT_MODEL, ModelLoadError, load_model
+from ..models.builtin import LoadedModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ultramem.compiler.rewrite import FUSED_OPS, RewriteResult
+from .rewrite import FUSED_OPS, RewriteResult
 
 # ops that must not remain outside the fused ops once every lookup is fused
 LOOKUP_OPS = ("topk", "gather", "scatter", "scatter_add", "index.Tensor", "linalg_svd", "svd")

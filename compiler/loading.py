@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ultramem.models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
+from ..models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
 
 DEFAULT_MODEL = f"builtin:{DEFAULT_BUILTIN}"
 

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from ultramem.compiler.capture import CaptureResult, recapture
-from ultramem.compiler.parity import ParityReport
-from ultramem.compiler.stages import parity_inputs, run_parity, torch_stage
-from ultramem.passes.base import Pass, PassContext, PassResult
-from ultramem.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
-from ultramem.passes.eliminate_dead_code import eliminate_dead_code
-from ultramem.passes.fold_constants import fold_constants
-from ultramem.passes.fuse_memory_lookup import fuse_memory_lookup
+from ..passes.base import Pass, PassContext, PassResult
+from ..passes.eliminate_common_subexpressions import eliminate_common_subexpressions
+from ..passes.eliminate_dead_code import eliminate_dead_code
+from ..passes.fold_constants import fold_constants
+from ..passes.fuse_memory_lookup import fuse_memory_lookup
+from .capture import CaptureResult, recapture
+from .parity.compare import ParityReport
+from .parity.stages import parity_inputs, run_parity, torch_stage
 
 log = logging.getLogger(__name__)
 

@@ -1,32 +1,59 @@
 """Fused UltraMem ops in the ``ultramem`` torch.library namespace.
 
 Importing this package registers ``torch.ops.ultramem.retrieve`` and
-``torch.ops.ultramem.aggregate``, with their plain-PyTorch reference kernels and, when
-Triton is installed, Triton kernels for CUDA tensors (``retrieve_triton``,
-``aggregate_triton``). Without Triton the ops still run the reference everywhere.
+``torch.ops.ultramem.aggregate`` (declared once in ``contract``), with their plain-PyTorch
+reference kernels and, when Triton is installed, Triton kernels for CUDA tensors
+(``retrieve_triton``, ``aggregate_triton``). Without Triton the ops still run the reference
+everywhere.
 """
 
 from __future__ import annotations
 
-from ultramem.kernels.aggregate import aggregate, aggregate_reference
-from ultramem.kernels.retrieve import retrieve, retrieve_reference, stable_topk
+from typing import Any
+
+from .aggregate import aggregate_reference, rows_and_groups
+from .contract import AGGREGATE, DOMAIN, DOMAIN_VERSION, OPS, RETRIEVE, OpSpec, op_spec
+from .registry import op_overload, triton_on_cpu
+from .retrieve import retrieve_reference, stable_topk
 
 try:
-    from ultramem.kernels.aggregate_triton import aggregate_triton
-    from ultramem.kernels.retrieve_triton import retrieve_triton, triton_on_cpu
+    from .aggregate_triton import _aggregate_kernel, aggregate_launch_config, aggregate_triton
+    from .retrieve_triton import _retrieve_kernel, retrieve_launch_config, retrieve_triton
 
     HAS_TRITON = True
 except ImportError:  # e.g. a platform without Triton wheels: the references still run
     HAS_TRITON = False
 
+RETRIEVE_OP = op_overload(RETRIEVE)
+AGGREGATE_OP = op_overload(AGGREGATE)
+
+
+def triton_kernels() -> dict[str, Any]:
+    """The ``@triton.jit`` function behind each op, by op name (for ahead-of-time bundles)."""
+    if not HAS_TRITON:
+        raise ImportError("the ultramem Triton kernels need triton: pip install triton")
+    return {RETRIEVE.name: _retrieve_kernel, AGGREGATE.name: _aggregate_kernel}
+
+
 __all__ = [
+    "AGGREGATE",
+    "AGGREGATE_OP",
+    "DOMAIN",
+    "DOMAIN_VERSION",
     "HAS_TRITON",
-    "aggregate",
+    "OPS",
+    "RETRIEVE",
+    "RETRIEVE_OP",
+    "OpSpec",
+    "aggregate_launch_config",
     "aggregate_reference",
     "aggregate_triton",
-    "retrieve",
+    "op_spec",
+    "retrieve_launch_config",
     "retrieve_reference",
     "retrieve_triton",
+    "rows_and_groups",
     "stable_topk",
+    "triton_kernels",
     "triton_on_cpu",
 ]

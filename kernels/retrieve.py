@@ -27,10 +27,15 @@ input dtype, slots int64.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("none", "relu", "softmax")
+from .contract import RETRIEVE
+from .registry import define_op
+
+ACTIVATIONS = RETRIEVE.attribute("activation").choices
 
 
 def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -39,34 +44,12 @@ def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values[..., :k], indices[..., :k]
 
 
-def check_retrieve_inputs(
-    row_scores: Tensor,
-    col_scores: Tensor,
-    row_weight: Tensor,
-    col_weight: Tensor,
-    cores: Tensor,
-    topm: int,
-    topk: int,
-    activation: str,
-) -> None:
-    """Raise ``ValueError`` with what was received when the inputs cannot form a lookup."""
-    if row_scores.dim() != 4 or row_scores.shape != col_scores.shape:
-        raise ValueError(
-            "row_scores and col_scores must both be [T, H, n, r], got "
-            f"{tuple(row_scores.shape)} and {tuple(col_scores.shape)}"
-        )
-    _, heads, n, rank = row_scores.shape
-    for name, w in (("row_weight", row_weight), ("col_weight", col_weight)):
-        if tuple(w.shape) != (heads, rank):
-            raise ValueError(f"{name} must be [H={heads}, r={rank}], got {tuple(w.shape)}")
-    if cores.dim() != 4 or tuple(cores.shape[1:]) != (heads, rank, rank):
-        raise ValueError(f"cores must be [M, H={heads}, r={rank}, r], got {tuple(cores.shape)}")
-    if not 1 <= topm <= n:
-        raise ValueError(f"topm = {topm} must lie in [1, n = {n}]")
-    if not 1 <= topk <= topm * topm:
-        raise ValueError(f"topk = {topk} must lie in [1, topm² = {topm * topm}]")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+def check_retrieve_inputs(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The call's arguments by name, checked against the contract (``ValueError`` with
+    what was received when they cannot form a lookup)."""
+    bound = RETRIEVE.bind(*args, **kwargs)
+    RETRIEVE.check(bound)
+    return bound
 
 
 def apply_activation(scores: Tensor, activation: str) -> Tensor:
@@ -86,7 +69,7 @@ def retrieve_reference(
     cores: Tensor,
     topm: int,
     topk: int,
-    activation: str,
+    activation: str = "none",
 ) -> tuple[Tensor, Tensor]:
     check_retrieve_inputs(
         row_scores, col_scores, row_weight, col_weight, cores, topm, topk, activation
@@ -111,38 +94,4 @@ def retrieve_reference(
     return scores.to(row_scores.dtype).contiguous(), slots
 
 
-@torch.library.custom_op("ultramem::retrieve", mutates_args=())
-def retrieve(
-    row_scores: Tensor,
-    col_scores: Tensor,
-    row_weight: Tensor,
-    col_weight: Tensor,
-    cores: Tensor,
-    topm: int,
-    topk: int,
-    activation: str = "none",
-) -> tuple[Tensor, Tensor]:
-    """Fused retrieval; see the module docstring. Returns ``(scores [T,H,k,M], slots [T,H,k])``."""
-    return retrieve_reference(
-        row_scores, col_scores, row_weight, col_weight, cores, topm, topk, activation
-    )
-
-
-@retrieve.register_fake
-def _retrieve_fake(
-    row_scores: Tensor,
-    col_scores: Tensor,
-    row_weight: Tensor,
-    col_weight: Tensor,
-    cores: Tensor,
-    topm: int,
-    topk: int,
-    activation: str = "none",
-) -> tuple[Tensor, Tensor]:
-    check_retrieve_inputs(
-        row_scores, col_scores, row_weight, col_weight, cores, topm, topk, activation
-    )
-    tokens, heads = row_scores.shape[0], row_scores.shape[1]
-    scores = row_scores.new_empty(tokens, heads, topk, cores.shape[0])
-    slots = row_scores.new_empty(tokens, heads, topk, dtype=torch.int64)
-    return scores, slots
+define_op(RETRIEVE, retrieve_reference)

@@ -21,28 +21,22 @@ arithmetic in fp32 in the same order:
 - top-k as k rounds of (max, then the lowest index holding it), so ties go to the lower
   index like the stable sort of the reference.
 
-The registration helpers at the bottom (shared with ``aggregate_triton``) make the ops run
-these kernels for CUDA tensors, eagerly and under ``torch.compile``/AOTInductor.
+``kernels/registry.py`` makes the op run this kernel for CUDA tensors, eagerly and under
+``torch.compile``/AOTInductor.
 """
 
 from __future__ import annotations
-
-import contextlib
-import inspect
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._library.triton import set_wrap_triton_enabled, triton_ops_to_kernels
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.library import wrap_triton
 
-from ultramem.kernels.retrieve import check_retrieve_inputs, retrieve, retrieve_reference
+from .contract import RETRIEVE
+from .launch import LaunchConfig
+from .registry import register_triton
+from .retrieve import check_retrieve_inputs
 
 
 @triton.jit
@@ -104,12 +98,13 @@ def _candidates(
     return picked
 
 
-# Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs,
-# the int32 scalars, then the op's outputs. The plugin (plugins/trt_plugin.py) launches
-# this very kernel from the bundle, so the order is part of its contract.
+# Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs
+# (the contract's order), the int32 scalars, then the op's outputs. The plugin
+# (plugins/trt_plugin.py) launches this very kernel from the bundle, so the order is part of
+# its contract (tests/kernels/test_contract.py checks it).
 @triton.jit
 def _retrieve_kernel(
-    row_ptr, col_ptr, row_weight_ptr, col_weight_ptr, cores_ptr,
+    row_scores_ptr, col_scores_ptr, row_weight_ptr, col_weight_ptr, cores_ptr,
     n, m, k, heads,
     row_stride_t, row_stride_h, row_stride_n, row_stride_r,
     col_stride_t, col_stride_h, col_stride_n, col_stride_r,
@@ -119,8 +114,8 @@ def _retrieve_kernel(
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    row_base = row_ptr + t * row_stride_t + h * row_stride_h
-    col_base = col_ptr + t * col_stride_t + h * col_stride_h
+    row_base = row_scores_ptr + t * row_stride_t + h * row_stride_h
+    col_base = col_scores_ptr + t * col_stride_t + h * col_stride_h
 
     cand_row = _candidates(
         row_base, row_weight_ptr + h * R, n, row_stride_n, row_stride_r, m, R, BLOCK_N, BLOCK_M
@@ -178,23 +173,6 @@ def _retrieve_kernel(
             e = tl.exp(score - tl.max(score, axis=0))
             score = e / tl.sum(e, axis=0)
         tl.store(scores_ptr + out_row * M + c, score.to(scores_ptr.dtype.element_ty), mask=mask_k)
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """What one launch fixes besides its tensors and sizes: the kernel's constexprs, its
-    warps, and the programs per token (the grid is ``(tokens, programs_y, 1)``).
-
-    The launchers and the ahead-of-time bundle (``ultramem.plugins.bundle``) both take it
-    from the ``*_launch_config`` functions, so a bundled kernel is the one the JIT builds.
-    """
-
-    constexprs: Mapping[str, int | str | bool]
-    num_warps: int
-    programs_y: int
-
-    def grid(self, tokens: int) -> tuple[int, int, int]:
-        return (tokens, self.programs_y, 1)
 
 
 def retrieve_launch_config(
@@ -264,90 +242,4 @@ def retrieve_triton(
     return scores, slots
 
 
-# ---------------------------------------------------------------------------------------
-# Registration, shared with aggregate_triton.
-#
-# ``torch.library.triton_op`` would define the op anew, and ``ultramem::retrieve`` already
-# exists (``custom_op`` in retrieve.py, with its reference and fake kernels). So the
-# existing op gets what triton_op would give it: a CUDA kernel that launches directly
-# (wrap_triton disabled: the HOP dispatch costs about a millisecond per call in eager), and
-# a FunctionalTensorMode rule that, under AOTDispatcher (torch.compile, AOTInductor),
-# inlines the launcher so Inductor sees and compiles the Triton kernel. torch.export keeps
-# the op whole, as it does for triton_op. CPU tensors keep the reference kernel unless
-# ``triton_on_cpu`` is active (the Triton interpreter: tests on machines without a GPU).
-# ---------------------------------------------------------------------------------------
-
-_cpu_triton = False
-
-
-@contextlib.contextmanager
-def triton_on_cpu(enabled: bool = True) -> Iterator[None]:
-    """Route the ops' CPU tensors to the Triton launchers (needs ``TRITON_INTERPRET=1``)."""
-    global _cpu_triton
-    previous, _cpu_triton = _cpu_triton, enabled
-    try:
-        yield
-    finally:
-        _cpu_triton = previous
-
-
-def _interpreted(kernel: Any) -> bool:
-    return not isinstance(kernel, triton.runtime.JITFunction)
-
-
-def register_triton_impl(
-    op: Any,
-    launcher: Callable[..., Any],
-    reference: Callable[..., Any],
-    kernel: Any,
-    traced_launcher: Callable[..., Any] | None = None,
-) -> None:
-    """Make the custom op ``op`` run ``launcher`` for CUDA tensors, eager and compiled.
-
-    ``traced_launcher`` replaces ``launcher`` when traced (fake tensors): it must not
-    read tensor data, e.g. skip index checks that sync with the device.
-    """
-    traced = traced_launcher or launcher
-
-    def cuda_impl(*args: Any, **kwargs: Any) -> Any:
-        with set_wrap_triton_enabled(False):
-            return launcher(*args, **kwargs)
-
-    # the dispatcher drops trailing arguments equal to their schema defaults, and the
-    # references have no defaults for some: fill them in from the launcher's signature
-    op_signature = inspect.Signature(
-        [
-            p
-            for p in inspect.signature(launcher).parameters.values()
-            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        ]
-    )
-
-    def cpu_impl(*args: Any, **kwargs: Any) -> Any:
-        if _cpu_triton:
-            return launcher(*args, **kwargs)
-        bound = op_signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return reference(*bound.args, **bound.kwargs)
-
-    def functional_rule(mode: Any, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-        if any(
-            not issubclass(t, FakeTensor) and t not in (Tensor, FunctionalTensor) for t in types
-        ):
-            return NotImplemented  # another subclass: let it handle the op (as triton_op does)
-        on_cuda = any(isinstance(a, Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
-        if not on_cuda or _interpreted(kernel) or custom_triton_ops_decomposition_disabled():
-            return mode.__torch_dispatch__(func, types, args, kwargs)
-        with mode:
-            return traced(*args, **kwargs)
-
-    op.register_kernel("cuda")(cuda_impl)
-    op.register_kernel("cpu")(cpu_impl)
-    op.register_torch_dispatch(FunctionalTensorMode, functional_rule)
-    # AOTAutograd's cache key covers the source of the kernels an op may inline
-    triton_ops_to_kernels[op._name] = [kernel]
-
-
-register_triton_impl(retrieve, retrieve_triton, retrieve_reference, _retrieve_kernel)
+register_triton(RETRIEVE, retrieve_triton, _retrieve_kernel)

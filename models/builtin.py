@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ultramem.models.config import LMConfig
-from ultramem.models.lm import UltraMemLM
+from .config import LMConfig
+from .lm import UltraMemLM
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DEFAULT_BUILTIN = "facts"

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.models.config import LMConfig
-from ultramem.models.ultramem import UltraMemLayer
+from .config import LMConfig
+from .ultramem import UltraMemLayer
 
 
 class CausalSelfAttention(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ultramem.models.config import UltraMemConfig
+from .config import UltraMemConfig
 
 
 class RMSNorm(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from torch.fx import GraphModule, Node
 
-from ultramem.passes.graph_utils import SHAPE_ONLY_OPS
+from ._graph import SHAPE_ONLY_OPS
 
 
 @dataclass

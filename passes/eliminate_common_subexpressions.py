@@ -15,8 +15,8 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from ultramem.passes.base import PassContext, PassResult, count_nodes, finish
-from ultramem.passes.graph_utils import is_pure, mutations, view_base
+from ._graph import is_pure, mutations, view_base
+from .base import PassContext, PassResult, count_nodes, finish
 
 
 def _key(node: Node) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from ultramem.passes.base import PassContext, PassResult, count_nodes, finish
+from .base import PassContext, PassResult, count_nodes, finish
 
 
 def eliminate_dead_code(gm: GraphModule, ctx: PassContext) -> PassResult:

@@ -20,8 +20,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map
 
-from ultramem.passes.base import PassContext, PassResult, count_nodes, finish
-from ultramem.passes.graph_utils import VIEW_OPS, get_attr_value
+from ._graph import VIEW_OPS, get_attr_value
+from .base import PassContext, PassResult, count_nodes, finish
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ultramem.passes.base import PassContext, PassResult, Refusal, count_nodes, finish
-from ultramem.passes.graph_utils import extract_subgraph, record_values
-from ultramem.passes.lookup_binding import Binding, Layout, hypotheses, verify
-from ultramem.passes.lookup_region import (
+from ._graph import extract_subgraph, record_values
+from ._lookup.binding import Binding, Layout, hypotheses, verify
+from ._lookup.region import (
     LookupRegion,
     NotALookup,
     final_topks,
     find_region,
     pooled_candidates,
 )
+from .base import PassContext, PassResult, Refusal, count_nodes, finish
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ def _replace(
             constant("v", b.col_weight),
             constant("cores", b.cores),
         )
-        smap = constant("slot_map", b.slot_map) if b.slot_map is not None else None
+        row_map, group_map, groups = b.index_maps()
+        rmap = constant("row_map", row_map) if row_map is not None else None
+        gmap = constant("group_map", group_map) if group_map is not None else None
         tables = region.value_tables
         values = tables[0] if len(tables) == 1 else constant("values", b.values)
         retrieved = graph.call_function(
@@ -133,21 +135,9 @@ def _replace(
         )
         scores = graph.call_function(operator.getitem, (retrieved, 0))
         slots = graph.call_function(operator.getitem, (retrieved, 1))
-        if b.slot_offsets is not None:
-            offsets = constant("slot_offsets", b.slot_offsets.view(1, -1, 1))
-            slots = graph.call_function(torch.ops.aten.add.Tensor, (slots, offsets))
         agg = graph.call_function(
             torch.ops.ultramem.aggregate.default,
-            (
-                values,
-                scores,
-                slots,
-                smap,
-                b.expansion,
-                b.mapping,
-                b.pooling,
-                b.row_offset,
-            ),
+            (values, scores, slots, rmap, gmap, groups, b.pooling),
         )
         out = agg
         if b.heads_first:  # [T, H·E, Dv] -> [H, T, E, Dv]

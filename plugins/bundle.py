@@ -2,11 +2,12 @@
 
 One source of truth: the kernels are the ``@triton.jit`` functions of ``ultramem.kernels``
 and their constexprs, warps and grids come from the same ``*_launch_config`` functions the
-JIT launchers call, so a bundled kernel is the kernel ``retrieve_triton``/``aggregate_triton``
-would build for that shape. What the bundle adds is what a launcher without Triton needs:
-which tensor feeds each pointer, each scalar as an expression over named dims (contiguous
-tensors, as TensorRT gives a plugin), the trailing scratch pointers Triton appends, and
-the grid as expressions (schema in ``ultramem.plugins.metadata``).
+JIT launchers call (``plugins/specs.py``), so a bundled kernel is the kernel
+``retrieve_triton``/``aggregate_triton`` would build for that shape. What the bundle adds is
+what a launcher without Triton needs: which tensor feeds each pointer, each scalar as an
+expression over named dims (contiguous tensors, as TensorRT gives a plugin), the trailing
+scratch pointers Triton appends, and the grid as expressions (schema in
+``ultramem.plugins.metadata``).
 
 Compiling needs no GPU: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", sm, 32))``
 runs on a CPU-only machine. Under ``TRITON_INTERPRET=1`` the kernels are interpreter
@@ -19,7 +20,7 @@ their value (the JIT would also specialise values equal to 1 and multiples of 16
 
 Usage::
 
-    specs = specs_for_layer(binding.describe(), torch.bfloat16, value_dim=64)
+    specs = specs_for_program(rewritten_program.graph)   # plugins/specs.py
     manifest = build_bundle(specs, sms=(80, 90, 120), out_dir="bundle/")
 """
 
@@ -34,19 +35,16 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import torch
 import triton
 
-from ultramem.kernels.aggregate import MAPPINGS, POOLINGS
-from ultramem.kernels.aggregate_triton import _aggregate_kernel, aggregate_launch_config
-from ultramem.kernels.retrieve import ACTIVATIONS
-from ultramem.kernels.retrieve_triton import LaunchConfig, _retrieve_kernel, retrieve_launch_config
-from ultramem.plugins.metadata import ArgInfo, BundleManifest, DimInfo, KernelMetadata, evaluate
+from ..files import atomic_write
+from ..kernels import triton_kernels
+from .metadata import ArgInfo, BundleManifest, KernelMetadata
+from .specs import KernelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -54,235 +52,6 @@ DEFAULT_SMS = (80, 86, 89, 90, 100, 120)
 WARP_SIZE = 32
 POINTER_ALIGN = 16  # bytes; the JIT's tt.divisibility hint for torch's allocations
 SCRATCH_NAMES = ("global_scratch", "profile_scratch")  # the order Triton appends them in
-TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-BINDING_KEYS = (
-    "heads", "n_keys", "tucker_rank", "cores", "topm", "topk", "activation", "expansion",
-    "mapping", "pooling", "slot_map",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class OpArgs:
-    """How an op's tensors and sizes feed its kernel's non-constexpr parameters."""
-
-    function: Callable[..., Any]
-    pointers: Mapping[str, str]  # parameter -> tensor
-    scalars: Mapping[str, str]  # parameter -> expression over the dims
-
-
-_RETRIEVE = OpArgs(
-    _retrieve_kernel,
-    pointers={
-        "row_ptr": "row_scores", "col_ptr": "col_scores", "row_weight_ptr": "row_weight",
-        "col_weight_ptr": "col_weight", "cores_ptr": "cores", "scores_ptr": "scores",
-        "slots_ptr": "slots",
-    },
-    scalars={
-        "n": "N", "m": "TOPM", "k": "TOPK", "heads": "H",
-        "row_stride_t": "H*N*RANK", "row_stride_h": "N*RANK", "row_stride_n": "RANK",
-        "row_stride_r": "1",
-        "col_stride_t": "H*N*RANK", "col_stride_h": "N*RANK", "col_stride_n": "RANK",
-        "col_stride_r": "1",
-    },
-)  # fmt: skip
-
-
-_RETRIEVE_FLOATS = ("row_scores", "col_scores", "row_weight", "col_weight", "cores", "scores")
-
-
-def _aggregate_args(has_map: bool) -> OpArgs:
-    return OpArgs(
-        _aggregate_kernel,
-        pointers={
-            "values_ptr": "values", "scores_ptr": "scores", "slots_ptr": "slots",
-            # without a map the kernel never reads it: the launcher passes the slots
-            "slot_map_ptr": "slot_map" if has_map else "slots", "out_ptr": "out",
-        },
-        scalars={
-            "selections": "H*K", "value_rows": "ROWS", "value_dim": "D", "chunk": "D//CORES",
-            "n_cores": "CORES", "expansion": "E", "slot_count": "SLOTS" if has_map else "ROWS*E",
-            "row_offset": "OFFSET", "values_stride_row": "D", "values_stride_col": "1",
-        },
-    )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One specialisation of one kernel: everything but the target architecture."""
-
-    name: str
-    op: str
-    pointer_dtypes: dict[str, str]  # tensor -> Triton dtype ("fp32", "i64")
-    constexprs: dict[str, int | str | bool]
-    num_warps: int
-    dims: dict[str, DimInfo]
-    grid: dict[str, str]
-
-    @property
-    def op_args(self) -> OpArgs:
-        if self.op == "retrieve":
-            return _RETRIEVE
-        return _aggregate_args(bool(self.constexprs["HAS_MAP"]))
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> KernelSpec:
-        fields = dict(data)
-        fields["dims"] = {k: DimInfo(**v) for k, v in data["dims"].items()}
-        return cls(**fields)
-
-
-def _checked_binding(binding: Mapping[str, Any], dtype: torch.dtype, value_dim: int) -> None:
-    missing = [k for k in BINDING_KEYS if k not in binding]
-    if missing:
-        raise ValueError(f"binding lacks {missing}; got keys {sorted(binding)}")
-    if dtype not in TRITON_DTYPES:
-        raise ValueError(f"dtype must be one of {list(TRITON_DTYPES)}, got {dtype}")
-    choices = (("activation", ACTIVATIONS), ("mapping", MAPPINGS), ("pooling", POOLINGS))
-    for key, allowed in choices:
-        if binding[key] not in allowed:
-            raise ValueError(f"binding[{key!r}] must be one of {allowed}, got {binding[key]!r}")
-    if value_dim < 1 or value_dim % int(binding["cores"]):
-        raise ValueError(
-            f"value_dim = {value_dim} must split into cores = {binding['cores']} equal chunks"
-        )
-
-
-def specs_for_layer(
-    binding: Mapping[str, Any], dtype: torch.dtype, value_dim: int
-) -> list[KernelSpec]:
-    """The two kernels one fused memory layer launches: retrieve, then aggregate.
-
-    ``binding`` is ``Binding.describe()`` (heads, n_keys, tucker_rank, cores, topm, topk,
-    activation, expansion, mapping, pooling, slot_map; optionally row_offset); all float
-    tensors are ``dtype``, slots and the slot map int64.
-    """
-    _checked_binding(binding, dtype, value_dim)
-    heads, topk, cores = int(binding["heads"]), int(binding["topk"]), int(binding["cores"])
-    return [
-        retrieve_spec(
-            dtype,
-            heads,
-            int(binding["n_keys"]),
-            int(binding["tucker_rank"]),
-            cores,
-            int(binding["topm"]),
-            topk,
-            binding["activation"],
-        ),
-        aggregate_spec(
-            dtype,
-            heads,
-            topk,
-            cores,
-            value_dim,
-            int(binding["expansion"]),
-            binding["mapping"],
-            binding["pooling"],
-            has_map=bool(binding["slot_map"]),
-            row_offset=int(binding.get("row_offset", 0)),  # V2 tables shared by layers
-        ),
-    ]
-
-
-def retrieve_spec(
-    dtype: torch.dtype,
-    heads: int,
-    n: int,
-    rank: int,
-    cores: int,
-    topm: int,
-    topk: int,
-    act: str,
-) -> KernelSpec:
-    """The retrieve kernel for one shape; the name says every specialised value."""
-    dt = TRITON_DTYPES[dtype]
-    retrieve = retrieve_launch_config(heads, n, rank, cores, topm, topk, act)
-    return KernelSpec(
-        name=f"retrieve_{dt}_h{heads}_n{n}_r{rank}_c{cores}_m{topm}_k{topk}_{act}",
-        op="retrieve",
-        pointer_dtypes=dict.fromkeys(_RETRIEVE_FLOATS, dt) | {"slots": "i64"},
-        constexprs=dict(retrieve.constexprs),
-        num_warps=retrieve.num_warps,
-        dims={
-            "T": DimInfo("row_scores", 0, None),
-            "H": DimInfo("row_scores", 1, heads),
-            "N": DimInfo("row_scores", 2, n),
-            "RANK": DimInfo("row_scores", 3, rank),
-            "CORES": DimInfo("cores", 0, cores),
-            "TOPM": DimInfo(None, None, topm),
-            "TOPK": DimInfo(None, None, topk),
-        },
-        grid=_grid(retrieve, "H", {"H": heads}),
-    )
-
-
-def aggregate_spec(
-    dtype: torch.dtype,
-    heads: int,
-    topk: int,
-    cores: int,
-    value_dim: int,
-    expansion: int,
-    mapping: str,
-    pooling: str,
-    *,
-    has_map: bool,
-    row_offset: int = 0,
-) -> KernelSpec:
-    """The aggregate kernel for one shape; the name says every specialised value."""
-    dt = TRITON_DTYPES[dtype]
-    aggregate = aggregate_launch_config(
-        heads, topk, value_dim, expansion, mapping, pooling, has_map=has_map
-    )
-    dims = {
-        "T": DimInfo("scores", 0, None),
-        "H": DimInfo("scores", 1, heads),
-        "K": DimInfo("scores", 2, topk),
-        "CORES": DimInfo("scores", 3, cores),
-        "ROWS": DimInfo("values", 0, None),  # the table's size: not part of the kernel
-        "D": DimInfo("values", 1, value_dim),
-        "E": DimInfo(None, None, expansion),
-        "OFFSET": DimInfo(None, None, row_offset),
-    }
-    if has_map:
-        dims["SLOTS"] = DimInfo("slot_map", 0, None)
-    variant = f"{mapping}_{pooling}_{'map' if has_map else 'nomap'}"
-    variant += f"_off{row_offset}" if row_offset else ""
-    return KernelSpec(
-        name=f"aggregate_{dt}_h{heads}_k{topk}_c{cores}_d{value_dim}_e{expansion}_{variant}",
-        op="aggregate",
-        pointer_dtypes=dict.fromkeys(("values", "scores", "out"), dt)
-        | {"slots": "i64", "slot_map": "i64"},
-        constexprs=dict(aggregate.constexprs),
-        num_warps=aggregate.num_warps,
-        dims=dims,
-        grid=_grid(aggregate, "cdiv(D, BLOCK_D)", {"D": value_dim}),
-    )
-
-
-def specs_for_layers(
-    layers: Iterable[tuple[Mapping[str, Any], torch.dtype, int]],
-) -> list[KernelSpec]:
-    """``specs_for_layer`` over a model's layers, each specialisation once."""
-    specs: dict[str, KernelSpec] = {}
-    for binding, dtype, value_dim in layers:
-        for spec in specs_for_layer(binding, dtype, value_dim):
-            specs.setdefault(spec.name, spec)
-    return list(specs.values())
-
-
-def _grid(config: LaunchConfig, y: str, dims: Mapping[str, int]) -> dict[str, str]:
-    """The grid as expressions, checked against the launch config it stands for."""
-    grid = {"x": "T", "y": y, "z": "1"}
-    env = {**config.constexprs, **dims}
-    for tokens in (1, 7, 1000):
-        got = tuple(evaluate(grid[a], {**env, "T": tokens}) for a in ("x", "y", "z"))
-        if got != config.grid(tokens):
-            raise RuntimeError(f"grid {grid} gives {got}, the launcher {config.grid(tokens)}")
-    return grid
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +62,7 @@ def _grid(config: LaunchConfig, y: str, dims: Mapping[str, int]) -> dict[str, st
 def kernel_signature(spec: KernelSpec) -> tuple[dict[str, str], list[ArgInfo]]:
     """Triton's signature (every parameter, constexprs marked) and the non-constexpr
     parameters as ``ArgInfo`` in order, from the jit function's own parameter list."""
-    fn, table = spec.op_args.function, spec.op_args
+    fn = triton_kernels()[spec.op]
     params = [p for p in fn.params if not p.is_constexpr]
     constexprs = {p.name for p in fn.params if p.is_constexpr}
     if constexprs != set(spec.constexprs):
@@ -301,24 +70,24 @@ def kernel_signature(spec: KernelSpec) -> tuple[dict[str, str], list[ArgInfo]]:
             f"{fn.__name__} has constexprs {sorted(constexprs)}, the spec {sorted(spec.constexprs)}"
         )
     names = {p.name for p in params}
-    if names != set(table.pointers) | set(table.scalars):
+    if names != set(spec.pointers) | set(spec.scalars):
         raise ValueError(
-            f"{fn.__name__} takes {sorted(names)} but the bundle maps "
-            f"{sorted(set(table.pointers) | set(table.scalars))}: update plugins/bundle.py"
+            f"{fn.__name__} takes {sorted(names)} but the spec maps "
+            f"{sorted(set(spec.pointers) | set(spec.scalars))}: update plugins/specs.py"
         )
     signature: dict[str, str] = {}
     args: list[ArgInfo] = []
     for p in fn.params:
         if p.is_constexpr:
             signature[p.name] = "constexpr"
-        elif p.name in table.pointers:
-            tensor = table.pointers[p.name]
+        elif p.name in spec.pointers:
+            tensor = spec.pointers[p.name]
             dtype = spec.pointer_dtypes[tensor]
             signature[p.name] = f"*{dtype}"
             args.append(ArgInfo(p.name, "pointer", dtype, tensor=tensor, align=POINTER_ALIGN))
         else:
             signature[p.name] = "i32"
-            args.append(ArgInfo(p.name, "scalar", "i32", expr=table.scalars[p.name]))
+            args.append(ArgInfo(p.name, "scalar", "i32", expr=spec.scalars[p.name]))
     return signature, args
 
 
@@ -342,7 +111,7 @@ def compile_spec(spec: KernelSpec, sm: int) -> tuple[KernelMetadata, bytes, str]
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = spec.op_args.function
+    fn = triton_kernels()[spec.op]
     signature, args = kernel_signature(spec)
     pointer_params = [i for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")]
     attrs = {(i,): [["tt.divisibility", POINTER_ALIGN]] for i in pointer_params}
@@ -394,15 +163,9 @@ def compile_spec(spec: KernelSpec, sm: int) -> tuple[KernelMetadata, bytes, str]
     return meta, cubin, ptx
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def kernels_are_interpreted() -> bool:
     """True under ``TRITON_INTERPRET=1``, where the jit functions cannot be compiled."""
-    return not isinstance(_retrieve_kernel, triton.runtime.JITFunction)
+    return not isinstance(triton_kernels()["retrieve"], triton.runtime.JITFunction)
 
 
 def build_bundle(
@@ -422,8 +185,8 @@ def build_bundle(
             meta, cubin, ptx = compile_spec(spec, sm)
             seconds = time.perf_counter() - start
             logger.info("compiled %s for sm_%d in %.2f s", spec.name, sm, seconds)
-            _write_atomic(out / meta.cubin, cubin)
-            _write_atomic(out / meta.ptx, ptx.encode())
+            atomic_write(out / meta.cubin, cubin)
+            atomic_write(out / meta.ptx, ptx.encode())
             kernels.append(meta)
     manifest = BundleManifest(out, triton.__version__, tuple(sms), tuple(kernels))
     manifest.write()

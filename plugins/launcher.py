@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ultramem.plugins.metadata import BundleManifest, KernelMetadata, evaluate, load_bundle
+from ..kernels import op_spec
+from .metadata import BundleManifest, KernelMetadata, evaluate, load_bundle
 
 CType = type[ctypes._SimpleCData]
 _SCALAR_CTYPES: dict[str, tuple[CType, int | None, int | None]] = {
@@ -262,70 +263,38 @@ def _device(t: Tensor) -> tuple[int, int, int]:
     return index, major * 10 + minor, torch.cuda.current_stream(index).cuda_stream
 
 
-def run_retrieve(
-    bundle: BundleManifest | str | Path,
-    name: str,
-    row_scores: Tensor,
-    col_scores: Tensor,
-    row_weight: Tensor,
-    col_weight: Tensor,
-    cores: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``retrieve`` through bundled kernel ``name``: ``(scores [T,H,k,M], slots [T,H,k])``.
+def run_op(bundle: BundleManifest | str | Path, name: str, **arguments: Any) -> Any:
+    """One fused-op call through bundled kernel ``name``: the op's inputs by the contract's
+    names (optional ones may be None), outputs allocated here and returned as the op does.
 
-    topm, topk and the activation are the specialisation's (see ``specs_for_layer``)."""
-    index, sm, stream = _device(row_scores)
+    The attributes are the specialisation's (the name carries them). Indices are not
+    checked, as in a plugin: out-of-range entries contribute nothing."""
     launcher = _launcher(bundle)
+    first = next(x for x in arguments.values() if isinstance(x, Tensor))
+    index, sm, stream = _device(first)
     kernel = pick_kernel(launcher.manifest, name, sm)
-    tokens, heads = row_scores.shape[:2]
-    topk = kernel.dims["TOPK"].value or 0
-    scores = row_scores.new_empty((tokens, heads, topk, cores.shape[0]))
-    slots = torch.empty((tokens, heads, topk), dtype=torch.int64, device=row_scores.device)
+    op = op_spec(kernel.op)
+    missing = [t.name for t in op.inputs if not t.optional and arguments.get(t.name) is None]
+    if missing:
+        raise ValueError(f"{name} needs tensors {missing}")
     tensors = {
-        "row_scores": row_scores.contiguous(),
-        "col_scores": col_scores.contiguous(),
-        "row_weight": row_weight.contiguous(),
-        "col_weight": col_weight.contiguous(),
-        "cores": cores.contiguous(),
-        "scores": scores,
-        "slots": slots,
+        t.name: arguments[t.name].contiguous()
+        for t in op.inputs
+        if arguments.get(t.name) is not None
     }
+    for t in op.inputs:
+        built_with = any(a.tensor == t.name for a in kernel.args if a.kind == "pointer")
+        if t.optional and built_with != (t.name in tensors):
+            raise ValueError(
+                f"{name} was built {'with' if built_with else 'without'} {t.name}, "
+                f"got {'one' if t.name in tensors else 'none'}"
+            )
+    sizes = resolve_dims(kernel, {k: tuple(t.shape) for k, t in tensors.items()})
+    outputs = [
+        torch.empty(shape, dtype=dtype, device=first.device)
+        for shape, dtype in zip(op.output_shapes(sizes), op.output_dtypes(tensors), strict=True)
+    ]
+    tensors.update(zip(op.output_names, outputs, strict=True))
     with torch.cuda.device(index):  # the device's primary context is the current one
         launcher.launch(name, tensors, device_index=index, sm=sm, stream=stream)
-    return scores, slots
-
-
-def run_aggregate(
-    bundle: BundleManifest | str | Path,
-    name: str,
-    values: Tensor,
-    scores: Tensor,
-    slots: Tensor,
-    slot_map: Tensor | None,
-) -> Tensor:
-    """``aggregate`` through bundled kernel ``name``: ``pooled [T, E, Dv]``.
-
-    Expansion, mapping, pooling and row offset are the specialisation's; indices are not
-    checked (as in a plugin: out-of-range entries contribute nothing)."""
-    index, sm, stream = _device(values)
-    launcher = _launcher(bundle)
-    kernel = pick_kernel(launcher.manifest, name, sm)
-    has_map = bool(kernel.constexprs["HAS_MAP"])
-    if has_map != (slot_map is not None):
-        raise ValueError(
-            f"{name} was built {'with' if has_map else 'without'} a slot map, "
-            f"got {'one' if slot_map is not None else 'none'}"
-        )
-    expansion = kernel.dims["E"].value or 0
-    out = values.new_empty((scores.shape[0], expansion, values.shape[1]))
-    tensors = {
-        "values": values.contiguous(),
-        "scores": scores.contiguous(),
-        "slots": slots.contiguous(),
-        "out": out,
-    }
-    if slot_map is not None:
-        tensors["slot_map"] = slot_map.contiguous()
-    with torch.cuda.device(index):
-        launcher.launch(name, tensors, device_index=index, sm=sm, stream=stream)
-    return out
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)

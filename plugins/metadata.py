@@ -9,7 +9,8 @@ the launch takes that the binary does not say. ``bundle.json`` (schema ``SCHEMA`
 
 One ``KernelMetadata`` per (specialisation, architecture):
 
-- ``name`` the specialisation (``retrieve_fp32_h2_n64_r2_c2_m8_k8_none``), ``op``, ``function``
+- ``name`` the specialisation (``retrieve_fp32_h2_n64_r2_c2_m8_k8_none``), ``op`` (the
+  contract's op name, whose tensors the pointers name), ``function``
   (the ``@triton.jit`` function), ``entry`` (the symbol in the cubin), ``sm``, ``arch``
   (PTX ``.target``), ``cubin``/``ptx`` (file names beside ``bundle.json``), ``cubin_sha256``;
 - ``num_warps``, ``threads_per_block`` (block = ``[threads_per_block, 1, 1]``), ``num_ctas``,
@@ -21,8 +22,9 @@ One ``KernelMetadata`` per (specialisation, architecture):
   times the number of programs, or a null pointer when 0); ``ptx_type`` is the
   parameter's type in the PTX prototype (``u64``, ``u32``), a check on the packing;
 - ``dims``: named sizes, each read from an input's shape (``tensor``, ``axis``) and,
-  except for the token count, fixed at build time (``value``); a dim with no tensor is an
-  attribute of the op (``row_offset``);
+  except for the token count and the table's rows, fixed at build time (``value``); the
+  names are the op contract's (``kernels/contract.py``); a dim with no tensor is an integer
+  attribute of the op (``topk``, ``groups``);
 - ``grid``: ``{"x", "y", "z"}`` expressions over ``dims`` and ``constexprs``.
 
 Expressions use integers, names, ``+ - * // %``, parentheses and ``cdiv``/``min``/``max``;
@@ -38,7 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "ultramem.kernel-bundle/1"
+from ..files import atomic_write
+
+SCHEMA = "ultramem.kernel-bundle/2"  # 2: tensors and dims named by the op contract
 ARG_KINDS = ("pointer", "scalar", "scratch")
 
 
@@ -138,11 +142,7 @@ class BundleManifest:
 
     def write(self) -> Path:
         """Write ``bundle.json`` atomically (a half-written manifest never exists)."""
-        path = self.root / "bundle.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write(self.root / "bundle.json", json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def load_bundle(root: str | Path) -> BundleManifest:

@@ -7,69 +7,68 @@ memory, and its grid and int32 scalars as symbolic expressions of the input shap
 read from ``bundle.json``. The serialized engine carries the PTX and launches it without
 Python; the plugin keeps no kernel of its own.
 
+Both functions' signatures are generated from the op contract (``kernels/contract.py``):
+the op's inputs as ``TensorDesc``s, then its attributes in order, then one ``has_<input>``
+int per optional input (a plugin always gets every input: the ONNX prepared for plugin mode,
+``compiler/tensorrt/plugin_onnx.py``, passes a one-element stand-in for an absent one, and
+the kernel, specialised on its absence, never reads it). Output shapes and dtypes come
+from the contract's named dims.
+
 TensorRT's AOT calling convention is ``(inputs..., int32 scalars..., outputs...)``: the
 kernels take their parameters in that order (``layout_problem`` checks every bundled
 kernel). Triton appends two scratch pointers after them; the bundled kernels need no
 scratch (``compile_spec`` records the sizes), so whatever TensorRT passes there is never
-read. The ONNX parser picks a plugin for a node that carries ``plugin_namespace`` and
-``aot`` and whose op has no function body: ``plugin_onnx`` prepares such a copy.
+read.
 
 What ran where: nothing in this module has run against TensorRT. Full ``tensorrt`` is not
 installable on the machines here, and ``tensorrt_rtx`` has no ``plugin`` module, so plugin
 mode is refused there. CPU tests check what does not need TensorRT: the kernels' parameter
-order, the launch expressions (evaluated with integers, against the launcher's), and the
-ONNX handed to the parser; the ``trt``-marked test builds an engine where ``tensorrt``
->= 10.7 and a GPU are present.
+order, the generated signatures, the launch expressions (evaluated with integers, against
+the launcher's), and the ONNX handed to the parser; the ``trt``-marked test builds an
+engine where ``tensorrt`` >= 10.7 and a GPU are present.
 """
 
 # No ``from __future__ import annotations``: ``tensorrt.plugin`` reads the registered
 # functions' annotations with ``inspect.signature`` and needs them as classes, not strings.
-import copy
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import onnx
 import torch
-from onnx import helper, numpy_helper
 
-from ultramem.compiler.onnx_ops import DOMAIN, VERSION, node_attributes
-from ultramem.plugins.bundle import aggregate_spec, retrieve_spec
-from ultramem.plugins.launcher import pick_kernel
-from ultramem.plugins.metadata import BundleManifest, KernelMetadata, evaluate
+from ..kernels import DOMAIN, OPS, OpSpec, op_spec
+from .launcher import pick_kernel
+from .metadata import BundleManifest, KernelMetadata, evaluate
+from .specs import kernel_spec
 
 PLUGIN_NAMESPACE = DOMAIN
-# bundle tensor names, in the op's input and output order
-OP_TENSORS = {
-    "retrieve": (
-        ("row_scores", "col_scores", "row_weight", "col_weight", "cores"),
-        ("scores", "slots"),
-    ),
-    "aggregate": (("values", "scores", "slots", "slot_map"), ("out",)),
-}
-HAS_SLOT_MAP = "has_slot_map"  # plugin-only attribute: Aggregate always gets 4 inputs
-# TensorRT passes a plugin's attributes to aot_impl positionally, in the node's order
-ATTRIBUTE_ORDER = {
-    "Retrieve": ("topm", "topk", "activation"),
-    "Aggregate": ("expansion", "mapping", "pooling", "row_offset", HAS_SLOT_MAP),
-}
-DEFAULTS = {"activation": "none", "mapping": "mod", "pooling": "add", "row_offset": 0}
+
+
+def presence_flags(op: OpSpec) -> tuple[str, ...]:
+    """Plugin-only int attributes, one per optional input: whether the node really has it."""
+    return tuple(f"has_{t.name}" for t in op.inputs if t.optional)
+
+
+def attribute_order(op: OpSpec) -> tuple[str, ...]:
+    """The order TensorRT passes a plugin's attributes to ``aot_impl``: the node's order."""
+    return (*op.attribute_names, *presence_flags(op))
 
 
 def layout_problem(meta: KernelMetadata) -> str | None:
     """Why ``meta``'s parameters are not TensorRT's AOT order, or None when they are."""
-    inputs, outputs = OP_TENSORS[meta.op]
-    if meta.op == "aggregate" and not meta.constexprs.get("HAS_MAP"):
-        inputs = (*inputs[:3], "slots")  # the unread slot_map parameter gets any pointer
+    op = op_spec(meta.op)
+    stand_ins = {a.name: a.tensor for a in meta.args if a.kind == "pointer"}
     expected = (
-        [("pointer", t) for t in inputs]
+        [("pointer", stand_ins.get(f"{t}_ptr", t)) for t in op.input_names]
         + [("scalar", a.name) for a in meta.args if a.kind == "scalar"]
-        + [("pointer", t) for t in outputs]
+        + [("pointer", t) for t in op.output_names]
     )
     got = [(a.kind, a.tensor if a.kind == "pointer" else a.name) for a in meta.args]
-    got_before_scratch = [g for g in got if g[0] != "scratch"]
-    if got_before_scratch != expected or got[: len(expected)] != expected:
+    if got[: len(expected)] != expected or any(g[0] != "scratch" for g in got[len(expected) :]):
         return f"{meta.entry} takes {got}, TensorRT's AOT plugins pass {expected} (+ scratch)"
+    names = [a.name for a in meta.args if a.kind == "pointer"]
+    if names != [f"{t}_ptr" for t in (*op.input_names, *op.output_names)]:
+        return f"{meta.entry}: pointer parameters {names} are not the contract's tensors"
     if any(a.kind == "scalar" and a.dtype != "i32" for a in meta.args):
         return f"{meta.entry}: TensorRT passes int32 scalars only"
     if any(a.kind == "scratch" and a.bytes_per_program for a in meta.args):
@@ -94,50 +93,33 @@ def launch_expressions(
     return grid, scalars  # type: ignore[return-value]
 
 
-# ---- the ONNX the parser reads ------------------------------------------------------------
-
-
-def plugin_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy whose ``ultramem`` nodes the parser maps to our AOT plugins; and their count.
-
-    The function bodies go (the parser would inline a node that has one), each node gets
-    its attributes in the registered order (defaults spelled out), ``plugin_namespace``,
-    ``plugin_version`` and ``aot``; an Aggregate without a slot map gets a one-element
-    stand-in (its kernel, specialised on ``has_slot_map = 0``, never reads it) so that
-    every Aggregate plugin has the same four inputs.
-    """
-    out = copy.deepcopy(model)
-    del out.functions[:]
-    count = 0
-    for node in out.graph.node:
-        if node.domain != DOMAIN:
-            continue
-        count += 1
-        node.overload = ""
-        if node.op_type == "Aggregate":
-            has_map = len(node.input) > 3 and bool(node.input[3])
-            if not has_map:
-                stand_in = f"{node.name or node.output[0]}__no_slot_map"
-                out.graph.initializer.append(
-                    numpy_helper.from_array(np.zeros(1, dtype=np.int64), stand_in)
-                )
-                del node.input[3:]
-                node.input.append(stand_in)
-            node.attribute.append(helper.make_attribute(HAS_SLOT_MAP, int(has_map)))
-        given = node_attributes(node)
-        del node.attribute[:]
-        node.attribute.extend(
-            [
-                *(
-                    helper.make_attribute(name, given.get(name, DEFAULTS.get(name)))
-                    for name in ATTRIBUTE_ORDER[node.op_type]
-                ),
-                helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
-                helper.make_attribute("plugin_version", str(VERSION)),
-                helper.make_attribute("aot", 1),
-            ]
+def plugin_signature(op: OpSpec, trtp: Any, *, aot: bool) -> inspect.Signature:
+    """The descriptor's (or, with ``aot``, the aot_impl's) signature, from the contract."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(name, kind, annotation=trtp.TensorDesc) for name in op.input_names]
+    params += [inspect.Parameter(a.name, kind, annotation=a.kind) for a in op.attributes]
+    params += [inspect.Parameter(flag, kind, annotation=int) for flag in presence_flags(op)]
+    if aot:
+        params += [
+            inspect.Parameter("outputs", kind, annotation=tuple[trtp.TensorDesc]),
+            inspect.Parameter("tactic", kind, annotation=int),
+        ]
+        returns: Any = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+    else:
+        returns = (
+            trtp.TensorDesc if len(op.outputs) == 1 else tuple(trtp.TensorDesc for _ in op.outputs)
         )
-    return out, count
+    return inspect.Signature(params, return_annotation=returns)
+
+
+def _with_signature(fn: Callable[..., Any], name: str, signature: inspect.Signature) -> Any:
+    fn.__name__ = fn.__qualname__ = name
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    fn.__annotations__ = {
+        **{p.name: p.annotation for p in signature.parameters.values()},
+        "return": signature.return_annotation,
+    }
+    return fn
 
 
 # ---- registration (needs tensorrt >= 10.7) ----------------------------------------------
@@ -149,9 +131,15 @@ _active: dict[str, Any] = {}
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+    }
     if dtype not in table:
-        raise ValueError(f"ultramem plugins take fp32, fp16 or bf16, got {dtype}")
+        raise ValueError(f"ultramem plugins take fp32, fp16, bf16, int32 or int64, got {dtype}")
     return table[dtype]
 
 
@@ -162,19 +150,66 @@ def _static(desc: Any, axis: int, what: str) -> int:
     return int(expr.constant_value())
 
 
-def register_plugins(bundle: BundleManifest, sm: int) -> None:
-    """Register both ops with ``tensorrt.plugin``; kernels come from ``bundle`` for ``sm``
-    (for the builds that follow: a later call switches both)."""
-    import tensorrt as trt
-    import tensorrt.plugin as trtp
+def _bind(op: OpSpec, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    names = [*op.input_names, *op.attribute_names, *presence_flags(op)]
+    return {**dict(zip(names, args, strict=False)), **kwargs}
 
-    _active.update(bundle=bundle, sm=sm)
 
-    def aot(meta: KernelMetadata, descs: Sequence[Any]) -> tuple[str, str, Any, Any]:
-        names = OP_TENSORS[meta.op][0]
-        by_name = dict(zip(names, descs, strict=True))
+def _present(op: OpSpec, bound: dict[str, Any]) -> list[str]:
+    return [t.name for t in op.inputs if not t.optional or bound[f"has_{t.name}"]]
+
+
+def _descriptor(op: OpSpec, trt: Any) -> Callable[..., Any]:
+    def describe(*args: Any, **kwargs: Any) -> Any:
+        bound = _bind(op, args, kwargs)
+        present = _present(op, bound)
+
+        def size(dim: str) -> Any:
+            if dim in op.attribute_names:
+                return bound[dim]
+            tensor = next(t for t in op.inputs if t.name in present and dim in t.dims)
+            return bound[tensor.name].shape_expr[tensor.dims.index(dim)]
+
+        outs = []
+        for out in op.outputs:
+            source = bound[op.inputs[0].name]
+            if out.dtype.startswith("like:"):
+                source = bound[out.dtype.removeprefix("like:")]
+            desc = source.like()
+            if out.dtype == "int64":
+                desc.dtype = trt.int64
+            desc.shape_expr = _active["trtp"].ShapeExprs.from_tuple(
+                tuple(size(d) for d in out.dims)
+            )
+            outs.append(desc)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return describe
+
+
+def _aot_impl(op: OpSpec, trt: Any) -> Callable[..., Any]:
+    def implement(*args: Any, **kwargs: Any) -> Any:
+        trtp = _active["trtp"]
+        bound = _bind(op, args, kwargs)
+        present = _present(op, bound)
+        sizes: dict[str, Any] = {a: bound[a] for a in op.attribute_names}
+        for t in op.inputs:
+            if t.name in present:
+                for axis, dim in enumerate(t.dims):
+                    if dim not in sizes and dim not in ("T", "R"):
+                        sizes[dim] = _static(bound[t.name], axis, f"{t.name} {dim}")
+        dtypes = {name: _torch_dtype(trt, bound[name].dtype) for name in present}
+        like = dtypes[op.inputs[0].name]
+        for out in op.outputs:
+            source = out.dtype.removeprefix("like:")
+            dtypes[out.name] = dtypes.get(source, torch.int64 if out.dtype == "int64" else like)
+        attributes = {a: bound[a] for a in op.attribute_names}
+        spec = kernel_spec(op.name, sizes, attributes, dtypes)
+        meta = pick_kernel(_active["bundle"], spec.name, _active["sm"])
+        if problem := layout_problem(meta):
+            raise ValueError(problem)
         (gx, gy, gz), scalars = launch_expressions(
-            meta, lambda tensor, axis: by_name[tensor].shape_expr[axis]
+            meta, lambda tensor, axis: bound[tensor].shape_expr[axis]
         )
         launch = trtp.KernelLaunchParams()
         launch.grid_x, launch.grid_y, launch.grid_z = gx, gy, gz
@@ -184,108 +219,26 @@ def register_plugins(bundle: BundleManifest, sm: int) -> None:
         ptx = (_active["bundle"].root / meta.ptx).read_text()
         return meta.entry, ptx, launch, extra
 
-    def kernel(name: str) -> KernelMetadata:
-        meta = pick_kernel(_active["bundle"], name, _active["sm"])
-        if problem := layout_problem(meta):
-            raise ValueError(problem)
-        return meta
+    return implement
 
-    # tensorrt.plugin checks each function's own signature (annotations included) against
-    # the registered one, so the descriptor and the aot_impl both spell out every argument
-    if "Retrieve" not in _registered:
 
-        @trtp.register(f"{PLUGIN_NAMESPACE}::Retrieve")
-        def retrieve_desc(
-            row_scores: trtp.TensorDesc,
-            col_scores: trtp.TensorDesc,
-            row_weight: trtp.TensorDesc,
-            col_weight: trtp.TensorDesc,
-            cores: trtp.TensorDesc,
-            topm: int,
-            topk: int,
-            activation: str,
-        ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-            t, h = row_scores.shape_expr[0], row_scores.shape_expr[1]
-            scores, slots = row_scores.like(), row_scores.like()
-            scores.shape_expr = trtp.ShapeExprs.from_tuple((t, h, topk, cores.shape_expr[0]))
-            slots.dtype = trt.int64
-            slots.shape_expr = trtp.ShapeExprs.from_tuple((t, h, topk))
-            return scores, slots
+def register_plugins(bundle: BundleManifest, sm: int) -> None:
+    """Register both ops with ``tensorrt.plugin``; kernels come from ``bundle`` for ``sm``
+    (for the builds that follow: a later call switches both)."""
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
 
-        @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::Retrieve")
-        def retrieve_aot(
-            row_scores: trtp.TensorDesc,
-            col_scores: trtp.TensorDesc,
-            row_weight: trtp.TensorDesc,
-            col_weight: trtp.TensorDesc,
-            cores: trtp.TensorDesc,
-            topm: int,
-            topk: int,
-            activation: str,
-            outputs: tuple[trtp.TensorDesc],
-            tactic: int,
-        ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
-            spec = retrieve_spec(
-                _torch_dtype(trt, row_scores.dtype),
-                _static(row_scores, 1, "heads"),
-                _static(row_scores, 2, "keys"),
-                _static(row_scores, 3, "rank"),
-                _static(cores, 0, "cores"),
-                topm,
-                topk,
-                activation,
-            )
-            descs = (row_scores, col_scores, row_weight, col_weight, cores)
-            return aot(kernel(spec.name), descs)
-
-        _registered.add("Retrieve")
-
-    if "Aggregate" not in _registered:
-
-        @trtp.register(f"{PLUGIN_NAMESPACE}::Aggregate")
-        def aggregate_desc(
-            values: trtp.TensorDesc,
-            scores: trtp.TensorDesc,
-            slots: trtp.TensorDesc,
-            slot_map: trtp.TensorDesc,
-            expansion: int,
-            mapping: str,
-            pooling: str,
-            row_offset: int,
-            has_slot_map: int,
-        ) -> trtp.TensorDesc:
-            pooled = values.like()
-            pooled.shape_expr = trtp.ShapeExprs.from_tuple(
-                (scores.shape_expr[0], expansion, values.shape_expr[1])
-            )
-            return pooled
-
-        @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::Aggregate")
-        def aggregate_aot(
-            values: trtp.TensorDesc,
-            scores: trtp.TensorDesc,
-            slots: trtp.TensorDesc,
-            slot_map: trtp.TensorDesc,
-            expansion: int,
-            mapping: str,
-            pooling: str,
-            row_offset: int,
-            has_slot_map: int,
-            outputs: tuple[trtp.TensorDesc],
-            tactic: int,
-        ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
-            spec = aggregate_spec(
-                _torch_dtype(trt, values.dtype),
-                _static(scores, 1, "heads"),
-                _static(scores, 2, "topk"),
-                _static(scores, 3, "cores"),
-                _static(values, 1, "value_dim"),
-                expansion,
-                mapping,
-                pooling,
-                has_map=bool(has_slot_map),
-                row_offset=row_offset,
-            )
-            return aot(kernel(spec.name), (values, scores, slots, slot_map))
-
-        _registered.add("Aggregate")
+    _active.update(bundle=bundle, sm=sm, trtp=trtp)
+    for op in OPS:
+        if op.onnx_name in _registered:
+            continue
+        name = f"{PLUGIN_NAMESPACE}::{op.onnx_name}"
+        describe = _with_signature(
+            _descriptor(op, trt), f"{op.name}_desc", plugin_signature(op, trtp, aot=False)
+        )
+        implement = _with_signature(
+            _aot_impl(op, trt), f"{op.name}_aot", plugin_signature(op, trtp, aot=True)
+        )
+        trtp.register(name)(describe)
+        trtp.aot_impl(name)(implement)
+        _registered.add(op.onnx_name)

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
 from ultramem.compiler.artifacts import versions
-from ultramem.compiler.timing import measure
+from ultramem.compiler.bench.timing import measure
 from ultramem.models.config import UltraMemConfig
 from ultramem.models.ultramem import UltraMemLayer
 
@@ -101,6 +101,10 @@ class FusedLookup:
             self.keys = keys.permute(1, 3, 0, 2, 4).reshape(2, cfg.key_dim, -1).contiguous()
             u, v = layer.rank1()
             self.u, self.v = u.detach().clone(), v.detach().clone()
+            # the layer's implicit value expansion as the aggregate's maps: row j mod R,
+            # group j div R of the shuffled slot j
+            virtual = layer.shuffle.view(1, -1)
+            self.row_map, self.group_map = virtual % cfg.value_rows, virtual // cfg.value_rows
 
     def slots_and_pooled(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cfg, layer = self.cfg, self.layer
@@ -122,7 +126,7 @@ class FusedLookup:
             cfg.score_activation,
         )
         pooled = torch.ops.ultramem.aggregate(
-            layer.values, scores, slots, layer.shuffle, cfg.expansion, "mod", "add", 0
+            layer.values, scores, slots, self.row_map, self.group_map, cfg.expansion
         )
         return slots, pooled
 

@@ -9,7 +9,7 @@ import matplotlib.image
 from click.testing import CliRunner
 
 from ultramem.cli.main import cli
-from ultramem.compiler.bench import BENCH_SCHEMA
+from ultramem.compiler.bench.run import BENCH_SCHEMA
 
 RESULT_KEYS = {"tokens", "batch", "status", "p50_ms", "p90_ms", "p99_ms", "reps", "tokens_per_s"}
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from ultramem.cli.main import cli
 from ultramem.compiler.artifacts import sha256_file
+from ultramem.kernels import DOMAIN_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> 
     onnx_info = manifest["onnx"]  # the fused lookup as two custom-domain nodes
     assert onnx_info["form"] == "custom" and onnx_info["domain"] == {
         "name": "ultramem",
-        "version": 1,
+        "version": DOMAIN_VERSION,
     }
     assert onnx_info["op_counts"]["ultramem::Retrieve"] == 1
     assert onnx_info["op_counts"]["ultramem::Aggregate"] == 1

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ultramem.compiler.capture import capture
-from ultramem.compiler.selections import (
+from ultramem.compiler.parity.selections import (
     layer_selections,
     memory_layer_names,
     run_recording_sites,

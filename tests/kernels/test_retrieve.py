@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
 
 from ultramem.kernels import retrieve_reference, retrieve_triton, triton_on_cpu
+from ultramem.tests.kernels.compare import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,16 +29,37 @@ TOLERANCES = [
     (torch.bfloat16, 1e-2, 1e-2),
 ]
 
-CASE_FIELDS = ("tokens", "heads", "n", "rank", "n_cores", "topm", "topk", "activation")
+
+@dataclass(frozen=True)
+class Case:
+    """One retrieval shape: ``inputs()`` draws its tensors, ``attributes`` its op attributes."""
+
+    tokens: int
+    heads: int
+    n: int
+    rank: int
+    n_cores: int
+    topm: int
+    topk: int
+    activation: str
+
+    def inputs(self, **kwargs: Any) -> list[Tensor]:
+        return make_inputs(self.tokens, self.heads, self.n, self.rank, self.n_cores, **kwargs)
+
+    @property
+    def attributes(self) -> tuple[int, int, str]:
+        return self.topm, self.topk, self.activation
+
+
 CASES = [
-    pytest.param(1, 1, 16, 2, 1, 4, 4, "none", id="T1-k=m"),
-    pytest.param(7, 1, 13, 2, 2, 5, 3, "relu", id="T7-n13-m5-k3"),
-    pytest.param(13, 1, 24, 1, 1, 6, 6, "softmax", id="T13-r1-pkm-like"),
-    pytest.param(3, 4, 20, 2, 2, 6, 10, "none", id="H4-k>m"),
-    pytest.param(5, 2, 33, 3, 2, 7, 7, "softmax", id="r3-n33-m7"),
-    pytest.param(2, 2, 12, 2, 1, 3, 9, "relu", id="k=m²"),
-    pytest.param(2, 1, 64, 2, 2, 16, 16, "none", id="m16-pow2"),
-    pytest.param(4, 1, 5, 2, 2, 5, 11, "softmax", id="m=n-nonpow2"),
+    pytest.param(Case(1, 1, 16, 2, 1, 4, 4, "none"), id="T1-k=m"),
+    pytest.param(Case(7, 1, 13, 2, 2, 5, 3, "relu"), id="T7-n13-m5-k3"),
+    pytest.param(Case(13, 1, 24, 1, 1, 6, 6, "softmax"), id="T13-r1-pkm-like"),
+    pytest.param(Case(3, 4, 20, 2, 2, 6, 10, "none"), id="H4-k>m"),
+    pytest.param(Case(5, 2, 33, 3, 2, 7, 7, "softmax"), id="r3-n33-m7"),
+    pytest.param(Case(2, 2, 12, 2, 1, 3, 9, "relu"), id="k=m²"),
+    pytest.param(Case(2, 1, 64, 2, 2, 16, 16, "none"), id="m16-pow2"),
+    pytest.param(Case(4, 1, 5, 2, 2, 5, 11, "softmax"), id="m=n-nonpow2"),
 ]
 
 
@@ -71,18 +95,6 @@ def duplicate_keys(row_scores: Tensor, col_scores: Tensor) -> None:
     for src, dst in ((0, n - 1), (1, n // 2), (n // 3, 2)):
         row_scores[:, :, dst] = row_scores[:, :, src]
         col_scores[:, :, dst] = col_scores[:, :, src]
-
-
-def assert_close(name: str, got: Tensor, want: Tensor, atol: float, rtol: float) -> None:
-    """allclose with a report: mismatch count, the first few indices with both values."""
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    got, want = got.float().cpu(), want.float().cpu()
-    assert torch.isfinite(got).all() == torch.isfinite(want).all(), f"{name}: NaN/Inf differ"
-    bad = ~torch.isclose(got, want, atol=atol, rtol=rtol)
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        pairs = [(i, float(got[tuple(i)]), float(want[tuple(i)])) for i in where]
-        pytest.fail(f"{name}: {int(bad.sum())}/{bad.numel()} mismatched; first {pairs}")
 
 
 def assert_slots_equal(got: Tensor, want: Tensor) -> None:
@@ -143,45 +155,24 @@ def naive_retrieve(
 
 @pytest.mark.parametrize("integer", [False, True], ids=["randn", "integer-ties"])
 @pytest.mark.parametrize(
-    CASE_FIELDS,
-    [
-        (3, 2, 9, 2, 2, 4, 5, "none"),
-        (2, 1, 7, 1, 1, 3, 3, "softmax"),
-        (2, 2, 6, 2, 2, 3, 4, "relu"),
-    ],
-)
-def test_reference_matches_naive_loops(
-    tokens: int,
-    heads: int,
-    n: int,
-    rank: int,
-    n_cores: int,
-    topm: int,
-    topk: int,
-    activation: str,
-    integer: bool,
-) -> None:
-    inputs = [x.cpu() for x in make_inputs(tokens, heads, n, rank, n_cores, integer=integer)]
-    scores, slots = retrieve_reference(*inputs, topm, topk, activation)
-    want_scores, want_slots = naive_retrieve(*inputs, topm, topk, activation)
+    "case",
+    [Case(3, 2, 9, 2, 2, 4, 5, "none"), Case(2, 1, 7, 1, 1, 3, 3, "softmax"),
+     Case(2, 2, 6, 2, 2, 3, 4, "relu")],
+)  # fmt: skip
+def test_reference_matches_naive_loops(case: Case, integer: bool) -> None:
+    inputs = [x.cpu() for x in case.inputs(integer=integer)]
+    scores, slots = retrieve_reference(*inputs, *case.attributes)
+    want_scores, want_slots = naive_retrieve(*inputs, *case.attributes)
+    want_scores = want_scores.float()  # the naive loop sums in float64
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(CASE_FIELDS, CASES)
-def test_triton_matches_reference(
-    tokens: int,
-    heads: int,
-    n: int,
-    rank: int,
-    n_cores: int,
-    topm: int,
-    topk: int,
-    activation: str,
-) -> None:
-    inputs = make_inputs(tokens, heads, n, rank, n_cores)
-    scores, slots = retrieve_triton(*inputs, topm, topk, activation)
-    want_scores, want_slots = retrieve_reference(*inputs, topm, topk, activation)
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference(case: Case) -> None:
+    inputs = case.inputs()
+    scores, slots = retrieve_triton(*inputs, *case.attributes)
+    want_scores, want_slots = retrieve_reference(*inputs, *case.attributes)
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 
@@ -272,7 +263,7 @@ def fake(device, *shape, dtype=torch.float32):
 
 def lookup(rs, cs, rw, cw, co, vals, smap):
     scores, slots = torch.ops.ultramem.retrieve(rs, cs, rw, cw, co, 8, 8, "softmax")
-    return torch.ops.ultramem.aggregate(vals, scores, slots, smap, 4)
+    return torch.ops.ultramem.aggregate(vals, scores, slots, smap, None, 4)
 
 class Captured(Exception):
     pass
@@ -287,7 +278,7 @@ def capture(gm, _inputs):
 for device in ("cuda:0", "cpu"):
     with mode:
         shapes = [(5, 2, 40, 2), (5, 2, 40, 2), (2, 2), (2, 2), (2, 2, 2, 2), (100, 16)]
-        args = [fake(device, *s) for s in shapes] + [fake(device, 400, dtype=torch.int64)]
+        args = [fake(device, *s) for s in shapes] + [fake(device, 1, 400, dtype=torch.int64)]
         try:
             aot_function(lookup, fw_compiler=capture)(*args)
         except Captured as found:
@@ -314,9 +305,10 @@ def test_compile_path_inlines_the_kernels_for_cuda_only() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"row_scores": (2, 1, 8, 2, 1)}, "row_scores and col_scores"),
-        ({"row_weight": (3, 2)}, "row_weight must be"),
-        ({"cores": (1, 1, 2, 3)}, "cores must be"),
+        ({"row_scores": (2, 1, 8, 2, 1)}, r"row_scores must be \[T, H, n, r\] \(4-D\)"),
+        ({"col_scores": (2, 1, 9, 2)}, r"col_scores is \[T, H, n, r\] = \(2, 1, 9, 2\), but n = 8"),
+        ({"row_weight": (3, 2)}, r"row_weight is \[H, r\] = \(3, 2\), but H = 1 elsewhere"),
+        ({"cores": (1, 1, 2, 3)}, r"cores is \[M, H, r, r\] = \(1, 1, 2, 3\), but r = 2"),
         ({"topm": 9}, "topm = 9"),
         ({"topk": 17}, "topk = 17"),
         ({"activation": "gelu"}, "activation must be"),
@@ -343,22 +335,11 @@ def test_bad_inputs_raise_value_error(change: dict, message: str) -> None:
 class TestRetrieveCuda:
     """The registered op on CUDA tensors: Triton eagerly and under torch.compile."""
 
-    @pytest.mark.parametrize(CASE_FIELDS, CASES)
-    def test_op_matches_reference(
-        self,
-        tokens: int,
-        heads: int,
-        n: int,
-        rank: int,
-        n_cores: int,
-        topm: int,
-        topk: int,
-        activation: str,
-    ) -> None:
-        inputs = make_inputs(tokens, heads, n, rank, n_cores)
-        scores, slots = torch.ops.ultramem.retrieve(*inputs, topm, topk, activation)
-        cpu = [x.cpu() for x in inputs]
-        want_scores, want_slots = retrieve_reference(*cpu, topm, topk, activation)
+    @pytest.mark.parametrize("case", CASES)
+    def test_op_matches_reference(self, case: Case) -> None:
+        inputs = case.inputs()
+        scores, slots = torch.ops.ultramem.retrieve(*inputs, *case.attributes)
+        want_scores, want_slots = retrieve_reference(*[x.cpu() for x in inputs], *case.attributes)
         assert_slots_equal(slots, want_slots)
         assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ultramem.compiler.capture import CaptureResult, capture
-from ultramem.compiler.parity import ParityReport
+from ultramem.compiler.parity.compare import ParityReport
+from ultramem.compiler.parity.selections import memory_layer_names
 from ultramem.compiler.rewrite import RewriteResult, op_counts, rewrite
-from ultramem.compiler.selections import memory_layer_names
 from ultramem.passes.base import PassResult
 from ultramem.tests.passes import foreign_models as fm
 

@@ -7,8 +7,12 @@ import torch
 from torch import nn
 
 from ultramem.compiler.capture import capture
+from ultramem.compiler.parity.selections import (
+    layer_selections,
+    memory_layer_names,
+    run_recording_sites,
+)
 from ultramem.compiler.rewrite import op_counts, rewrite
-from ultramem.compiler.selections import layer_selections, memory_layer_names, run_recording_sites
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
 from ultramem.models.ultramem import UltraMemLayer

@@ -1,8 +1,9 @@
 """Per-head pooling as the plain aggregate op, and dead writes into fresh buffers.
 
-``per_head_slots`` must make one ``aggregate`` over H·E groups equal H separate per-head
-aggregates (the reference, run head by head). ``finish`` may drop an in-place write only
-when it writes a fresh buffer that nothing reads.
+An ``aggregate`` whose group map sends head h to its own groups h·E .. h·E + E - 1 must
+equal H separate per-head aggregates (the reference, run head by head): per-head pooling
+needs no op of its own. ``finish`` may drop an in-place write only when it writes a fresh
+buffer that nothing reads.
 """
 
 from __future__ import annotations
@@ -14,34 +15,36 @@ from torch import Tensor, nn
 from ultramem.compiler.capture import capture
 from ultramem.kernels import aggregate_reference
 from ultramem.passes.base import finish
-from ultramem.passes.lookup_binding import per_head_slots
 
 
-@pytest.mark.parametrize("mapping", ["mod", "div"])
 @pytest.mark.parametrize("pooling", ["add", "scatter"])
-@pytest.mark.parametrize("with_map", [False, True])
-def test_per_head_slots_pool_each_head_apart(mapping: str, pooling: str, with_map: bool) -> None:
-    tokens, heads, k, cores, rows, dim, expansion = 5, 3, 6, 2, 10, 8, 4
-    slot_count = rows * expansion
+@pytest.mark.parametrize("per_head_rows", [False, True])
+def test_a_per_head_group_map_pools_each_head_apart(pooling: str, per_head_rows: bool) -> None:
+    tokens, heads, k, cores, rows, dim, expansion, slot_count = 5, 3, 6, 2, 10, 8, 4, 40
     values = torch.randn(rows, dim)
-    scores = torch.randn(tokens, heads, k, cores)
+    weights = torch.randn(tokens, heads, k, cores)
     slots = torch.randint(0, slot_count, (tokens, heads, k))
     slots[:, :, -1] = slots[:, :, 0]  # repeats inside a head: scatter's "last wins" matters
-    smap = torch.randperm(slot_count) if with_map else None
+    row_map = torch.randint(0, rows, (heads if per_head_rows else 1, slot_count))
+    group_map = torch.randint(0, expansion, (heads, slot_count))
     want = torch.stack(
         [
             aggregate_reference(
-                values, scores[:, h : h + 1], slots[:, h : h + 1], smap, expansion, mapping, pooling
+                values,
+                weights[:, h : h + 1],
+                slots[:, h : h + 1],
+                row_map[h : h + 1] if per_head_rows else row_map,
+                group_map[h : h + 1],
+                expansion,
+                pooling,
             )
             for h in range(heads)
         ],
         dim=1,
     )  # [T, H, E, Dv]
-    moved, offsets = per_head_slots(smap, heads, slot_count, rows, expansion, mapping)
-    got = aggregate_reference(
-        values, scores, slots + offsets.view(1, -1, 1), moved, heads * expansion, mapping, pooling
-    ).view(tokens, heads, expansion, dim)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    moved = group_map + torch.arange(heads).view(-1, 1) * expansion
+    got = aggregate_reference(values, weights, slots, row_map, moved, heads * expansion, pooling)
+    torch.testing.assert_close(got.view(tokens, heads, expansion, dim), want, atol=1e-6, rtol=1e-6)
 
 
 class _Writes(nn.Module):

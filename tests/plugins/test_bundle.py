@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 
+from ultramem.kernels import AGGREGATE, RETRIEVE
 from ultramem.kernels.aggregate_triton import aggregate_launch_config
 from ultramem.kernels.retrieve_triton import retrieve_launch_config
-from ultramem.plugins.bundle import KernelSpec, parse_ptx, specs_for_layer
+from ultramem.plugins.bundle import parse_ptx
 from ultramem.plugins.launcher import pack_args, resolve_dims, scalar_values
 from ultramem.plugins.metadata import BundleManifest, KernelMetadata, evaluate, load_bundle
+from ultramem.plugins.specs import KernelSpec, spec_for_call
 
 BUNDLE_SMS = (80, 90, 120)
 ODD_TOKENS = (1, 7, 13, 1000)
@@ -39,7 +41,7 @@ def jit_params(fn: Any) -> list[tuple[str, bool]]:
 
 def dims_for(kernel: KernelMetadata, tokens: int) -> dict[str, int]:
     """Every dim at its build-time value, ``tokens`` tokens, and 100 value rows."""
-    free = {"T": tokens, "ROWS": 100, "SLOTS": 400}
+    free = {"T": tokens, "R": 100}
     return {n: d.value if d.value is not None else free[n] for n, d in kernel.dims.items()}
 
 
@@ -95,12 +97,13 @@ def test_constexprs_come_from_the_launch_config(bundle: BundleManifest) -> None:
         if k.op == "retrieve":
             act = k.constexprs["ACTIVATION"]
             config = retrieve_launch_config(
-                d["H"], d["N"], d["RANK"], d["CORES"], d["TOPM"], d["TOPK"], str(act)
+                d["H"], d["n"], d["r"], d["M"], d["topm"], d["topk"], str(act)
             )
         else:
             config = aggregate_launch_config(
-                d["H"], d["K"], d["D"], d["E"], str(k.constexprs["MAPPING"]),
-                str(k.constexprs["POOLING"]), has_map=bool(k.constexprs["HAS_MAP"]),
+                d["H"], d["k"], d["Dv"], d["groups"], str(k.constexprs["POOLING"]),
+                has_row_map=bool(k.constexprs["HAS_ROW_MAP"]),
+                has_group_map=bool(k.constexprs["HAS_GROUP_MAP"]),
             )  # fmt: skip
         assert k.constexprs == dict(config.constexprs)
         assert k.num_warps == config.num_warps
@@ -113,7 +116,8 @@ def test_pointer_dtypes(bundle: BundleManifest) -> None:
         float_dtype = "bf16" if "_bf16_" in k.name else "fp32"
         for a in k.args:
             if a.kind == "pointer":
-                expected = "i64" if a.tensor in ("slots", "slot_map") else float_dtype
+                index = a.tensor in ("slots", "row_map", "group_map")
+                expected = "i64" if index else float_dtype
                 assert a.dtype == expected and a.align == 16, a
 
 
@@ -127,7 +131,7 @@ def test_grid_covers_every_token(bundle: BundleManifest, tokens: int) -> None:
             assert y == dims["H"]
         else:  # one per (token, block of value columns): every column, no empty block
             block = int(k.constexprs["BLOCK_D"])
-            assert y * block >= dims["D"] > (y - 1) * block
+            assert y * block >= dims["Dv"] > (y - 1) * block
 
 
 def test_scalars_match_contiguous_strides(bundle: BundleManifest) -> None:
@@ -135,22 +139,25 @@ def test_scalars_match_contiguous_strides(bundle: BundleManifest) -> None:
         dims = dims_for(k, 7)
         values = scalar_values(k, dims)
         if k.op == "retrieve":
-            shape = (7, dims["H"], dims["N"], dims["RANK"])
+            shape = (7, dims["H"], dims["n"], dims["r"])
             strides = torch.empty(shape).stride()
             for side in ("row", "col"):
                 got = [values[f"{side}_stride_{a}"] for a in "thnr"]
                 assert tuple(got) == strides
             assert (values["n"], values["m"], values["k"]) == (
-                dims["N"], dims["TOPM"], dims["TOPK"],
+                dims["n"], dims["topm"], dims["topk"],
             )  # fmt: skip
         else:
-            table = torch.empty(dims["ROWS"], dims["D"])
+            table = torch.empty(dims["R"], dims["Dv"])
             assert (values["values_stride_row"], values["values_stride_col"]) == table.stride()
-            assert values["selections"] == dims["H"] * dims["K"]
-            assert values["chunk"] * values["n_cores"] == dims["D"]
-            has_map = bool(k.constexprs["HAS_MAP"])
-            slots = dims["SLOTS"] if has_map else dims["ROWS"] * dims["E"]
-            assert values["slot_count"] == slots
+            assert values["selections"] == dims["H"] * dims["k"]
+            assert values["chunk"] * values["n_cores"] == dims["Dv"]
+            has_map = bool(k.constexprs["HAS_ROW_MAP"] or k.constexprs["HAS_GROUP_MAP"])
+            assert values["slots_count"] == (dims["S"] if has_map else dims["R"])
+            for name, heads in (("row_map", "Hr"), ("group_map", "Hg")):
+                present = bool(k.constexprs[f"HAS_{name.upper()}"])
+                per_head = present and dims[heads] > 1
+                assert values[f"{name}_head_stride"] == (dims["S"] if per_head else 0)
 
 
 def test_pack_args_in_signature_order(bundle: BundleManifest) -> None:
@@ -183,7 +190,7 @@ def test_pack_args_refuses_what_does_not_fit(bundle: BundleManifest) -> None:
 
 def test_resolve_dims_refuses_other_shapes(bundle: BundleManifest) -> None:
     k = next(k for k in bundle.kernels if k.op == "retrieve")
-    h, n, r, c = (k.dims[d].value for d in ("H", "N", "RANK", "CORES"))
+    h, n, r, c = (k.dims[d].value for d in ("H", "n", "r", "M"))
     assert h is not None and n is not None and r is not None and c is not None
     shapes = {"row_scores": (5, h, n, r), "cores": (c, h, r, r)}
     assert resolve_dims(k, shapes)["T"] == 5
@@ -208,18 +215,24 @@ def test_evaluate_refuses(expr: str) -> None:
         evaluate(expr, {"T": 13, "NAME": "x"})
 
 
-def test_specs_for_layer_refuses_bad_bindings(small_binding: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="lacks"):
-        specs_for_layer({k: v for k, v in small_binding.items() if k != "topk"}, torch.float32, 8)
-    with pytest.raises(ValueError, match="activation"):
-        specs_for_layer({**small_binding, "activation": "gelu"}, torch.float32, 8)
+def test_a_call_the_contract_refuses_has_no_spec() -> None:
+    rows, cols = torch.randn(2, 1, 16, 2), torch.randn(2, 1, 16, 2)
+    weights, cores = torch.randn(1, 2), torch.randn(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        spec_for_call(RETRIEVE, RETRIEVE.bind(rows, cols, weights, weights, cores, 4, 4, "gelu"))
     with pytest.raises(ValueError, match="equal chunks"):
-        specs_for_layer({**small_binding, "cores": 3}, torch.float32, 8)
-    with pytest.raises(ValueError, match="dtype"):
-        specs_for_layer(small_binding, torch.float64, 8)
+        spec_for_call(
+            AGGREGATE,
+            AGGREGATE.bind(torch.randn(8, 8), torch.randn(2, 1, 4, 3), torch.zeros(2, 1, 4).long()),
+        )
 
 
-def test_row_offset_is_part_of_the_specialisation(small_binding: dict[str, Any]) -> None:
-    plain = specs_for_layer(small_binding, torch.float32, 8)[1]
-    shifted = specs_for_layer({**small_binding, "row_offset": 3}, torch.float32, 8)[1]
-    assert plain.name != shifted.name and shifted.dims["OFFSET"].value == 3
+def test_maps_are_part_of_the_specialisation() -> None:
+    values, weights = torch.randn(32, 8), torch.randn(2, 2, 4, 1)
+    slots = torch.zeros(2, 2, 4, dtype=torch.int64)
+    shared, per_head = torch.zeros(1, 64, dtype=torch.int64), torch.zeros(2, 64, dtype=torch.int64)
+    names = {
+        spec_for_call(AGGREGATE, AGGREGATE.bind(values, weights, slots, *maps)).name
+        for maps in [(), (shared,), (per_head,), (shared, per_head, 2), (shared.int(),)]
+    }
+    assert len(names) == 5

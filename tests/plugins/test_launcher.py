@@ -2,7 +2,7 @@
 
 On CPU: ``BundleLauncher`` against a fake driver that decodes the ``void**`` parameter
 array it receives (what ``cuLaunchKernel`` would read). On GPU (``gpu``): parity of
-``run_retrieve``/``run_aggregate`` with the plain-PyTorch references, selections exact,
+``run_op`` (arguments by the contract's names) with the plain-PyTorch references, selections exact,
 for a bundle compiled for the device's own architecture.
 """
 
@@ -17,10 +17,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from ultramem.kernels import aggregate_reference, retrieve_reference
-from ultramem.plugins.bundle import build_bundle, specs_for_layer
-from ultramem.plugins.launcher import BundleLauncher, import_driver, run_aggregate, run_retrieve
+from ultramem.kernels import AGGREGATE, RETRIEVE, aggregate_reference, retrieve_reference
+from ultramem.plugins.bundle import build_bundle
+from ultramem.plugins.launcher import BundleLauncher, import_driver, run_op
 from ultramem.plugins.metadata import BundleManifest, KernelMetadata
+from ultramem.plugins.specs import spec_for_call
 
 
 class FakeDriver:
@@ -74,13 +75,13 @@ def test_launch_packs_the_parameter_array(bundle: BundleManifest) -> None:
     tokens = 7
     dt = torch.float32 if "_fp32_" in kernel.name else torch.bfloat16
     tensors = {
-        "row_scores": torch.randn(tokens, d["H"], d["N"], d["RANK"]).to(dt),
-        "col_scores": torch.randn(tokens, d["H"], d["N"], d["RANK"]).to(dt),
-        "row_weight": torch.randn(d["H"], d["RANK"]).to(dt),
-        "col_weight": torch.randn(d["H"], d["RANK"]).to(dt),
-        "cores": torch.randn(d["CORES"], d["H"], d["RANK"], d["RANK"]).to(dt),
-        "scores": torch.empty(tokens, d["H"], d["TOPK"], d["CORES"], dtype=dt),
-        "slots": torch.empty(tokens, d["H"], d["TOPK"], dtype=torch.int64),
+        "row_scores": torch.randn(tokens, d["H"], d["n"], d["r"]).to(dt),
+        "col_scores": torch.randn(tokens, d["H"], d["n"], d["r"]).to(dt),
+        "row_weight": torch.randn(d["H"], d["r"]).to(dt),
+        "col_weight": torch.randn(d["H"], d["r"]).to(dt),
+        "cores": torch.randn(d["M"], d["H"], d["r"], d["r"]).to(dt),
+        "scores": torch.empty(tokens, d["H"], d["topk"], d["M"], dtype=dt),
+        "slots": torch.empty(tokens, d["H"], d["topk"], dtype=torch.int64),
     }
     driver = FakeDriver()
     driver.kernel = kernel
@@ -98,7 +99,7 @@ def test_launch_packs_the_parameter_array(bundle: BundleManifest) -> None:
     strides = dict(zip("thnr", tensors["row_scores"].stride(), strict=True))
     expected = {
         **{a.name: tensors[a.tensor or ""].data_ptr() for a in kernel.args if a.kind == "pointer"},
-        "n": d["N"], "m": d["TOPM"], "k": d["TOPK"], "heads": d["H"],
+        "n": d["n"], "m": d["topm"], "k": d["topk"], "heads": d["H"],
         **{f"{side}_stride_{axis}": s for side in ("row", "col") for axis, s in strides.items()},
         "global_scratch": 0, "profile_scratch": 0,
     }  # fmt: skip
@@ -107,15 +108,18 @@ def test_launch_packs_the_parameter_array(bundle: BundleManifest) -> None:
 
 
 def test_launch_refuses_what_the_kernel_was_not_built_for(bundle: BundleManifest) -> None:
-    kernel = bundle.find(next(k.name for k in bundle.kernels if k.op == "aggregate"), 80)
+    kernel = bundle.find(
+        next(k.name for k in bundle.kernels if k.op == "aggregate" and "row" in k.name), 80
+    )
     d = {n: dim.value for n, dim in kernel.dims.items()}
     dt = torch.float32 if "_fp32_" in kernel.name else torch.bfloat16
     tensors = {
-        "values": torch.randn(10, d["D"]).to(dt),
-        "scores": torch.randn(3, d["H"], d["K"], d["CORES"]).to(dt),
-        "slots": torch.zeros(3, d["H"], d["K"], dtype=torch.int64),
-        "slot_map": torch.zeros(10 * d["E"], dtype=torch.int64),
-        "out": torch.empty(3, d["E"], d["D"], dtype=dt),
+        "values": torch.randn(10, d["Dv"]).to(dt),
+        "weights": torch.randn(3, d["H"], d["k"], d["M"]).to(dt),
+        "slots": torch.zeros(3, d["H"], d["k"], dtype=torch.int64),
+        "row_map": torch.zeros(d["Hr"], d["S"], dtype=torch.int64),
+        "group_map": torch.zeros(d["Hg"], d["S"], dtype=torch.int64),
+        "pooled": torch.empty(3, d["groups"], d["Dv"], dtype=dt),
     }
     driver = FakeDriver(launch_error=719)
     driver.kernel = kernel
@@ -139,27 +143,12 @@ def test_launch_refuses_what_the_kernel_was_not_built_for(bundle: BundleManifest
 # ---------------------------------------------------------------------------------------
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# binding, value_dim; each run at several token counts
+# (H, n, r, M, topm, topk, activation), (Dv, maps, groups, pooling); each at several T
 LAYERS = [
-    pytest.param(
-        {"heads": 2, "n_keys": 64, "tucker_rank": 2, "cores": 2, "topm": 8, "topk": 8,
-         "activation": "none", "expansion": 4, "mapping": "mod", "pooling": "add",
-         "slot_map": True},
-        64, id="builtin-model",
-    ),
-    pytest.param(
-        {"heads": 1, "n_keys": 13, "tucker_rank": 3, "cores": 1, "topm": 5, "topk": 3,
-         "activation": "relu", "expansion": 2, "mapping": "div", "pooling": "scatter",
-         "slot_map": False},
-        24, id="n13-r3-div-scatter",
-    ),
-    pytest.param(
-        {"heads": 4, "n_keys": 33, "tucker_rank": 2, "cores": 2, "topm": 7, "topk": 10,
-         "activation": "softmax", "expansion": 1, "mapping": "mod", "pooling": "add",
-         "slot_map": False},
-        40, id="H4-softmax-k>m",
-    ),
-]  # fmt: skip
+    pytest.param((2, 64, 2, 2, 8, 8, "none"), (64, "shuffle", 4, "add"), id="builtin-model"),
+    pytest.param((1, 13, 3, 1, 5, 3, "relu"), (24, "none", 1, "scatter"), id="n13-r3-scatter"),
+    pytest.param((4, 33, 2, 2, 7, 10, "softmax"), (40, "per-head", 8, "add"), id="H4-per-head"),
+]
 TOKENS = (1, 7, 13, 1000)
 
 
@@ -173,20 +162,36 @@ def device_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return tmp_path_factory.mktemp("device-bundle"), major * 10 + minor
 
 
+def _maps(kind: str, heads: int, slots: int, rows: int, groups: int) -> dict[str, Tensor]:
+    if kind == "none":
+        return {}
+    if kind == "shuffle":  # the authors' IVE: row p mod R, group p div R
+        perm = torch.randperm(slots, device="cuda").view(1, -1) % (rows * groups)
+        return {"row_map": perm % rows, "group_map": perm // rows}
+    head = torch.arange(heads, device="cuda").view(-1, 1)  # PyPI: a table and E groups a head
+    return {
+        "row_map": torch.randint(0, rows, (heads, slots), device="cuda"),
+        "group_map": head * (groups // heads) + torch.randint(0, groups // heads, (1, slots),
+                                                             device="cuda"),
+    }  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize(("binding", "value_dim"), LAYERS)
+@pytest.mark.parametrize(("selection", "pooling"), LAYERS)
 def test_parity_with_reference(
-    device_bundle: tuple[Path, int], binding: dict[str, Any], value_dim: int, dtype: torch.dtype
+    device_bundle: tuple[Path, int],
+    selection: tuple[Any, ...],
+    pooling: tuple[Any, ...],
+    dtype: torch.dtype,
 ) -> None:
     root, sm = device_bundle
-    retrieve_spec, aggregate_spec = specs_for_layer(binding, dtype, value_dim)
-    bundle = build_bundle([retrieve_spec, aggregate_spec], [sm], root / retrieve_spec.name)
-    h, n, r, c = (binding[k] for k in ("heads", "n_keys", "tucker_rank", "cores"))
-    rows, expansion = 50, binding["expansion"]
+    h, n, r, c, topm, topk, activation = selection
+    value_dim, kind, groups, mode = pooling
+    rows = 50
     values = torch.randn(rows, value_dim, device="cuda").to(dtype)
-    slot_map = torch.randperm(n * n, device="cuda") % (rows * expansion)
-    slot_map = slot_map if binding["slot_map"] else None
+    maps = _maps(kind, h, n * n, rows, groups)
+    bundle = None
     for tokens in TOKENS:
 
         def draw(*shape: int) -> Tensor:
@@ -194,21 +199,24 @@ def test_parity_with_reference(
 
         inputs = [draw(tokens, h, n, r), draw(tokens, h, n, r), draw(h, r), draw(h, r)]
         inputs.append(draw(c, h, r, r))
-        ref_scores, ref_slots = retrieve_reference(
-            *inputs, binding["topm"], binding["topk"], binding["activation"]
+        ref_scores, ref_slots = retrieve_reference(*inputs, topm, topk, activation)
+        pooled_slots = ref_slots if maps else ref_slots % rows  # no maps: slots are rows
+        retrieve = RETRIEVE.bind(*inputs, topm, topk, activation)
+        aggregate = AGGREGATE.bind(
+            values, ref_scores, pooled_slots, maps.get("row_map"), maps.get("group_map"), groups,
+            mode,
+        )  # fmt: skip
+        specs = [spec_for_call(RETRIEVE, retrieve), spec_for_call(AGGREGATE, aggregate)]
+        if bundle is None:  # the token count is not part of a specialisation
+            bundle = build_bundle(specs, [sm], root / f"{specs[0].name}-{specs[1].name}")
+        scores, slots = run_op(
+            bundle, specs[0].name, **{k: retrieve[k] for k in RETRIEVE.input_names}
         )
-        scores, slots = run_retrieve(bundle, retrieve_spec.name, *inputs)
         assert torch.equal(slots, ref_slots), f"T={tokens}: selections differ"
         _assert_close(scores, ref_scores, dtype, f"retrieve scores, T={tokens}")
 
-        if slot_map is None:  # slots must address the R·E virtual rows
-            ref_slots = ref_slots % (rows * expansion)
-        ref_out = aggregate_reference(
-            values, ref_scores, ref_slots, slot_map, expansion, binding["mapping"],
-            binding["pooling"], 0,
-        )  # fmt: skip
-        out = run_aggregate(bundle, aggregate_spec.name, values, ref_scores, ref_slots, slot_map)
-        _assert_close(out, ref_out, dtype, f"aggregate, T={tokens}")
+        out = run_op(bundle, specs[1].name, **{k: aggregate[k] for k in AGGREGATE.input_names})
+        _assert_close(out, aggregate_reference(**aggregate), dtype, f"aggregate, T={tokens}")
         torch.cuda.synchronize()
 
 

@@ -22,17 +22,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from ultramem.compiler.onnx_ops import DOMAIN
+from ultramem.compiler.tensorrt.plugin_onnx import plugin_onnx
+from ultramem.kernels import DOMAIN, op_spec
 from ultramem.plugins.launcher import resolve_dims, scalar_values
 from ultramem.plugins.metadata import BundleManifest, KernelMetadata
-from ultramem.plugins.trt_plugin import (
-    ATTRIBUTE_ORDER,
-    launch_expressions,
-    layout_problem,
-    plugin_onnx,
-)
+from ultramem.plugins.trt_plugin import attribute_order, launch_expressions, layout_problem
 
-DYNAMIC = {"T": 7, "ROWS": 33, "SLOTS": 66}
+DYNAMIC = {"T": 7, "R": 33}
 
 
 def _shapes(meta: KernelMetadata) -> dict[str, list[int]]:
@@ -101,11 +97,10 @@ def test_launch_expressions_stay_symbolic_in_the_dynamic_dims(bundle: BundleMani
         symbolic = [s for s in scalars if isinstance(s, Sym)]
         if meta.op == "retrieve":
             assert not symbolic  # strides of contiguous [T, H, n, r]: T never enters
-        elif meta.constexprs["HAS_MAP"]:
-            assert symbolic == [Sym("values[0]"), Sym("slot_map[0]")]  # rows, slot count
+        elif meta.constexprs["HAS_ROW_MAP"] or meta.constexprs["HAS_GROUP_MAP"]:
+            assert symbolic == [Sym("values[0]")]  # the table's rows; S is the maps' width
         else:
-            expansion = meta.dims["E"].value
-            assert symbolic == [Sym("values[0]"), Sym(f"(values[0]*{expansion})")]
+            assert symbolic == [Sym("values[0]"), Sym("values[0]")]  # rows, and slot count
 
 
 @pytest.fixture(scope="module")
@@ -124,32 +119,27 @@ def test_plugin_onnx_routes_the_nodes_to_plugins(custom_onnx: Path) -> None:
     assert count == 2 and not prepared.functions and len(model.functions) == 2  # a copy
     for node in (n for n in prepared.graph.node if n.domain == DOMAIN):
         attrs = [a.name for a in node.attribute]
-        assert attrs == [
-            *ATTRIBUTE_ORDER[node.op_type],
-            "plugin_namespace",
-            "plugin_version",
-            "aot",
-        ]
+        op = op_spec(node.op_type)
+        assert attrs == [*attribute_order(op), "plugin_namespace", "plugin_version", "aot"]
         assert node.overload == ""
         values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert values["plugin_namespace"] == b"ultramem" and values["aot"] == 1
-        if node.op_type == "Aggregate":
-            assert values["has_slot_map"] == 1 and len(node.input) == 4
+        assert len(node.input) == len(op.inputs)
+        if node.op_type == "Aggregate":  # the bundled model's shuffle: both maps
+            assert values["has_row_map"] == values["has_group_map"] == 1
 
 
-def test_aggregate_without_a_slot_map_gets_a_stand_in() -> None:
-    node = helper.make_node(
-        "Aggregate", ["v", "s", "i"], ["p"], domain=DOMAIN, name="agg", expansion=2
-    )
+def test_aggregate_without_maps_gets_stand_ins() -> None:
+    node = helper.make_node("Aggregate", ["v", "w", "s"], ["p"], domain=DOMAIN, name="agg")
     graph = helper.make_graph([node], "g", [], [])
     prepared, _ = plugin_onnx(helper.make_model(graph))
     (out,) = prepared.graph.node
-    assert list(out.input) == ["v", "s", "i", "agg__no_slot_map"]
-    (stand_in,) = prepared.graph.initializer
-    np.testing.assert_array_equal(numpy_helper.to_array(stand_in), [0])
+    assert list(out.input) == ["v", "w", "s", "agg__no_row_map", "agg__no_group_map"]
+    for stand_in in prepared.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(stand_in), [[0]])
     values = {a.name: helper.get_attribute_value(a) for a in out.attribute}
-    assert values["has_slot_map"] == 0
-    assert (values["mapping"], values["pooling"], values["row_offset"]) == (b"mod", b"add", 0)
+    assert values["has_row_map"] == values["has_group_map"] == 0
+    assert (values["groups"], values["pooling"]) == (1, b"add")
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("tensorrt_rtx"), reason="needs tensorrt_rtx")

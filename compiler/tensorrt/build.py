@@ -24,10 +24,8 @@ lowering, precision).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections import Counter
@@ -39,92 +37,20 @@ from typing import Any
 import onnx
 from google.protobuf.message import DecodeError
 
-from ultramem.compiler.onnx_ops import inline_functions
-from ultramem.compiler.trt_onnx import (
+from ...files import atomic_write
+from ...plugins.trt_plugin import PLUGIN_NAMESPACE
+from ..onnx.domain import inline_functions
+from .package import TensorRTError, can_run_engine, import_tensorrt, package_name
+from .plugin_onnx import plugin_onnx
+from .prepare import (
     Precision,
     check_limits,
     convert_precision,
     lower_scatter_add,
 )
-from ultramem.plugins.trt_plugin import PLUGIN_NAMESPACE, plugin_onnx
+from .profile import ShapeProfile
 
 log = logging.getLogger(__name__)
-
-PACKAGES = ("tensorrt", "tensorrt_rtx")
-PIP_NAMES = {"tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx"}
-# TensorRT-RTX 1.7 engines run on these only (its runtime's message on sm_90, PLATFORMS.md).
-RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
-
-
-class TensorRTError(RuntimeError):
-    """Parsing or building failed; the message carries every error TensorRT reported."""
-
-
-def import_tensorrt(package: str | None = None) -> ModuleType:
-    """``tensorrt`` or ``tensorrt_rtx``; ``None`` prefers ``tensorrt``, then ``tensorrt_rtx``."""
-    if package is not None and package not in PACKAGES:
-        raise ValueError(f"package must be one of {PACKAGES} or None, got {package!r}")
-    for name in [package] if package else PACKAGES:
-        try:
-            trt = importlib.import_module(name)
-        except ImportError:
-            continue
-        if name == "tensorrt" and int(trt.__version__.split(".")[0]) < 10:
-            raise TensorRTError(
-                f"tensorrt {trt.__version__} is too old: pip install 'tensorrt>=10'"
-            )
-        return trt
-    wanted = [package] if package else list(PACKAGES)
-    pips = " or ".join(f"`pip install {PIP_NAMES[n]}`" for n in wanted)
-    raise TensorRTError(f"no TensorRT package ({' / '.join(wanted)} not importable); {pips}")
-
-
-def package_name(trt: ModuleType) -> str:
-    """Which of ``PACKAGES`` an imported module is."""
-    return "tensorrt_rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt"
-
-
-def parse_range(text: str) -> tuple[int, int, int]:
-    """``"1,64,256"`` -> (min, opt, max); one number means a static size."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"expected 'min,opt,max' integers, got {text!r}") from None
-    values = values * 3 if len(values) == 1 else values
-    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
-        raise ValueError(f"expected 'min,opt,max' with 1 <= min <= opt <= max, got {text!r}")
-    return values[0], values[1], values[2]
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """min/opt/max of the dynamic axes; an engine accepts only shapes inside them. Keep
-    ``tokens`` within what the capture admits (the model's ``max_seq_len``)."""
-
-    batch: tuple[int, int, int] = (1, 1, 8)
-    tokens: tuple[int, int, int] = (1, 64, 256)
-
-    def __post_init__(self) -> None:
-        for axis in (self.batch, self.tokens):
-            parse_range(",".join(map(str, axis)))
-
-    @classmethod
-    def parse(cls, batch: str | None = None, tokens: str | None = None) -> ShapeProfile:
-        default = cls()
-        return cls(
-            batch=parse_range(batch) if batch else default.batch,
-            tokens=parse_range(tokens) if tokens else default.tokens,
-        )
-
-    def axis_range(self, name: str, position: int) -> tuple[int, int, int]:
-        """By the ONNX dim name, else by position (0 batch, 1 tokens) as capture assigns them."""
-        key = name if name in ("batch", "tokens") else {0: "batch", 1: "tokens"}.get(position)
-        if key is None:
-            raise TensorRTError(
-                f"dynamic axis {position} ({name or 'unnamed'}) is neither batch nor tokens; "
-                "export with the other axes static"
-            )
-        return getattr(self, key)
 
 
 @dataclass
@@ -152,21 +78,6 @@ class EngineInfo:
         return asdict(self)
 
 
-def can_run_engine(package: str) -> tuple[bool, str]:
-    """Whether an engine built with ``package`` can execute on this machine, and why not."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (torch.cuda.is_available() is False)"
-    major, minor = torch.cuda.get_device_capability()
-    if package == "tensorrt_rtx" and (major, minor) not in RTX_COMPUTE_CAPABILITIES:
-        supported = " ".join(f"{a}.{b}" for a, b in RTX_COMPUTE_CAPABILITIES)
-        return False, f"TensorRT-RTX does not run on compute capability {major}.{minor} " + (
-            f"(supported: {supported})"
-        )
-    return True, f"CUDA device with compute capability {major}.{minor}"
-
-
 # ---- the ONNX graph: limits and native lowering ------------------------------------------
 
 
@@ -182,18 +93,6 @@ def _collecting_logger(trt: ModuleType) -> Any:
             log.debug("TensorRT %s: %s", severity, msg)
 
     return Collect()
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name beside ``path``, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _parser_errors(parser: Any) -> str:
@@ -347,9 +246,9 @@ def build_engine(
     seconds = time.perf_counter() - start
     if serialized is None:
         raise TensorRTError(f"{onnx_path}: engine build failed: " + " | ".join(logger.errors))
-    _write_atomic(engine_path, serialized)
+    atomic_write(engine_path, bytes(serialized))
     if timing_cache is not None and "note" not in cache_info:
-        _write_atomic(timing_cache, config.get_timing_cache().serialize())
+        atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
         cache_info["saved"] = True
     layers, source = _layers(trt, network, serialized)
     runnable, why = can_run_engine(name)

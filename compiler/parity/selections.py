@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
+from ...kernels import RETRIEVE_OP
+from ...passes.lookups import lookup_anchors
 
 TOPK_OPS = (torch.ops.aten.topk.default,)
-RETRIEVE_OP = torch.ops.ultramem.retrieve.default
 
 
 @dataclass
@@ -138,9 +138,7 @@ def _module_path(node: torch.fx.Node) -> str:
 
 def memory_layer_names(graph: torch.fx.Graph) -> list[str]:
     """Names (module paths) of the memory layers in a graph, fused or not, in order."""
-    from ultramem.passes.lookup_region import final_topks
-
-    finals = {final for final, _, _ in final_topks(graph)}
+    finals = {final for final, _, _ in lookup_anchors(graph)}
     return [
         _module_path(n)
         for n in graph.nodes

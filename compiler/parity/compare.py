@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ultramem.compiler.selections import Selection
+from .selections import Selection
 
 
 @dataclass(frozen=True)

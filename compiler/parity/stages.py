@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from ultramem.compiler.capture import CaptureResult
-from ultramem.compiler.parity import (
+from ..capture import CaptureResult
+from .compare import (
     OutputComparison,
     ParityReport,
     SelectionComparison,
@@ -21,7 +21,7 @@ from ultramem.compiler.parity import (
     compare_selections,
     tolerance_for,
 )
-from ultramem.compiler.selections import (
+from .selections import (
     SiteRecord,
     layer_selections,
     run_recording_sites,

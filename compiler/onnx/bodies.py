@@ -2,19 +2,20 @@
 
 A body computes the op's reference semantics (``kernels/retrieve.py``,
 ``kernels/aggregate.py``) with standard ops only, so stock ONNX Runtime runs the custom
-node as it is and TensorRT's parser can inline it. The attributes fix the body's
-structure (activation, mapping, pooling), so there is one function per attribute set,
-told apart by the node's ``overload``.
+node as it is and TensorRT's parser can inline it. The attributes and the optional inputs
+present fix the body's structure (activation, pooling, maps), so there is one function per
+such set, told apart by the node's ``overload``.
 
 Choices that keep the bodies exact and portable:
 
 - TopK with ``largest=1, sorted=1``: the ONNX spec breaks ties toward the lower index,
   as the reference does; ONNX Runtime's CPU kernel follows it (tested with planted ties).
 - Batched row selection is GatherElements on an expanded index, not Gather + batch dims.
-- Pooling is a one-hot matrix product ``[T, E, H·k] @ [T, H·k, Dv]`` in fp32 instead of
-  ScatterElements: ``add`` sums the same terms; ``scatter`` ("the last of the H·k wins")
-  keeps only each group's last hit. TensorRT parses this without a scatter reduction,
-  and ONNX leaves duplicate indices in a plain ScatterElements undefined.
+- A map lookup ``map[h', slot]`` is one Gather on the flattened map at ``slot + h'·S``.
+- Pooling is a one-hot matrix product ``[T, G, H·k] @ [T, H·k, Dv]`` in fp32 instead of
+  ScatterElements (one group: a ReduceSum): ``add`` sums the same terms; ``scatter`` ("the
+  last of the H·k wins") keeps only each group's last hit. TensorRT parses this without a
+  scatter reduction, and ONNX leaves duplicate indices in a plain ScatterElements undefined.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class _Body:
     def ints(self, *values: int) -> str:
         tensor = helper.make_tensor(self._name("const"), INT64, [len(values)], list(values))
         return self.op("Constant", value=tensor)
+
+    def scalar(self, value: int) -> str:
+        return self.array(np.array(value, dtype=np.int64))
 
     def array(self, values: np.ndarray) -> str:
         return self.op("Constant", value=onnx.numpy_helper.from_array(values))
@@ -104,42 +108,50 @@ def retrieve_body(topm: int, topk: int, activation: str) -> list[onnx.NodeProto]
 
 
 def aggregate_body(
-    expansion: int, mapping: str, pooling: str, row_offset: int, has_slot_map: bool
+    groups: int, pooling: str, has_row_map: bool, has_group_map: bool
 ) -> list[onnx.NodeProto]:
-    """Nodes from (values, scores, slots, slot_map) to pooled [T, E, Dv]."""
+    """Nodes from (values, weights, slots, [row_map], [group_map]) to pooled [T, G, Dv]."""
     b = _Body("Aggregate")
-    virtual = b.op("Cast", "slots", to=INT64)
-    if has_slot_map:
-        virtual = b.op("Gather", "slot_map", virtual, axis=0)
-    rows = b.op("Shape", "values", end=1)
-    if mapping == "mod":
-        row, group = b.op("Mod", virtual, rows), b.op("Div", virtual, rows)
-    else:
-        e = b.ints(expansion)
-        row, group = b.op("Div", virtual, e), b.op("Mod", virtual, e)
-    if row_offset:
-        row = b.op("Mod", b.op("Add", row, b.ints(row_offset)), rows)
+    slots = b.op("Cast", "slots", to=INT64)  # [T, H, k]
+
+    def mapped(index_map: str) -> str:
+        """``index_map[h', slot]`` with h' = h for an [H, S] map, 0 for a [1, S] map."""
+        width = b.op("Shape", index_map, start=1, end=2)
+        heads = b.op("Shape", index_map, start=0, end=1)
+        head = b.op("Range", b.scalar(0), b.op("Squeeze", heads), b.scalar(1))
+        offset = b.op("Mul", b.op("Reshape", head, b.ints(1, -1, 1)), width)  # [1, H', 1]
+        flat = b.op("Reshape", b.op("Cast", index_map, to=INT64), b.ints(-1))
+        return b.op("Gather", flat, b.op("Add", slots, offset), axis=0)
+
+    row = mapped("row_map") if has_row_map else slots
     gathered = b.op("Cast", b.op("Gather", "values", row, axis=0), to=FLOAT)  # [T, H, k, Dv]
-    chunks = b.op("Concat", b.op("Shape", "scores"), b.ints(-1), axis=0)  # [T, H, k, M, Dv/M]
-    score = b.op("Unsqueeze", b.op("Cast", "scores", to=FLOAT), b.ints(-1))
-    weighted = b.op("Mul", b.op("Reshape", gathered, chunks), score)
-    tokens = b.op("Shape", "scores", end=1)
+    chunks = b.op("Concat", b.op("Shape", "weights"), b.ints(-1), axis=0)  # [T, H, k, M, Dv/M]
+    weight = b.op("Unsqueeze", b.op("Cast", "weights", to=FLOAT), b.ints(-1))
+    weighted = b.op("Mul", b.op("Reshape", gathered, chunks), weight)
+    tokens = b.op("Shape", "weights", end=1)
     flat = b.op("Concat", tokens, b.ints(-1), b.op("Shape", "values", start=1, end=2), axis=0)
     weighted = b.op("Reshape", weighted, flat)  # [T, H·k, Dv]
-    group = b.op("Reshape", group, b.op("Concat", tokens, b.ints(1, -1), axis=0))  # [T, 1, H·k]
-    ids = b.array(np.arange(expansion, dtype=np.int64).reshape(1, expansion, 1))
-    one_hot = b.op("Cast", b.op("Equal", group, ids), to=FLOAT)  # [T, E, H·k]
-    if pooling == "scatter":
-        ones = b.op(
-            "ConstantOfShape",
-            b.op("Shape", group),
-            value=helper.make_tensor("one", FLOAT, [1], [1.0]),
-        )
-        axis = b.array(np.array(2, dtype=np.int64))
-        position = b.op("CumSum", ones, axis)  # 1 .. H·k, exact in fp32
-        last = b.op("ReduceMax", b.op("Mul", one_hot, position), b.ints(2), keepdims=1)
-        is_last = b.op("Cast", b.op("Equal", position, last), to=FLOAT)
-        one_hot = b.op("Mul", one_hot, is_last)
-    pooled = b.op("MatMul", one_hot, weighted)
+    if pooling == "add" and not has_group_map and groups == 1:
+        pooled = b.op("ReduceSum", weighted, b.ints(1), keepdims=1)  # one group: a plain sum
+    else:
+        group = mapped("group_map") if has_group_map else b.op("Mul", slots, b.ints(0))
+        group = b.op("Reshape", group, b.op("Concat", tokens, b.ints(1, -1), axis=0))  # [T,1,H·k]
+        ids = b.array(np.arange(groups, dtype=np.int64).reshape(1, groups, 1))
+        one_hot = b.op("Cast", b.op("Equal", group, ids), to=FLOAT)  # [T, G, H·k]
+        if pooling == "scatter":
+            ones = b.op(
+                "ConstantOfShape",
+                b.op("Shape", group),
+                value=helper.make_tensor("one", FLOAT, [1], [1.0]),
+            )
+            axis = b.array(np.array(2, dtype=np.int64))
+            position = b.op("CumSum", ones, axis)  # 1 .. H·k, exact in fp32
+            last = b.op("ReduceMax", b.op("Mul", one_hot, position), b.ints(2), keepdims=1)
+            is_last = b.op("Cast", b.op("Equal", position, last), to=FLOAT)
+            one_hot = b.op("Mul", one_hot, is_last)
+        pooled = b.op("MatMul", one_hot, weighted)
     b.op_to("pooled", "CastLike", pooled, "values")
     return b.nodes
+
+
+BODIES = {"Retrieve": retrieve_body, "Aggregate": aggregate_body}

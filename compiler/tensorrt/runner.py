@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ultramem.compiler.export_tensorrt import import_tensorrt
+from .package import import_tensorrt
 
 
 class EngineRunner:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from ultramem.compiler.parity.plugin_kernels import STAGE, plugin_kernels_stage
+from ultramem.compiler.parity.stages import parity_inputs, run_parity
 from ultramem.compiler.pipeline import compile_model
-from ultramem.compiler.plugin_stage import STAGE, plugin_kernels_stage
-from ultramem.compiler.stages import parity_inputs, run_parity
 from ultramem.models.builtin import DEFAULT_BUILTIN, load_builtin
 from ultramem.plugins.metadata import BundleManifest
 
@@ -29,12 +29,12 @@ def test_fused_ops_are_routed_to_bundled_kernels_by_name(
 ) -> None:
     launched: list[str] = []
 
-    def references(op: str, name: str, args: tuple[Any, ...]) -> Any:
+    def references(op: str, name: str, bound: dict[str, Any]) -> Any:
         bundle.find(name, 90)  # KeyError: the stage would launch a kernel the bundle lacks
         launched.append(name)
         # inside the router's dispatch the op runs its CPU kernel: the reference
         return (torch.ops.ultramem.retrieve if op == "retrieve" else torch.ops.ultramem.aggregate)(
-            *args
+            **bound
         )
 
     stage = plugin_kernels_stage(compiled.rewrite.program, bundle.root, runner=references)

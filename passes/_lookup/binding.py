@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
-from ultramem.passes.graph_utils import (
+from ... import kernels as _kernels  # noqa: F401  (registers torch.ops.ultramem)
+from .._graph import (
     ancestors,
     descendants,
     evaluate_constant,
@@ -30,7 +30,7 @@ from ultramem.passes.graph_utils import (
     is_symint,
     view_base,
 )
-from ultramem.passes.lookup_region import LookupRegion, NotALookup
+from .region import LookupRegion, NotALookup
 
 _RELU = {torch.ops.aten.relu.default}
 _SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
@@ -102,6 +102,24 @@ class Binding:
         heads = self.row_layout.heads
         return [-1, heads, self.expansion // heads, dim]
 
+    def index_maps(self) -> tuple[Tensor | None, Tensor | None, int]:
+        """(row_map, group_map, groups) of the aggregate: every (head, slot) sent through
+        the bound slot map and mapping to its table row and pooling group."""
+        slots, rows = self.n * self.n, int(self.values.shape[0])
+        slot = torch.arange(slots).view(1, -1)
+        if self.slot_offsets is not None:
+            slot = slot + self.slot_offsets.view(-1, 1)
+        virtual = self.slot_map[slot] if self.slot_map is not None else slot
+        if self.mapping == "mod":
+            row, group = virtual % rows, virtual // rows
+        else:
+            row, group = virtual // self.expansion, virtual % self.expansion
+        row = (row + self.row_offset) % rows
+        identity = row.shape[0] == 1 and torch.equal(row[0], torch.arange(slots))
+        row_map = None if identity and slots == rows else row
+        group_map = None if self.expansion == 1 else group
+        return row_map, group_map, self.expansion
+
     def describe(self) -> dict[str, Any]:
         return {
             "heads": self.row_layout.heads,
@@ -134,10 +152,9 @@ def run_fused(binding: Binding, row_scores: Tensor, col_scores: Tensor) -> Tenso
         b.topk,
         b.activation,
     )
-    if b.slot_offsets is not None:
-        slots = slots + b.slot_offsets.view(1, -1, 1)
+    row_map, group_map, groups = b.index_maps()
     pooled = torch.ops.ultramem.aggregate(
-        b.values, scores, slots, b.slot_map, b.expansion, b.mapping, b.pooling, b.row_offset
+        b.values, scores, slots, row_map, group_map, groups, b.pooling
     ).view(b.pooled_shape())
     return pooled.transpose(0, 1) if b.heads_first else pooled
 

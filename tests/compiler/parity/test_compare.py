@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ultramem.compiler.parity import (
+from ultramem.compiler.parity.compare import (
     TOLERANCES,
     ParityReport,
     StageReport,
     compare_outputs,
     compare_selections,
 )
-from ultramem.compiler.selections import Selection
+from ultramem.compiler.parity.selections import Selection
 
 FP32 = TOLERANCES[torch.float32]
 

@@ -17,19 +17,31 @@ import torch
 from onnx import helper
 
 from ultramem.compiler.capture import capture
-from ultramem.compiler.export_onnx import count_nodes, export_onnx
-from ultramem.compiler.onnx_ops import DOMAIN, VERSION, attach_functions, register_schemas
-from ultramem.compiler.pipeline import onnx_stage
+from ultramem.compiler.formats import onnx_stage
+from ultramem.compiler.onnx.domain import attach_functions, register_schemas
+from ultramem.compiler.onnx.export import count_nodes, export_onnx
+from ultramem.compiler.parity.selections import (
+    layer_selections,
+    memory_layer_names,
+    run_recording_sites,
+)
+from ultramem.compiler.parity.stages import run_parity
 from ultramem.compiler.rewrite import rewrite
-from ultramem.compiler.selections import layer_selections, memory_layer_names, run_recording_sites
-from ultramem.compiler.stages import run_parity
-from ultramem.kernels import aggregate_reference, retrieve_reference
+from ultramem.kernels import (
+    AGGREGATE,
+    DOMAIN,
+    DOMAIN_VERSION,
+    RETRIEVE,
+    aggregate_reference,
+    retrieve_reference,
+)
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
 from ultramem.tests.kernels import test_aggregate as agg_cases
 from ultramem.tests.kernels import test_retrieve as ret_cases
+from ultramem.tests.kernels.compare import assert_close
 
-OPSETS = [helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)]
+OPSETS = [helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
 
 
 def _run_single_node(
@@ -72,10 +84,9 @@ def _elem_type(dtype: torch.dtype) -> int:
 
 
 def _retrieve_onnx(inputs: list[torch.Tensor], topm: int, topk: int, activation: str) -> tuple:
-    names = ["row_scores", "col_scores", "row_weight", "col_weight", "cores"]
     scores, slots = _run_single_node(
         "Retrieve",
-        dict(zip(names, inputs, strict=True)),
+        dict(zip(RETRIEVE.input_names, inputs, strict=True)),
         {"scores": (inputs[0].dtype, 4), "slots": (torch.int64, 3)},
         topm=topm,
         topk=topk,
@@ -85,27 +96,18 @@ def _retrieve_onnx(inputs: list[torch.Tensor], topm: int, topk: int, activation:
 
 
 @pytest.mark.parametrize("integer", [False, True], ids=["randn", "integer-ties"])
-@pytest.mark.parametrize(ret_cases.CASE_FIELDS, ret_cases.CASES)
+@pytest.mark.parametrize("case", ret_cases.CASES)
 def test_retrieve_body_selects_what_the_reference_selects(
-    tokens: int,
-    heads: int,
-    n: int,
-    rank: int,
-    n_cores: int,
-    topm: int,
-    topk: int,
-    activation: str,
-    integer: bool,
+    case: ret_cases.Case, integer: bool
 ) -> None:
-    inputs = [
-        x.cpu() for x in ret_cases.make_inputs(tokens, heads, n, rank, n_cores, integer=integer)
-    ]
+    inputs = [x.cpu() for x in case.inputs(integer=integer)]
+    topm, topk, activation = case.attributes
     if integer:
         ret_cases.duplicate_keys(inputs[0], inputs[1])
     want_scores, want_slots = retrieve_reference(*inputs, topm, topk, activation)
     scores, slots = _retrieve_onnx(inputs, topm, topk, activation)
     ret_cases.assert_slots_equal(slots, want_slots)
-    ret_cases.assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
+    assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 
 
 def test_retrieve_body_in_half_precision() -> None:
@@ -114,45 +116,27 @@ def test_retrieve_body_in_half_precision() -> None:
     scores, slots = _retrieve_onnx(inputs, 7, 9, "softmax")
     assert scores.dtype == torch.float16
     ret_cases.assert_slots_equal(slots, want_slots)
-    ret_cases.assert_close("scores", scores, want_scores, atol=1e-3, rtol=1e-3)
+    assert_close("scores", scores, want_scores, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize(agg_cases.CASE_FIELDS, agg_cases.CASES)
+@pytest.mark.parametrize("case", agg_cases.CASES)
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_aggregate_body_pools_what_the_reference_pools(
-    tokens: int,
-    heads: int,
-    k: int,
-    n_cores: int,
-    rows: int,
-    dim: int,
-    expansion: int,
-    mapping: str,
-    pooling: str,
-    slot_map: str,
-    row_offset: int,
-    dtype: torch.dtype,
-    atol: float,
+    case: agg_cases.Case, dtype: torch.dtype, atol: float
 ) -> None:
-    values, scores, slots, smap = (
-        None if x is None else x.cpu()
-        for x in agg_cases.make_inputs(
-            tokens, heads, k, n_cores, rows, dim, expansion, slot_map, dtype=dtype
-        )
-    )
-    want = aggregate_reference(values, scores, slots, smap, expansion, mapping, pooling, row_offset)
+    args = agg_cases.cpu(case.inputs(dtype=dtype))
+    groups, pooling = case.attributes
+    want = aggregate_reference(*args, groups, pooling)
     (pooled,) = _run_single_node(
         "Aggregate",
-        {"values": values, "scores": scores, "slots": slots, "slot_map": smap},
+        dict(zip(AGGREGATE.input_names, args, strict=True)),
         {"pooled": (dtype, 3)},
-        expansion=expansion,
-        mapping=mapping,
+        groups=groups,
         pooling=pooling,
-        row_offset=row_offset,
     )
     got = torch.from_numpy(pooled)
     assert got.dtype == dtype
-    agg_cases.assert_close("pooled", got, want, atol=atol, rtol=atol)
+    assert_close("pooled", got, want, atol=atol, rtol=atol)
 
 
 def test_one_function_per_attribute_set() -> None:
@@ -171,8 +155,9 @@ def test_one_function_per_attribute_set() -> None:
     graph = helper.make_graph(nodes, "g", [], [])
     model = helper.make_model(graph, opset_imports=OPSETS)
     assert attach_functions(model) == 3
-    assert [n.overload for n in model.graph.node] == ["m4_k4_relu", "m4_k4_relu", "m4_k8_relu"]
-    assert sorted(f.overload for f in model.functions) == ["m4_k4_relu", "m4_k8_relu"]
+    overloads = ["topm4_topk4_relu", "topm4_topk4_relu", "topm4_topk8_relu"]
+    assert [n.overload for n in model.graph.node] == overloads
+    assert sorted(f.overload for f in model.functions) == overloads[1:]
     assert model.ir_version >= 10
 
 
@@ -216,8 +201,8 @@ def test_custom_domain_export_is_valid_and_smaller(two_layer_exports: dict) -> N
     assert counts[f"{DOMAIN}::Retrieve"] == counts[f"{DOMAIN}::Aggregate"] == 2
     assert not {"TopK", "ScatterElements", "GatherElements"} & set(counts)
     assert {(f.name, f.overload) for f in custom.functions} == {
-        ("Retrieve", "m8_k8_softmax"),
-        ("Aggregate", "e4_mod_add_o0_map"),
+        ("Retrieve", "topm8_topk8_softmax"),
+        ("Aggregate", "groups4_add_row_map_group_map"),
     }
     unfused = onnx.load(str(paths["unfused"]))
     assert len(custom.graph.node) < len(unfused.graph.node)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ultramem.compiler.onnx_ops import node_attributes
+from ..onnx.domain import node_attributes
 
 TOPK_MAX_K = 3840  # ITopKLayer; tensorrt_rtx 1.7 builds K = 3840 and refuses 3841
 EINSUM_CHARS = set("abcdefghijklmnopqrstuvwxyz,->. ")  # the parser refuses "IJ,JK->IK"

@@ -24,8 +24,8 @@ import onnx
 import torch
 from torch.export import ExportedProgram
 
-from ultramem.compiler.capture import CaptureResult
-from ultramem.compiler.onnx_ops import FORMS, attach_functions, inline_functions, translation_table
+from ..capture import CaptureResult
+from .domain import FORMS, attach_functions, inline_functions, translation_table
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import onnx
 import torch
 from onnx import helper
 
-from ultramem.compiler.onnx_ops import DOMAIN
-from ultramem.compiler.selections import RetrieveRecord, SiteRecord, TopkRecord
+from ..parity.selections import RetrieveRecord, SiteRecord, TopkRecord
+from .domain import DOMAIN
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from ultramem.passes.graph_utils import (
+from .._graph import (
     SHAPE_ONLY_OPS,
     VIEW_OPS,
     ancestors,

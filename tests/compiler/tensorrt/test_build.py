@@ -22,26 +22,26 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ultramem.compiler import export_tensorrt as et
 from ultramem.compiler.capture import CaptureResult, capture
-from ultramem.compiler.export_onnx import export_onnx
-from ultramem.compiler.export_tensorrt import (
-    ShapeProfile,
+from ultramem.compiler.onnx.export import export_onnx
+from ultramem.compiler.parity.selections import memory_layer_names
+from ultramem.compiler.rewrite import rewrite
+from ultramem.compiler.tensorrt import build
+from ultramem.compiler.tensorrt.build import build_engine, timing_cache_supported
+from ultramem.compiler.tensorrt.package import (
     TensorRTError,
-    build_engine,
     can_run_engine,
     import_tensorrt,
-    parse_range,
+    package_name,
 )
-from ultramem.compiler.rewrite import rewrite
-from ultramem.compiler.selections import memory_layer_names
-from ultramem.compiler.trt_onnx import (
+from ultramem.compiler.tensorrt.prepare import (
     Precision,
     TensorRTLimitError,
     check_limits,
     convert_precision,
     lower_scatter_add,
 )
+from ultramem.compiler.tensorrt.profile import ShapeProfile, parse_range
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
 
@@ -409,12 +409,12 @@ def test_timing_cache_written_and_reused(
     the first build, load before the second) is still exercised through its API."""
     trt = import_tensorrt(None)
     cache = tmp_path / "timing.cache"
-    if not et.timing_cache_supported(trt):
+    if not timing_cache_supported(trt):
         info = build_engine(
             lm_onnx[1][1], tmp_path / "a.engine", profile=PROFILE, timing_cache=cache
         )
         assert "no-ops" in info.timing_cache["note"] and not cache.exists()
-        monkeypatch.setattr(et, "timing_cache_supported", lambda trt: True)
+        monkeypatch.setattr(build, "timing_cache_supported", lambda trt: True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # RTX: "timing cache ... no-ops"
         first = build_engine(
@@ -433,7 +433,7 @@ def test_timing_cache_written_and_reused(
 @pytest.mark.trt
 def test_engine_runs_and_matches_eager(lm_onnx: LMs, tmp_path: Path) -> None:
     trt = import_tensorrt(None)
-    runnable, why = can_run_engine(et.package_name(trt))
+    runnable, why = can_run_engine(package_name(trt))
     if not runnable:
         pytest.skip(why)
     model, path = lm_onnx[2]

@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ultramem.compiler.artifacts import versions
-from ultramem.compiler.export_aoti import AOTI_FILE, load_aoti
-from ultramem.compiler.parity import compare_outputs, tolerance_for
-from ultramem.compiler.pipeline import ENGINE_FILE, ONNX_FILE, Compiled, ProgressFn, engine_stage
-from ultramem.compiler.run_onnx import OnnxRunner
-from ultramem.compiler.stages import like_inputs, tensor_leaves
-from ultramem.compiler.timing import copy_bandwidth_gbs, measure
+from ...kernels import AGGREGATE, AGGREGATE_OP, RETRIEVE, RETRIEVE_OP, OpSpec
+from ..aoti import AOTI_FILE, load_aoti
+from ..artifacts import versions
+from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage
+from ..onnx.runner import OnnxRunner
+from ..parity.compare import compare_outputs, tolerance_for
+from ..parity.stages import like_inputs, tensor_leaves
+from ..pipeline import Compiled
+from .timing import copy_bandwidth_gbs, measure
 
 BENCH_SCHEMA = "ultramem-bench/1"
 ALL_BACKENDS = (
@@ -119,26 +121,29 @@ def _ort_cuda_reason(on_gpu: bool) -> str:
 
 
 class _LookupRecorder(TorchDispatchMode):
-    """Keeps the arguments of every fused retrieve/aggregate call, to time them alone."""
+    """Keeps the arguments (by contract name) of every fused-op call, to time them alone."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+        self.calls: list[tuple[OpSpec, dict[str, Any]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func in (torch.ops.ultramem.retrieve.default, torch.ops.ultramem.aggregate.default):
-            self.calls.append((func, args))
+        if func in _CONTRACTS:
+            self.calls.append((_CONTRACTS[func], _CONTRACTS[func].bind(*args, **(kwargs or {}))))
         return func(*args, **(kwargs or {}))
 
 
-def lookup_floor_bytes(retrieve_args: tuple[Any, ...], aggregate_args: tuple[Any, ...]) -> int:
+_CONTRACTS = {RETRIEVE_OP: RETRIEVE, AGGREGATE_OP: AGGREGATE}
+
+
+def lookup_floor_bytes(retrieve: dict[str, Any], aggregate: dict[str, Any]) -> int:
     """Bytes a lookup must move at the fused ops' boundary: both score tensors read, k value
-    rows per token and head read, the pooled values written."""
-    row_scores, col_scores = retrieve_args[0], retrieve_args[1]
-    values, scores = aggregate_args[0], aggregate_args[1]
-    tokens, heads, k, _ = scores.shape
+    rows per token and head read, the pooled values written (arguments by contract name)."""
+    row_scores, col_scores = retrieve["row_scores"], retrieve["col_scores"]
+    values, weights = aggregate["values"], aggregate["weights"]
+    tokens, heads, k, _ = weights.shape
     rows = tokens * heads * k * values.shape[1] * values.element_size()
-    pooled = tokens * aggregate_args[4] * values.shape[1] * values.element_size()
+    pooled = tokens * aggregate["groups"] * values.shape[1] * values.element_size()
     read_scores = (row_scores.numel() + col_scores.numel()) * row_scores.element_size()
     return int(read_scores + rows + pooled)
 
@@ -236,14 +241,19 @@ def _time_lookups(
     recorder = _LookupRecorder()
     with torch.no_grad(), recorder:
         compiled.rewrite.program.module()(*inputs)
-    calls = recorder.calls
+    # each retrieve with the aggregate that follows it (a layer whose glue sits between
+    # the two is timed as the two ops on their recorded inputs, the glue left out)
+    pairs = [
+        (first, second)
+        for (op, first), (next_op, second) in zip(recorder.calls, recorder.calls[1:], strict=False)
+        if op is RETRIEVE and next_op is AGGREGATE
+    ]
     rows = []
-    for layer, i in enumerate(range(0, len(calls) - 1, 2)):
-        (ret, ret_args), (agg, agg_args) = calls[i], calls[i + 1]
+    for layer, (ret_args, agg_args) in enumerate(pairs):
 
-        def lookup(ret=ret, ret_args=ret_args, agg=agg, agg_args=agg_args) -> Any:  # type: ignore[no-untyped-def]
-            scores, slots = ret(*ret_args)
-            return agg(agg_args[0], scores, slots, *agg_args[3:])
+        def lookup(ret_args=ret_args, agg_args=agg_args) -> Any:  # type: ignore[no-untyped-def]
+            RETRIEVE_OP(**ret_args)
+            return AGGREGATE_OP(**agg_args)
 
         with torch.no_grad():
             timing = measure(lookup, device, budget_s / 2)

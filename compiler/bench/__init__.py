@@ -1,0 +1,1 @@
+"""Benchmarks: every backend timed on the same inputs, and the reports."""

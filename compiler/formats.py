@@ -1,0 +1,263 @@
+"""The export formats, in one table: what each writes, what it needs, its parity stages.
+
+``FORMATS[name]`` is a ``Format``: ``write(job)`` stages its files into the export's staging
+folder (``job.writer``) and returns its section of the manifest; ``needs`` are formats whose
+files it reads (written first, and published with it); ``stages(folder, ctx)`` are the
+parity stages that check its files in a folder; ``present(folder)`` whether a folder holds
+them. Any subset of formats works; a new format is one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from ..kernels import DOMAIN, DOMAIN_VERSION
+from ..plugins.bundle import DEFAULT_SMS, build_bundle
+from ..plugins.specs import specs_for_program
+from .aoti import AOTI_FILE, export_aoti, load_aoti
+from .artifacts import ArtifactError, ArtifactWriter
+from .onnx.export import DEFAULT_OPSET, count_nodes, export_onnx
+from .onnx.runner import OnnxRunner
+from .parity.plugin_kernels import plugin_kernels_stage
+from .parity.selections import SiteRecord
+from .parity.stages import Stage, torch_stage
+from .tensorrt.build import EngineInfo, build_engine
+from .tensorrt.package import TensorRTError, can_run_engine, import_tensorrt, package_name
+from .tensorrt.profile import ShapeProfile
+from .tensorrt.runner import EngineRunner
+
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+KERNELS_DIR = "kernels"
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    mode: str = "native"
+    package: str | None = None
+    precision: str = "fp32"
+    profile_batch: str | None = None  # "min,opt,max"; default 1,1,8
+    profile_tokens: str | None = None  # default: up to what the capture admits (≤ 256)
+    sms: tuple[int, ...] = DEFAULT_SMS
+    build_sm: int | None = None  # plugin mode: the GPU the engine is built on
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    onnx_form: str = "custom"
+    trt: TensorRTOptions = field(default_factory=TensorRTOptions)
+
+
+@dataclass
+class ExportJob:
+    """What an exporter gets: the compiled model, where to stage files, the options."""
+
+    program: torch.export.ExportedProgram  # the rewritten program
+    capture: Any  # CaptureResult: axis names for ONNX
+    writer: ArtifactWriter
+    options: ExportOptions
+    progress: ProgressFn
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What parity stages of a folder's artifacts need besides the folder."""
+
+    program: torch.export.ExportedProgram  # the rewritten program (plugin-kernels)
+    trt_package: str | None = None
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    files: str  # for the help text and README
+    write: Callable[[ExportJob], dict[str, Any]]
+    stages: Callable[[Path, StageContext], list[Stage]]
+    present: Callable[[Path], bool]
+    needs: tuple[str, ...] = ()
+
+
+# ---- onnx ------------------------------------------------------------------------------
+
+
+def _write_onnx(job: ExportJob) -> dict[str, Any]:
+    form = job.options.onnx_form
+    files = export_onnx(
+        job.capture, job.writer.path(ONNX_FILE), program=job.program,
+        opset=job.options.opset, form=form,
+    )  # fmt: skip
+    for f in files:
+        job.writer.add(f.name, "onnx" if f.name == ONNX_FILE else "onnx-external-data")
+    model = onnx.load(str(job.writer.path(ONNX_FILE)), load_external_data=False)
+    return {
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "form": form,
+        "domain": {"name": DOMAIN, "version": DOMAIN_VERSION},
+        "nodes": len(model.graph.node),
+        "op_counts": count_nodes(model),
+        "functions": [f"{f.domain}::{f.name}:{f.overload}" for f in model.functions],
+    }
+
+
+def onnx_stage(path: Path, provider: str = "CPUExecutionProvider") -> Stage:
+    runner = OnnxRunner(path, providers=[provider])
+
+    def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> Any:
+        return runner(inputs)
+
+    name = "onnxruntime-cpu" if provider == "CPUExecutionProvider" else "onnxruntime-cuda"
+    return Stage(name, run)
+
+
+def onnx_cuda_stage(path: Path) -> Stage:
+    """ONNX Runtime's CUDA provider, where onnxruntime-gpu and a GPU are present."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return Stage("onnxruntime-cuda", None, "not executed: onnxruntime-gpu is not installed")
+    if not torch.cuda.is_available():
+        return Stage("onnxruntime-cuda", None, "not executed: no CUDA device")
+    return onnx_stage(path, "CUDAExecutionProvider")
+
+
+def _onnx_stages(folder: Path, _: StageContext) -> list[Stage]:
+    return [onnx_stage(folder / ONNX_FILE), onnx_cuda_stage(folder / ONNX_FILE)]
+
+
+# ---- kernels ---------------------------------------------------------------------------
+
+
+def _write_kernels(job: ExportJob) -> dict[str, Any]:
+    specs = specs_for_program(job.program.graph)
+    if not specs:
+        raise ArtifactError("--format kernels: no memory layer was fused, so no kernel to bundle")
+    sms = job.options.trt.sms
+    manifest = build_bundle(specs, sms, job.writer.path(KERNELS_DIR))
+    for path in sorted(job.writer.path(KERNELS_DIR).iterdir()):
+        job.writer.add(f"{KERNELS_DIR}/{path.name}", "kernel-bundle")
+    return {"sms": list(sms), "kernels": sorted({k.name for k in manifest.kernels})}
+
+
+def _kernel_stages(folder: Path, ctx: StageContext) -> list[Stage]:
+    return [plugin_kernels_stage(ctx.program, folder / KERNELS_DIR)]
+
+
+# ---- aoti ------------------------------------------------------------------------------
+
+
+def _write_aoti(job: ExportJob) -> dict[str, Any]:
+    export_aoti(job.program, job.writer.path(AOTI_FILE))
+    job.writer.add(AOTI_FILE, "aoti")
+    return {"file": AOTI_FILE}
+
+
+def _aoti_stages(folder: Path, _: StageContext) -> list[Stage]:
+    return [torch_stage("aotinductor", load_aoti(folder / AOTI_FILE))]
+
+
+# ---- tensorrt --------------------------------------------------------------------------
+
+
+def _write_tensorrt(job: ExportJob) -> dict[str, Any]:
+    trt = job.options.trt
+    if trt.mode == "plugin":
+        from ..plugins.metadata import load_bundle
+        from ..plugins.trt_plugin import register_plugins
+
+        register_plugins(load_bundle(job.writer.path(KERNELS_DIR)), trt.build_sm or 0)
+    info: EngineInfo = build_engine(
+        job.writer.path(ONNX_FILE),
+        job.writer.path(ENGINE_FILE),
+        profile=engine_profile(trt, job.capture),
+        precision=trt.precision,  # type: ignore[arg-type]
+        package=trt.package,
+        lookup=trt.mode,
+    )
+    job.writer.add(ENGINE_FILE, "tensorrt")
+    job.progress(f"engine: {info.engine_bytes} bytes in {info.build_seconds} s")
+    summary = info.to_json()
+    summary["engine_path"] = ENGINE_FILE
+    summary["layer_counts"] = dict(info.layer_counts())
+    summary["executed"] = False  # building proves nothing ran; check reports execution
+    return summary
+
+
+def engine_profile(options: TensorRTOptions, capture: Any) -> ShapeProfile:
+    """CLI ranges where given; else tokens up to what the capture admits (a position table
+    ends somewhere), batch 1..8."""
+    tokens_axis = capture.axis(0, "tokens")
+    high = tokens_axis.max if tokens_axis is not None and tokens_axis.max else 256
+    high = min(high, 256)
+    default_tokens = f"1,{min(64, high)},{high}"
+    return ShapeProfile.parse(options.profile_batch, options.profile_tokens or default_tokens)
+
+
+def engine_stage(path: Path, package: str | None) -> Stage:
+    try:
+        trt = import_tensorrt(package)
+    except TensorRTError as exc:
+        return Stage("tensorrt", None, f"not executed: {exc}")
+    runnable, why = can_run_engine(package_name(trt))
+    if not runnable:
+        return Stage("tensorrt", None, f"not executed: {why}")
+    runner = EngineRunner(path, package)
+    return Stage("tensorrt", lambda inputs, _: (runner(*inputs), []))
+
+
+def _tensorrt_stages(folder: Path, ctx: StageContext) -> list[Stage]:
+    return [engine_stage(folder / ENGINE_FILE, ctx.trt_package)]
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages, lambda d: (d / ONNX_FILE).is_file()),
+        Format(
+            "kernels",
+            f"{KERNELS_DIR}/",
+            _write_kernels,
+            _kernel_stages,
+            lambda d: (d / KERNELS_DIR / "bundle.json").is_file(),
+        ),
+        Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages, lambda d: (d / AOTI_FILE).is_file()),
+        Format(
+            "tensorrt",
+            ENGINE_FILE,
+            _write_tensorrt,
+            _tensorrt_stages,
+            lambda d: (d / ENGINE_FILE).is_file(),
+            needs=("onnx",),
+        ),
+    )
+}
+
+
+def resolve(formats: tuple[str, ...], options: ExportOptions) -> list[Format]:
+    """The formats to write, each after those it needs, in the table's order."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ArtifactError(
+            f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
+        )
+    if not formats:
+        raise ArtifactError(f"--format is empty; choose from {', '.join(FORMATS)}")
+    wanted = set(formats)
+    if "tensorrt" in wanted and options.trt.mode == "plugin":
+        wanted.add("kernels")  # the plugins' kernels are the bundle's
+    for name in list(wanted):
+        wanted.update(FORMATS[name].needs)
+    return [f for name, f in FORMATS.items() if name in wanted]
+
+
+def folder_stages(folder: Path, ctx: StageContext) -> list[Stage]:
+    """One parity stage (or more) per format whose artifacts ``folder`` holds."""
+    return [s for f in FORMATS.values() if f.present(folder) for s in f.stages(folder, ctx)]

@@ -1,0 +1,1 @@
+"""Parity: comparisons, selection recording, the stages every artifact is checked in."""

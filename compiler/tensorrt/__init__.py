@@ -1,0 +1,1 @@
+"""TensorRT engines: the installed package, ONNX preparation, profiles, builds, runs."""

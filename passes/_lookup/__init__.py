@@ -1,0 +1,1 @@
+"""The lookup finder and binder behind ``fuse_memory_lookup`` (not passes themselves)."""
