@@ -11,18 +11,42 @@ from torch.fx import Graph, GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_map
 
 
+def graph_order(graph: Graph) -> dict[Node, int]:
+    """Each node's position: the one order passes sort by (never names or set iteration)."""
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def in_graph_order(nodes: Iterable[Node], order: dict[Node, int]) -> list[Node]:
+    return sorted(nodes, key=order.__getitem__)
+
+
+def size_node(graph: Graph, tensor: Node, dim: int) -> Node:
+    """A node computing ``tensor.shape[dim]`` (inserted after ``tensor``)."""
+    with graph.inserting_after(tensor):
+        node = graph.call_function(torch.ops.aten.sym_size.int, (tensor, dim))
+    node.meta["val"] = tensor.meta["val"].shape[dim]
+    return node
+
+
 def node_inputs(node: Node) -> list[Node]:
     return list(node.all_input_nodes)
 
 
-def ancestors(nodes: Iterable[Node]) -> set[Node]:
+def ancestors(
+    nodes: Iterable[Node], *, through_sizes: bool = True, stop: Iterable[Node] = ()
+) -> set[Node]:
+    """Every node the given ones are computed from. Without ``through_sizes`` a symbolic
+    size is a leaf (a later tensor's ``sym_size`` says nothing about data flow); ``stop``
+    nodes are leaves too."""
+    leaves = set(stop)
     seen: set[Node] = set()
     stack = [i for n in nodes for i in node_inputs(n)]
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(node_inputs(n))
+            if n not in leaves and (through_sizes or not is_symint(n)):
+                stack.extend(node_inputs(n))
     return seen
 
 
@@ -186,22 +210,38 @@ def mutated_bases(graph: Graph) -> set[Node]:
     return set(mutations(graph))
 
 
-def depends_on_data(node: Node, cache: dict[Node, bool]) -> bool:
-    """Whether the node's value depends on the values (not only the shapes) of an input."""
-    if node in cache:
-        return cache[node]
-    if node.op == "placeholder":
-        result = True
-    elif node.op == "get_attr":
-        result = False
-    elif node.target in SHAPE_ONLY_OPS:
-        result = any(
-            depends_on_data(a, cache) for a in node.all_input_nodes[1:]
-        )  # the first argument lends only its shape
-    else:
-        result = any(depends_on_data(a, cache) for a in node.all_input_nodes)
-    cache[node] = result
-    return result
+class DataDependence:
+    """Whether a node's value depends on the values (not only the shapes) of an input.
+
+    A buffer written in place (``matmul(..., out=buf[i])``, ``buf[:, i] = ...``) holds what
+    was written, not what its creation says: it counts as data (conservatively).
+    """
+
+    def __init__(self, graph: Graph) -> None:
+        self._written = set(mutations(graph))
+        self._cache: dict[Node, bool] = {}
+
+    def created_from_data(self, node: Node) -> bool:
+        """Whether what created ``node`` depends on data, whatever is written into it later
+        (a ``torch.zeros(T, E, D)`` a region scatters into does not)."""
+        if node.op == "placeholder":
+            return True
+        inputs = node.all_input_nodes[1:] if node.target in SHAPE_ONLY_OPS else node.all_input_nodes
+        return any(self(a) for a in inputs)
+
+    def __call__(self, node: Node) -> bool:
+        if node in self._cache:
+            return self._cache[node]
+        if node.op == "placeholder" or view_base(node) in self._written:
+            result = True
+        elif node.op == "get_attr":
+            result = False
+        elif node.target in SHAPE_ONLY_OPS:  # the first argument lends only its shape
+            result = any(self(a) for a in node.all_input_nodes[1:])
+        else:
+            result = any(self(a) for a in node.all_input_nodes)
+        self._cache[node] = result
+        return result
 
 
 def evaluate_constant(gm: GraphModule, node: Node, cache: dict[Node, Any]) -> Any:
@@ -221,3 +261,46 @@ def evaluate_constant(gm: GraphModule, node: Node, cache: dict[Node, Any]) -> An
                 value = node.target(*args, **kwargs)
     cache[node] = value
     return value
+
+
+def size_of_symbol(gm: GraphModule, size: torch.SymInt, before: Node) -> Node | None:
+    """A node computing the symbolic size ``size``: one already computed before ``before``,
+    else a new ``sym_size`` of a model input with that size (None if neither exists)."""
+    expr = str(size.node.expr)
+    for node in gm.graph.nodes:
+        if node is before:
+            break
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and str(val.node.expr) == expr:
+            return node
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            for dim, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt) and str(s.node.expr) == expr:
+                    return size_node(gm.graph, node, dim)
+    return None
+
+
+def fill_meta(gm: GraphModule) -> None:
+    """Give nodes a rewrite inserted the ``meta["val"]`` the captured ones carry: their
+    output computed on the inputs' fake values (symbolic sizes included) in the capture's
+    fake mode."""
+    from torch._guards import detect_fake_mode
+
+    fakes = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    mode = detect_fake_mode(fakes)
+    if mode is None:
+        return
+
+    def value(a: Any) -> Any:
+        return a.meta["val"] if isinstance(a, Node) else a
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            args, kwargs = tree_map(value, node.args), tree_map(value, node.kwargs)
+            with mode, torch.no_grad():
+                node.meta["val"] = node.target(*args, **kwargs)
+        elif node.op == "get_attr" and "val" not in node.meta:
+            with mode:
+                node.meta["val"] = mode.from_tensor(get_attr_value(gm, node))

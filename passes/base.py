@@ -26,6 +26,8 @@ class PassContext:
     # memory layers (named by their final top-k node) that must stay unfused, e.g. after
     # their fusion failed parity and was rolled back
     skip_layers: set[str] = field(default_factory=set)
+    # passes (by function name) left out, e.g. after one changed the model's numbers
+    disabled_passes: set[str] = field(default_factory=set)
 
 
 @dataclass

@@ -5,8 +5,11 @@ same tensor twice (``S[0]`` in two places becomes two ``select`` nodes); after t
 both readers see one node, so the fusion pass can tell that a top-k's input and a
 gather's source are the same score tensor.
 
-Constraints: only functional ATen ops (no mutable schema, nothing random). Two reads of
-a tensor that is written in place merge only when no write to it comes between them.
+Constraints: only functional ATen ops (no mutable schema, nothing random). A node that
+is itself written in place, through any view of it (two ``x.new_zeros(...)`` buffers each
+filled by ``matmul(..., out=buf[:, i])``), is never merged: equal creation arguments do not
+make equal values. Two reads of a tensor that is written in place merge only when no write
+to it comes between them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def eliminate_common_subexpressions(gm: GraphModule, ctx: PassContext) -> PassRe
     seen: dict[Any, Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not is_pure(node):
+            continue
+        if node in writes:  # its value is what is written into it, not what created it
             continue
         key = _key(node)
         first = seen.setdefault(key, node)
