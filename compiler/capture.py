@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,11 @@ def capture(
             continue
         if mode == "auto":
             axes = _resolve_auto_axes(program, inputs, axes)
+        rejected = _rejected_size(program, example_inputs, CaptureResult(program, axes))
+        if rejected is not None:
+            notes.append(f"capture with {mode} batch/tokens dims admits {rejected}")
+            log.info("capture with %s dims: %s", mode, rejected)
+            continue
         for a in axes:
             if mode != "named":
                 notes.append(
@@ -141,6 +147,23 @@ def capture(
                 )
         return CaptureResult(program, axes, notes)
     raise RuntimeError(f"torch.export could not capture the model: {last_error}") from last_error
+
+
+def _rejected_size(
+    program: ExportedProgram, example: tuple[Any, ...], captured: CaptureResult
+) -> str | None:
+    """A size the capture claims to admit but its program refuses (the model's code pins
+    it with a hidden guard: ``len(x)`` baked into a view), or None when it runs them all."""
+    module = program.module()
+    for inputs in parity_inputs(example, captured)[1:]:
+        try:
+            with torch.no_grad():
+                module(*inputs)
+        except Exception as exc:  # guards raise several types
+            shape = "x".join(str(s) for s in next(x for x in inputs if isinstance(x, Tensor)).shape)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"inputs of shape {shape} that its program refuses ({reason}): falling back"
+    return None
 
 
 def _resolve_auto_axes(
@@ -204,3 +227,43 @@ def recapture(module: torch.nn.Module, original: CaptureResult) -> ExportedProgr
                 spec[a.dim] = dims.setdefault(a.name, Dim(a.name, min=a.min or 1, max=a.max))
         specs.append(spec or None if isinstance(x, torch.Tensor) else None)
     return _export(module, tuple(args), tuple(specs))
+
+
+def parity_inputs(
+    example_inputs: tuple[Any, ...], capture: CaptureResult, seed: int = 0
+) -> list[tuple[Any, ...]]:
+    """The example, plus batch/token sizes other than the example's, within the captured range."""
+    gen = torch.Generator().manual_seed(seed)
+    first = next((x for x in example_inputs if isinstance(x, Tensor) and x.dim() >= 2), None)
+    if first is None:
+        return [example_inputs]
+    sizes = {(first.shape[0], first.shape[1])}
+    batch_axis, token_axis = capture.axis(0, "batch"), capture.axis(0, "tokens")
+    for b, t in ((1, 1), (1, 7), (3, 13), (1, 2 * first.shape[1] + 3)):
+        b_ok = batch_axis is not None and batch_axis.dynamic and _within(b, batch_axis)
+        t_ok = token_axis is not None and token_axis.dynamic and _within(t, token_axis)
+        sizes.add((b if b_ok else first.shape[0], t if t_ok else first.shape[1]))
+    example_size = (first.shape[0], first.shape[1])
+    others = sorted(sizes - {example_size})
+    return [example_inputs, *(like_inputs(example_inputs, b, t, gen) for b, t in others)]
+
+
+def _within(size: int, axis: Any) -> bool:
+    return (axis.min is None or size >= axis.min) and (axis.max is None or size <= axis.max)
+
+
+def like_inputs(
+    example: tuple[Any, ...], batch: int, tokens: int, gen: torch.Generator
+) -> tuple[Any, ...]:
+    out = []
+    for x in example:
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            out.append(x)
+            continue
+        shape = (batch, tokens, *x.shape[2:])
+        if x.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(x.dtype))
+        else:
+            low, high = int(x.min()), int(x.max()) + 1
+            out.append(torch.randint(low, high, shape, generator=gen, dtype=x.dtype))
+    return tuple(out)

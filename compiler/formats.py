@@ -25,7 +25,7 @@ from .artifacts import ArtifactError, ArtifactWriter
 from .onnx.export import DEFAULT_OPSET, count_nodes, export_onnx
 from .onnx.runner import OnnxRunner
 from .parity.plugin_kernels import plugin_kernels_stage
-from .parity.selections import SiteRecord
+from .parity.selections import SitePlan, SiteRecord, inlined
 from .parity.stages import Stage, torch_stage
 from .tensorrt.build import EngineInfo, build_engine
 from .tensorrt.package import TensorRTError, can_run_engine, import_tensorrt, package_name
@@ -73,6 +73,7 @@ class StageContext:
     """What parity stages of a folder's artifacts need besides the folder."""
 
     program: torch.export.ExportedProgram  # the rewritten program (plugin-kernels)
+    plan: SitePlan  # its lookups' sites: every artifact holds the rewritten program
     trt_package: str | None = None
 
 
@@ -129,8 +130,13 @@ def onnx_cuda_stage(path: Path) -> Stage:
     return onnx_stage(path, "CUDAExecutionProvider")
 
 
-def _onnx_stages(folder: Path, _: StageContext) -> list[Stage]:
-    return [onnx_stage(folder / ONNX_FILE), onnx_cuda_stage(folder / ONNX_FILE)]
+def _onnx_stages(folder: Path, ctx: StageContext) -> list[Stage]:
+    stages = [onnx_stage(folder / ONNX_FILE), onnx_cuda_stage(folder / ONNX_FILE)]
+    model = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
+    portable = not any(node.domain == DOMAIN for node in model.graph.node)
+    for stage in stages:  # the portable form ranks each lookup with three TopK nodes
+        stage.plan = inlined(ctx.plan) if portable else ctx.plan
+    return stages
 
 
 # ---- kernels ---------------------------------------------------------------------------
@@ -260,4 +266,7 @@ def resolve(formats: tuple[str, ...], options: ExportOptions) -> list[Format]:
 
 def folder_stages(folder: Path, ctx: StageContext) -> list[Stage]:
     """One parity stage (or more) per format whose artifacts ``folder`` holds."""
-    return [s for f in FORMATS.values() if f.present(folder) for s in f.stages(folder, ctx)]
+    stages = [s for f in FORMATS.values() if f.present(folder) for s in f.stages(folder, ctx)]
+    for stage in stages:
+        stage.plan = stage.plan or ctx.plan
+    return stages

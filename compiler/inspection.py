@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .rewrite import FUSED_OPS, RewriteResult
+from .rewrite import RewriteResult
 
 # ops that must not remain outside the fused ops once every lookup is fused
 LOOKUP_OPS = ("topk", "gather", "scatter", "scatter_add", "index.Tensor", "linalg_svd", "svd")
@@ -40,11 +40,14 @@ class Inspection:
     def lines(self) -> list[str]:
         out = [f"model: {self.source}", f"memory layers: {len(self.layers)}"]
         for layer in self.layers:
-            status = "fused" if layer["fused"] else f"NOT fused: {layer.get('reason', '?')}"
-            out.append(f"  {layer['name']}: {status}")
-            if layer.get("binding"):
-                b = layer["binding"]
-                out.append("    " + ", ".join(f"{k}={v}" for k, v in b.items()))
+            fused = " + ".join(layer["fused"]) or "nothing"
+            out.append(f"  {layer['name']} ({layer['lookup']}): fused {fused}")
+            for part in ("selection", "aggregation"):
+                info = layer[part]
+                if part in layer["fused"]:
+                    out.append(f"    {part}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+                else:
+                    out.append(f"    {part} NOT fused: {info.get('reason', '?')}")
         out.append("passes:")
         for p in self.passes:
             out.append(
@@ -66,19 +69,22 @@ class Inspection:
         return out
 
 
-def fused_layer_table(names: list[str], rewrite: RewriteResult) -> list[dict[str, Any]]:
-    """One entry per memory layer of the original graph: fused or not, and why."""
-    fuse = next(p for p in rewrite.passes if p.name == "fuse_memory_lookup")
-    refusals = {r.node: r.reason for r in fuse.refused}
+def fused_layer_table(rewrite: RewriteResult) -> list[dict[str, Any]]:
+    """One entry per memory lookup of the original graph: which parts are fused
+    (``selection``, ``aggregation``), each part's binding or the reason it is not."""
+    fuse = rewrite.fusion
+    parts = fuse.details.get("lookups", {})
     table = []
-    for name, final in zip(names, fuse.matched, strict=False):
-        entry: dict[str, Any] = {"name": name, "fused": final in rewrite.fused_layers}
-        if final in rewrite.rolled_back:
-            entry["reason"] = rewrite.rolled_back[final]
-        elif final in refusals:
-            entry["reason"] = refusals[final]
-        if entry["fused"]:
-            entry["binding"] = fuse.details.get(final, {})
-            entry["ops"] = list(FUSED_OPS)
+    for name, final in zip(rewrite.plan.names, fuse.matched, strict=False):
+        entry: dict[str, Any] = {"name": name, "lookup": final, "fused": []}
+        for part in ("selection", "aggregation"):
+            info = dict(
+                parts.get(final, {}).get(part) or {"fused": False, "reason": "selection not fused"}
+            )
+            if final in rewrite.rolled_back:
+                info = {"fused": False, "reason": rewrite.rolled_back[final]}
+            if info.pop("fused", False):
+                entry["fused"].append(part)
+            entry[part] = info
         table.append(entry)
     return table

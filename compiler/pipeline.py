@@ -19,12 +19,12 @@ import torch
 
 from ..models.builtin import LoadedModel
 from .artifacts import ArtifactError, ArtifactWriter, read_manifest, verify_artifacts
-from .capture import DEFAULT_MAX_TOKENS, CaptureResult, capture
+from .capture import DEFAULT_MAX_TOKENS, CaptureResult, capture, parity_inputs
 from .formats import ExportJob, ExportOptions, ProgressFn, StageContext, folder_stages, resolve
 from .inspection import Inspection, fused_layer_table
 from .parity.compare import ParityReport
-from .parity.selections import memory_layer_names
-from .parity.stages import parity_inputs, run_parity, torch_stage
+from .parity.selections import memory_layer_names, site_plan
+from .parity.stages import run_parity, torch_stage
 from .rewrite import RewriteResult, op_counts, rewrite
 from .tensorrt.package import TensorRTError, import_tensorrt, package_name
 
@@ -52,7 +52,7 @@ class Compiled:
 
     @property
     def layer_table(self) -> list[dict[str, Any]]:
-        return fused_layer_table(self.layers, self.rewrite)
+        return fused_layer_table(self.rewrite)
 
 
 def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compiled:
@@ -62,13 +62,18 @@ def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compile
     for note in captured.notes:
         progress(f"note: {note}")
     layers = memory_layer_names(captured.program.graph)
-    progress(f"memory layers found: {len(layers)} ({', '.join(layers) or 'none'})")
+    progress(f"memory lookups found: {len(layers)} ({', '.join(layers) or 'none'})")
     with step(progress, "folding weight-only maths and fusing memory lookups"):
-        rewritten = rewrite(loaded.model, captured, loaded.example_inputs, layers)
-    progress(f"fused {len(rewritten.fused_layers)} of {len(layers)} memory layers")
+        rewritten = rewrite(loaded.model, captured, loaded.example_inputs)
+    table = fused_layer_table(rewritten)
+    for part in ("selection", "aggregation"):
+        count = sum(part in entry["fused"] for entry in table)
+        progress(f"fused the {part} of {count} of {len(table)} memory lookups")
     for final, reason in rewritten.rolled_back.items():
         progress(f"rolled back {final}: {reason}")
-    return Compiled(loaded, captured, layers, rewritten)
+    for name, reason in rewritten.disabled_passes.items():
+        progress(f"left out pass {name}: {reason}")
+    return Compiled(loaded, captured, list(rewritten.plan.names), rewritten)
 
 
 def inspect_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Inspection:
@@ -112,14 +117,16 @@ def run_checks(
     compiled: Compiled, directory: Path, progress: ProgressFn, trt_package: str | None = None
 ) -> ParityReport:
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
-    context = StageContext(compiled.rewrite.program, trt_package)
+    program = compiled.rewrite.program
+    fused_plan = site_plan(program.graph)
+    context = StageContext(program, fused_plan, trt_package)
     stages = [
         torch_stage("torch.export", compiled.capture.program.module()),
-        torch_stage("fused-ops", compiled.rewrite.program.module()),
+        torch_stage("fused-ops", program.module(), fused_plan),
         *folder_stages(directory, context),
     ]
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
-        report = run_parity(compiled.loaded.model, stages, inputs, compiled.layers)
+        report = run_parity(compiled.loaded.model, stages, inputs, compiled.rewrite.plan)
     for line in report.summary_lines():
         progress(line)
     return report
@@ -131,8 +138,10 @@ def export_model(
     progress: ProgressFn = _quiet,
     formats: tuple[str, ...] = ("onnx",),
     options: ExportOptions | None = None,
+    compiled: Compiled | None = None,
 ) -> tuple[dict[str, Any], ParityReport]:
-    """Capture, rewrite, write each format, check parity; publish only when all steps ran."""
+    """Capture, rewrite (unless ``compiled`` is given), write each format, check parity;
+    publish only when all steps ran."""
     options = options or ExportOptions()
     chosen = resolve(formats, options)
     trt = options.trt
@@ -141,7 +150,7 @@ def export_model(
         trt = replace(trt, sms=tuple(sorted({*trt.sms, build_sm})), build_sm=build_sm)
         options = replace(options, trt=trt)
     with ArtifactWriter(out) as writer:
-        compiled = compile_model(loaded, progress)
+        compiled = compiled or compile_model(loaded, progress)
         job = ExportJob(compiled.rewrite.program, compiled.capture, writer, options, progress)
         sections: dict[str, Any] = {}
         for fmt in chosen:

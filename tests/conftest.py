@@ -44,8 +44,8 @@ def bundle_calls() -> list[tuple[Any, dict[str, Any]]]:
 
     A small fp32 lookup that takes the other branch of every constexpr (relu, scatter, no
     maps, a value dim that is not a power of two: the last column block is partial), and the
-    bundled model's layer (``models/builtin/facts.json``: a [1, n²] row and group map, G = E)
-    in fp32 and bf16: 6 kernels.
+    bundled model's layer (``models/builtin/facts.json``: a [1, n²] int32 row and group map,
+    G = E, as the fusion pass binds it) in fp32 and bf16: 6 kernels.
     """
     from ultramem.kernels import AGGREGATE, RETRIEVE
 
@@ -63,7 +63,7 @@ def bundle_calls() -> list[tuple[Any, dict[str, Any]]]:
     for dtype in (torch.float32, torch.bfloat16):
         tensors = _retrieve_tensors(h, n, mem["tucker_rank"], cores, dtype)
         calls.append((RETRIEVE, RETRIEVE.bind(*tensors, m, k, mem["score_activation"])))
-        index_map = torch.zeros(1, n * n, dtype=torch.int64)
+        index_map = torch.zeros(1, n * n, dtype=torch.int32)
         calls.append((AGGREGATE, AGGREGATE.bind(
             torch.randn(rows, dim, dtype=dtype), torch.randn(3, h, k, cores, dtype=dtype),
             torch.zeros(3, h, k, dtype=torch.int64), index_map, index_map, e, "add",

@@ -23,10 +23,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ...kernels import AGGREGATE, AGGREGATE_OP, RETRIEVE, RETRIEVE_OP, OpSpec
 from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
+from ..capture import like_inputs
 from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage
 from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
-from ..parity.stages import like_inputs, tensor_leaves
+from ..parity.stages import tensor_leaves
 from ..pipeline import Compiled
 from .timing import copy_bandwidth_gbs, measure
 

@@ -6,7 +6,7 @@ captured input axes are renamed throughout the graph, and outputs get stable nam
 (``output`` or ``output_<i>``).
 
 Fused lookups become ``ultramem::Retrieve`` / ``ultramem::Aggregate`` nodes carrying
-model-local functions (``onnx_ops``); form ``portable`` inlines those functions, for
+model-local functions (``domain``, ``bodies``); form ``portable`` inlines those functions, for
 tools that read no functions.
 
 Weights over ``EXTERNAL_DATA_BYTES`` go to one external-data file beside the model
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import helper
 from torch.export import ExportedProgram
 
 from ..capture import CaptureResult
@@ -108,13 +109,19 @@ def _name_axes(model: onnx.ModelProto, capture: CaptureResult) -> None:
 def _name_outputs(model: onnx.ModelProto) -> None:
     outputs = list(model.graph.output)
     names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    # an output that is a weight or an input (a model returning a constant buffer) is not
+    # produced by a node: it gets one, an Identity, rather than a renamed initializer
+    unproduced = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
     for out, new in zip(outputs, names, strict=True):
         old = out.name
         if old == new:
             continue
-        for node in model.graph.node:
-            node.output[:] = [new if o == old else o for o in node.output]
-            node.input[:] = [new if i == old else i for i in node.input]
+        if old in unproduced:
+            model.graph.node.append(helper.make_node("Identity", [old], [new], name=new))
+        else:
+            for node in model.graph.node:
+                node.output[:] = [new if o == old else o for o in node.output]
+                node.input[:] = [new if i == old else i for i in node.input]
         out.name = new
 
 

@@ -17,14 +17,16 @@ import onnx
 import torch
 from onnx import helper
 
+from ...kernels import DOMAIN, RETRIEVE
 from ..parity.selections import RetrieveRecord, SiteRecord, TopkRecord
-from .domain import DOMAIN
+
+_RANKED_FROM = ("row_scores", "col_scores", "cores")
 
 
 @dataclass
 class _Site:
     kind: str  # "topk" or "retrieve"
-    outputs: tuple[str, str]
+    outputs: tuple[str, ...]  # topk: values, indices; retrieve: scores, slots, and inputs
     axis_shape: str = ""  # topk: output holding the shape of its input
     axis: int = -1
 
@@ -46,7 +48,9 @@ def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
             sites.append(_Site("topk", (node.output[0], node.output[1]), shape, axis))
         elif node.op_type == "Retrieve" and node.domain == DOMAIN:
-            sites.append(_Site("retrieve", (node.output[0], node.output[1])))
+            # what it ranked from too: the near-tie verdict recomputes the grid scores
+            inputs = [node.input[RETRIEVE.input_names.index(n)] for n in _RANKED_FROM]
+            sites.append(_Site("retrieve", (node.output[0], node.output[1], *inputs)))
         else:
             continue
         for name in (*sites[-1].outputs, sites[-1].axis_shape):
@@ -90,10 +94,10 @@ class OnnxRunner:
         outputs = [torch.from_numpy(results[n]) for n in self.output_names[: self.output_count]]
         records: list[SiteRecord] = []
         for site in self.sites:
-            first, second = (torch.from_numpy(results[name]) for name in site.outputs)
+            tensors = [torch.from_numpy(results[name]) for name in site.outputs]
             if site.kind == "retrieve":
-                records.append(RetrieveRecord(first, second))
+                records.append(RetrieveRecord(*tensors))
             else:
                 size = int(results[site.axis_shape][site.axis])
-                records.append(TopkRecord(first, second, size))
+                records.append(TopkRecord(tensors[0], tensors[1], size))
         return outputs, records

@@ -1,16 +1,20 @@
 """Which memory slots each stage selected, so parity can count flipped selections.
 
 A lookup is discontinuous: a tiny numeric difference can flip a selected slot. Parity
-therefore records every top-k a stage computes ("selection sites", in execution order)
-and, per memory layer, turns its sites into selected slot ids:
+records every top-k and fused retrieval a stage computes ("sites", in execution order),
+and a *site plan* says which sites belong to which lookup, from the lookups the graph
+holds (``passes.lookups.find_lookups``: the one definition, so an MoE router's top-k is
+never taken for a memory layer). Per lookup, its sites become selected slot ids:
 
-    row candidates  I_row = topk(a_row, m)   over n keys
-    col candidates  I_col = topk(a_col, m)   over n keys
-    final           pos   = topk(grid, k)    over m² grid positions
-    slots = I_row[pos // m] · n + I_col[pos % m]
+    rows  I_row = topk(a_row, m),  columns  I_col = topk(a_col, m)   (or one joint top-k)
+    final pos = topk(grid, k) over the m × m grid
+    slots = I_row[pos // m] · n + I_col[pos % m]        (a fused ``retrieve``: its slots)
 
-PyTorch stages are recorded with a dispatch mode that sees every ``aten.topk`` call
-(no cooperation from the model's code); ONNX stages expose their TopK nodes' outputs.
+and the values that ranked them: the final top-k's values, or for a fused retrieve the
+grid scores at its slots recomputed from its inputs (before any activation), so that the
+near-tie verdict compares like with like. PyTorch stages are recorded with a dispatch mode
+that sees every ``aten.topk`` and ``ultramem::retrieve`` call (no cooperation from the
+model's code); ONNX stages expose their TopK and Retrieve nodes' tensors.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx import Graph, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ...kernels import RETRIEVE_OP
-from ...passes.lookups import lookup_anchors
+from ...kernels import RETRIEVE, RETRIEVE_OP
+from ...passes.lookups import find_lookups
 
-TOPK_OPS = (torch.ops.aten.topk.default,)
+TOPK = torch.ops.aten.topk.default
 
 
 @dataclass
@@ -38,13 +43,33 @@ class TopkRecord:
 
 @dataclass
 class RetrieveRecord:
-    """One ``ultramem::retrieve`` call: the slots it selected and their scores [.., k, M]."""
+    """One ``ultramem::retrieve`` call: what it selected and what it ranked them from."""
 
     scores: Tensor
     slots: Tensor
+    row_scores: Tensor
+    col_scores: Tensor
+    cores: Tensor
 
 
 SiteRecord = TopkRecord | RetrieveRecord
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site's role: ``row``/``col``/``joint``/``final`` top-k, or ``retrieve``, of lookup
+    ``lookup``; ``other`` for a top-k that is no lookup's (a router)."""
+
+    role: str
+    lookup: int | None = None
+    side_dim: int = 0  # a joint top-k: the dim of its output holding the two sides
+    row_side: int = 0  # a joint top-k: which side holds the rows
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    sites: tuple[Site, ...]
+    names: tuple[str, ...]  # one per lookup, in graph order
 
 
 @dataclass
@@ -67,14 +92,23 @@ class SiteRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = self.run_op(func, args, kwargs or {})
-        if func in TOPK_OPS:
+        if func is TOPK:
             x = args[0]
             dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
             values, indices = out
             self.records.append(TopkRecord(values.detach(), indices.detach(), x.shape[dim]))
         elif func is RETRIEVE_OP:
+            bound = RETRIEVE.bind(*args, **(kwargs or {}))
             scores, slots = out
-            self.records.append(RetrieveRecord(scores.detach(), slots.detach()))
+            self.records.append(
+                RetrieveRecord(
+                    scores.detach(),
+                    slots.detach(),
+                    bound["row_scores"].detach(),
+                    bound["col_scores"].detach(),
+                    bound["cores"].detach(),
+                )
+            )
         return out
 
 
@@ -88,47 +122,7 @@ def run_recording_sites(
     return out, recorder.records
 
 
-def layer_selections(records: list[SiteRecord]) -> list[Selection]:
-    """One selection per memory layer, in execution order.
-
-    A fused layer is one retrieve record. An unfused one is three top-ks (row, column,
-    final over the m_row × m_col grid), turned into the same slot ids the op returns.
-    """
-    out: list[Selection] = []
-    i = 0
-    while i < len(records):
-        rec = records[i]
-        if isinstance(rec, RetrieveRecord):
-            k = rec.slots.shape[-1]
-            values = rec.scores.float().sum(-1)  # the ranking score when no activation
-            out.append(Selection(rec.slots.reshape(-1, k), values.reshape(-1, k)))
-            i += 1
-            continue
-        triple = _triple_selection(records[i : i + 3])
-        if triple is not None:
-            out.append(triple)
-            i += 3
-            continue
-        i += 1  # a top-k that is not part of a lookup
-    return out
-
-
-def _triple_selection(records: list[SiteRecord]) -> Selection | None:
-    if len(records) != 3 or not all(isinstance(r, TopkRecord) for r in records):
-        return None
-    row, col, final = records  # type: ignore[misc]
-    m_row, m_col = row.indices.shape[-1], col.indices.shape[-1]
-    if final.input_size != m_row * m_col or final.indices.dim() != row.indices.dim():
-        return None
-    pos = final.indices
-    i_row = row.indices.gather(-1, pos // m_col)
-    i_col = col.indices.gather(-1, pos % m_col)
-    k = pos.shape[-1]
-    slots = (i_row * col.input_size + i_col).reshape(-1, k)
-    return Selection(slots, final.values.reshape(-1, k).float())
-
-
-def _module_path(node: torch.fx.Node) -> str:
+def _module_path(node: Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return "<root>"
@@ -136,11 +130,127 @@ def _module_path(node: torch.fx.Node) -> str:
     return str(path) or "<root>"
 
 
-def memory_layer_names(graph: torch.fx.Graph) -> list[str]:
-    """Names (module paths) of the memory layers in a graph, fused or not, in order."""
-    finals = {final for final, _, _ in lookup_anchors(graph)}
-    return [
-        _module_path(n)
-        for n in graph.nodes
-        if n in finals or (n.op == "call_function" and n.target is RETRIEVE_OP)
-    ]
+def site_plan(graph: Graph, swapped: frozenset[str] = frozenset()) -> SitePlan:
+    """The plan of a captured (or rewritten) graph: one site per top-k or retrieve node, in
+    graph order. ``swapped`` names lookups (by final top-k) whose rows are the second
+    candidate (as their fused selection binds them)."""
+    lookups = find_lookups(graph)
+    anchors = {lk.final: lk for lk in lookups}
+    sites: list[Site] = []
+    names: list[str] = []
+    roles: dict[Node, Site] = {}
+    count = 0
+    for node in graph.nodes:
+        if node in anchors:
+            lk = anchors[node]
+            order = lk.candidates[::-1] if lk.name in swapped else lk.candidates
+            if lk.joint:
+                side = 1 if lk.name in swapped else 0
+                roles[lk.candidates[0]] = Site("joint", count, lk.side_dim or 0, side)
+            else:
+                roles[order[0]], roles[order[1]] = Site("row", count), Site("col", count)
+            roles[node] = Site("final", count)
+            names.append(_module_path(node))
+            count += 1
+        elif node.op == "call_function" and node.target is RETRIEVE_OP:
+            roles[node] = Site("retrieve", count)
+            names.append(_module_path(node))
+            count += 1
+    for node in graph.nodes:
+        if node.op == "call_function" and (node.target is TOPK or node.target is RETRIEVE_OP):
+            sites.append(roles.get(node, Site("other")))
+    return SitePlan(tuple(sites), _unique(names))
+
+
+def inlined(plan: SitePlan) -> SitePlan:
+    """The plan of a program whose retrieves are inlined into standard ops (the portable
+    ONNX form): each retrieve's body ranks rows, then columns, then the grid."""
+    sites: list[Site] = []
+    for site in plan.sites:
+        if site.role == "retrieve":
+            sites += [Site(role, site.lookup) for role in ("row", "col", "final")]
+        else:
+            sites.append(site)
+    return SitePlan(tuple(sites), plan.names)
+
+
+def _unique(names: list[str]) -> tuple[str, ...]:
+    """Module paths, numbered where one module holds several lookups (heads in a loop)."""
+    totals = {n: names.count(n) for n in names}
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if totals[n] == 1 else f"{n}#{seen[n]}")
+    return tuple(out)
+
+
+def memory_layer_names(graph: Graph) -> list[str]:
+    """Names (module paths) of the lookups in a graph, fused or not, in order."""
+    return list(site_plan(graph).names)
+
+
+def layer_selections(records: list[SiteRecord], plan: SitePlan) -> list[Selection] | str:
+    """One selection per lookup of ``plan`` (in its order), or why the records do not
+    follow the plan."""
+    if len(records) != len(plan.sites):
+        return (
+            f"{len(records)} top-k/retrieve calls recorded, the graph has {len(plan.sites)}: "
+            "selections cannot be aligned"
+        )
+    parts: dict[int, dict[str, Any]] = {}
+    for record, site in zip(records, plan.sites, strict=True):
+        if site.lookup is not None:
+            parts.setdefault(site.lookup, {})[site.role] = (record, site)
+    out = []
+    for index in range(len(plan.names)):
+        part = parts.get(index, {})
+        selection = _selection(part)
+        if selection is None:
+            return f"lookup {plan.names[index]}: its sites were not all recorded"
+        out.append(selection)
+    return out
+
+
+def _selection(part: dict[str, Any]) -> Selection | None:
+    if "retrieve" in part:
+        rec: RetrieveRecord = part["retrieve"][0]
+        k = rec.slots.shape[-1]
+        ranking = ranking_scores(rec.row_scores, rec.col_scores, rec.cores, rec.slots)
+        return Selection(rec.slots.reshape(-1, k), ranking.reshape(-1, k))
+    if "final" not in part:
+        return None
+    final: TopkRecord = part["final"][0]
+    if "joint" in part:
+        joint, site = part["joint"]
+        rows = _TopkSide(joint.indices.select(site.side_dim, site.row_side), joint.input_size)
+        cols = _TopkSide(joint.indices.select(site.side_dim, 1 - site.row_side), joint.input_size)
+    elif "row" in part and "col" in part:
+        rows = _TopkSide(part["row"][0].indices, part["row"][0].input_size)
+        cols = _TopkSide(part["col"][0].indices, part["col"][0].input_size)
+    else:
+        return None
+    m_col = cols.indices.shape[-1]
+    pos = final.indices
+    if rows.indices.dim() != pos.dim():
+        return None
+    i_row = rows.indices.gather(-1, pos // m_col)
+    i_col = cols.indices.gather(-1, pos % m_col)
+    k = pos.shape[-1]
+    return Selection((i_row * cols.n + i_col).reshape(-1, k), final.values.reshape(-1, k).float())
+
+
+@dataclass
+class _TopkSide:
+    indices: Tensor
+    n: int
+
+
+def ranking_scores(row_scores: Tensor, col_scores: Tensor, cores: Tensor, slots: Tensor) -> Tensor:
+    """The grid score Σ_c row[s div n] · C_c · col[s mod n] of each selected slot [T, H, k]:
+    what a retrieve ranked, before any activation."""
+    n, rank = row_scores.shape[2], row_scores.shape[3]
+    index = slots.long()
+    rows = row_scores.float().gather(2, (index // n).unsqueeze(-1).expand(-1, -1, -1, rank))
+    cols = col_scores.float().gather(2, (index % n).unsqueeze(-1).expand(-1, -1, -1, rank))
+    return torch.einsum("thkp,chpq,thkq->thk", rows, cores.float(), cols)

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from ..capture import CaptureResult
 from .compare import (
     OutputComparison,
     ParityReport,
@@ -21,11 +20,7 @@ from .compare import (
     compare_selections,
     tolerance_for,
 )
-from .selections import (
-    SiteRecord,
-    layer_selections,
-    run_recording_sites,
-)
+from .selections import SitePlan, SiteRecord, layer_selections, run_recording_sites
 
 StageFn = Callable[[tuple[Any, ...], list[SiteRecord]], tuple[list[Tensor], list[SiteRecord]]]
 """Runs one stage on inputs; also gets the reference's site records, should a stage need them."""
@@ -36,67 +31,30 @@ class Stage:
     name: str
     run: StageFn | None
     reason: str = ""  # why it cannot run, when run is None
+    plan: SitePlan | None = None  # its sites' lookups (None: the reference's)
 
 
-def torch_stage(name: str, fn: Callable[..., Any]) -> Stage:
+def torch_stage(name: str, fn: Callable[..., Any], plan: SitePlan | None = None) -> Stage:
     def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> tuple[list[Tensor], list[SiteRecord]]:
         out, records = run_recording_sites(fn, inputs)
         return tensor_leaves(out), records
 
-    return Stage(name, run)
+    return Stage(name, run, plan=plan)
 
 
 def tensor_leaves(out: Any) -> list[Tensor]:
     return [x for x in tree_leaves(out) if isinstance(x, Tensor)]
 
 
-def parity_inputs(
-    example_inputs: tuple[Any, ...], capture: CaptureResult, seed: int = 0
-) -> list[tuple[Any, ...]]:
-    """The example, plus batch/token sizes other than the example's, within the captured range."""
-    gen = torch.Generator().manual_seed(seed)
-    first = next((x for x in example_inputs if isinstance(x, Tensor) and x.dim() >= 2), None)
-    if first is None:
-        return [example_inputs]
-    sizes = {(first.shape[0], first.shape[1])}
-    batch_axis, token_axis = capture.axis(0, "batch"), capture.axis(0, "tokens")
-    for b, t in ((1, 1), (1, 7), (3, 13), (1, 2 * first.shape[1] + 3)):
-        b_ok = batch_axis is not None and batch_axis.dynamic and _within(b, batch_axis)
-        t_ok = token_axis is not None and token_axis.dynamic and _within(t, token_axis)
-        sizes.add((b if b_ok else first.shape[0], t if t_ok else first.shape[1]))
-    example_size = (first.shape[0], first.shape[1])
-    others = sorted(sizes - {example_size})
-    return [example_inputs, *(like_inputs(example_inputs, b, t, gen) for b, t in others)]
-
-
-def _within(size: int, axis: Any) -> bool:
-    return (axis.min is None or size >= axis.min) and (axis.max is None or size <= axis.max)
-
-
-def like_inputs(
-    example: tuple[Any, ...], batch: int, tokens: int, gen: torch.Generator
-) -> tuple[Any, ...]:
-    out = []
-    for x in example:
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            out.append(x)
-            continue
-        shape = (batch, tokens, *x.shape[2:])
-        if x.dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(x.dtype))
-        else:
-            low, high = int(x.min()), int(x.max()) + 1
-            out.append(torch.randint(low, high, shape, generator=gen, dtype=x.dtype))
-    return tuple(out)
-
-
 def run_parity(
     reference: Callable[..., Any],
     stages: list[Stage],
     inputs_list: list[tuple[Any, ...]],
-    layer_names: list[str],
+    plan: SitePlan,
     tolerance: Tolerance | None = None,
 ) -> ParityReport:
+    """Every stage against ``reference`` on every input: outputs, and per lookup of
+    ``plan`` (the reference's sites) the selected slots."""
     ref_runs = [run_recording_sites(reference, inputs) for inputs in inputs_list]
     if tolerance is None:
         first_out = tensor_leaves(ref_runs[0][0])[0] if ref_runs else None
@@ -121,18 +79,22 @@ def run_parity(
                 continue
             for j, (r, c) in enumerate(zip(ref_outs, outs, strict=True)):
                 report.outputs.append(compare_outputs(f"output {j} @ {tag}", r, c, tolerance))
-            ref_sels, cand_sels = layer_selections(ref_records), layer_selections(records)
-            if len(ref_sels) != len(cand_sels):
-                msg = (
-                    f"{len(cand_sels)} memory layers selected slots vs {len(ref_sels)} in the "
+            ref_sels = layer_selections(ref_records, plan)
+            cand_sels = layer_selections(records, stage.plan or plan)
+            problem = next((x for x in (ref_sels, cand_sels) if isinstance(x, str)), None)
+            if problem is None and len(ref_sels) != len(cand_sels):
+                problem = (
+                    f"{len(cand_sels)} memory lookups selected slots vs {len(ref_sels)} in the "
                     "reference: selections cannot be aligned"
                 )
-                report.selections.append(SelectionComparison(f"all @ {tag}", 0, 0, 0, False, msg))
+            if problem is not None:
+                comparison = SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem)
+                report.selections.append(comparison)
                 continue
-            for j, (ref_sel, cand_sel) in enumerate(zip(ref_sels, cand_sels, strict=True)):
-                layer = layer_names[j] if j < len(layer_names) else f"layer {j}"
-                name = f"{layer} @ {tag}"
-                report.selections.append(compare_selections(name, ref_sel, cand_sel, tolerance))
+            for name, ref_sel, cand_sel in zip(plan.names, ref_sels, cand_sels, strict=True):
+                report.selections.append(
+                    compare_selections(f"{name} @ {tag}", ref_sel, cand_sel, tolerance)  # type: ignore[arg-type]
+                )
         reports.append(report)
     return ParityReport(reports, [[list(_shape_of(x))] for x in inputs_list], tolerance)
 

@@ -25,7 +25,7 @@ def test_bundled_model_exports_selection_exact_at_fp32(bundled_export: Path) -> 
     manifest = json.loads((bundled_export / "manifest.json").read_text())
     assert manifest["source"]["model"] == "builtin:facts"
     assert [m["name"] for m in manifest["memory_layers"]] == ["memories.0"]
-    assert all(m["fused"] for m in manifest["memory_layers"])
+    assert all(m["fused"] == ["selection", "aggregation"] for m in manifest["memory_layers"])
     assert manifest["ops"]["after"]["ultramem.retrieve"] == 1
     assert "topk" not in manifest["ops"]["after"] and manifest["ops"]["before"]["topk"] == 3
     assert manifest["parity"]["passed"] is True

@@ -10,6 +10,7 @@ from ultramem.compiler.parity.selections import (
     layer_selections,
     memory_layer_names,
     run_recording_sites,
+    site_plan,
 )
 from ultramem.models.config import LMConfig, UltraMemConfig
 from ultramem.models.lm import UltraMemLM
@@ -39,9 +40,10 @@ def test_lm_captures_with_named_dynamic_axes_and_matches_on_other_sizes() -> Non
     ref, ref_records = run_recording_sites(model, (x,))
     out, records = run_recording_sites(result.program.module(), (x,))
     assert torch.equal(ref, out)
-    [ref_sel] = layer_selections(ref_records)
+    plan = site_plan(result.program.graph)
+    [ref_sel] = layer_selections(ref_records, plan)  # type: ignore[misc]
     assert ref_sel.slots.shape == (3 * 37 * 2, cfg.memory.topk)
-    assert torch.equal(ref_sel.slots, layer_selections(records)[0].slots)
+    assert torch.equal(ref_sel.slots, layer_selections(records, plan)[0].slots)  # type: ignore[index]
     assert int(ref_sel.slots.max()) < cfg.memory.n_keys**2
 
 

@@ -117,8 +117,8 @@ def test_launch_refuses_what_the_kernel_was_not_built_for(bundle: BundleManifest
         "values": torch.randn(10, d["Dv"]).to(dt),
         "weights": torch.randn(3, d["H"], d["k"], d["M"]).to(dt),
         "slots": torch.zeros(3, d["H"], d["k"], dtype=torch.int64),
-        "row_map": torch.zeros(d["Hr"], d["S"], dtype=torch.int64),
-        "group_map": torch.zeros(d["Hg"], d["S"], dtype=torch.int64),
+        "row_map": torch.zeros(d["Hr"], d["S"], dtype=torch.int32),
+        "group_map": torch.zeros(d["Hg"], d["S"], dtype=torch.int32),
         "pooled": torch.empty(3, d["groups"], d["Dv"], dtype=dt),
     }
     driver = FakeDriver(launch_error=719)
@@ -133,6 +133,11 @@ def test_launch_refuses_what_the_kernel_was_not_built_for(bundle: BundleManifest
         launcher.launch(
             kernel.name, {**tensors, "slots": tensors["slots"].int()}, device_index=0, sm=80,
             stream=0,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="contiguous i32"):
+        launcher.launch(
+            kernel.name, {**tensors, "row_map": tensors["row_map"].long()}, device_index=0,
+            sm=80, stream=0,
         )  # fmt: skip
     with pytest.raises(KeyError, match="sm_91"):  # an sm_90a cubin runs on 9.0 only
         launcher.launch(kernel.name, tensors, device_index=0, sm=91, stream=0)

@@ -21,9 +21,10 @@ from ultramem.compiler.formats import onnx_stage
 from ultramem.compiler.onnx.domain import attach_functions, register_schemas
 from ultramem.compiler.onnx.export import count_nodes, export_onnx
 from ultramem.compiler.parity.selections import (
+    inlined,
     layer_selections,
-    memory_layer_names,
     run_recording_sites,
+    site_plan,
 )
 from ultramem.compiler.parity.stages import run_parity
 from ultramem.compiler.rewrite import rewrite
@@ -176,8 +177,7 @@ def two_layer_exports(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = UltraMemLM(cfg).eval()
     example = (torch.randint(0, 64, (2, 16)),)
     cap = capture(model, example, max_tokens=64)
-    layers = memory_layer_names(cap.program.graph)
-    rewritten = rewrite(model, cap, example, layers)
+    rewritten = rewrite(model, cap, example)
     assert len(rewritten.fused_layers) == 2
     directory = tmp_path_factory.mktemp("onnx_ops")
     paths = {}
@@ -190,7 +190,9 @@ def two_layer_exports(tmp_path_factory: pytest.TempPathFactory) -> dict:
         export_onnx(
             cap, paths[form], program=program, form="portable" if form == "portable" else "custom"
         )
-    return {"model": model, "paths": paths, "layers": layers, "capture": cap}
+    plans = {"unfused": site_plan(cap.program.graph), "custom": site_plan(rewritten.program.graph)}
+    plans["portable"] = inlined(plans["custom"])  # each retrieve's body: three TopK nodes
+    return {"model": model, "paths": paths, "plan": rewritten.plan, "plans": plans}
 
 
 def test_custom_domain_export_is_valid_and_smaller(two_layer_exports: dict) -> None:
@@ -228,10 +230,11 @@ def test_portable_form_has_no_functions_and_no_custom_nodes(two_layer_exports: d
 def test_every_form_runs_in_stock_onnxruntime_with_parity(
     two_layer_exports: dict, form: str
 ) -> None:
-    model, layers = two_layer_exports["model"], two_layer_exports["layers"]
+    model, plan = two_layer_exports["model"], two_layer_exports["plan"]
     inputs = [(torch.randint(0, 64, (1, 7)),), (torch.randint(0, 64, (3, 29)),)]
     stage = onnx_stage(two_layer_exports["paths"][form])
-    report = run_parity(model, [stage], inputs, layers)
+    stage.plan = two_layer_exports["plans"][form]
+    report = run_parity(model, [stage], inputs, plan)
     (result,) = report.stages
     assert result.passed, report.summary_lines()
     assert len(result.selections) == 2 * len(inputs)  # both layers' sites were probed
@@ -245,7 +248,10 @@ def test_probed_custom_nodes_give_the_reference_slots(two_layer_exports: dict) -
     _, ref_records = run_recording_sites(model, tokens)
     stage = onnx_stage(two_layer_exports["paths"]["custom"])
     _, records = stage.run(tokens, ref_records)
-    ref, got = layer_selections(ref_records), layer_selections(records)
+    plans = two_layer_exports["plans"]
+    ref = layer_selections(ref_records, two_layer_exports["plan"])
+    got = layer_selections(records, plans["custom"])
+    assert not isinstance(ref, str) and not isinstance(got, str)
     assert len(ref) == len(got) == 2
     for r, g in zip(ref, got, strict=True):
         assert torch.equal(r.slots.sort(-1).values, g.slots.sort(-1).values)

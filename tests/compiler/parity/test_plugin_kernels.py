@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import torch
 
+from ultramem.compiler.capture import parity_inputs
 from ultramem.compiler.parity.plugin_kernels import STAGE, plugin_kernels_stage
-from ultramem.compiler.parity.stages import parity_inputs, run_parity
+from ultramem.compiler.parity.selections import site_plan
+from ultramem.compiler.parity.stages import run_parity
 from ultramem.compiler.pipeline import compile_model
 from ultramem.models.builtin import DEFAULT_BUILTIN, load_builtin
 from ultramem.plugins.metadata import BundleManifest
@@ -39,7 +41,8 @@ def test_fused_ops_are_routed_to_bundled_kernels_by_name(
 
     stage = plugin_kernels_stage(compiled.rewrite.program, bundle.root, runner=references)
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
-    report = run_parity(compiled.loaded.model, [stage], inputs, compiled.layers)
+    stage.plan = site_plan(compiled.rewrite.program.graph)
+    report = run_parity(compiled.loaded.model, [stage], inputs, compiled.rewrite.plan)
     (result,) = report.stages
     assert result.stage == STAGE and result.passed, report.summary_lines()
     assert result.selections and all(s.differing == 0 for s in result.selections)
@@ -62,7 +65,8 @@ def test_bundled_kernels_match_the_reference_on_the_gpu(
 ) -> None:
     stage = plugin_kernels_stage(compiled.rewrite.program, bundle.root)
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
-    report = run_parity(compiled.loaded.model, [stage], inputs, compiled.layers)
+    stage.plan = site_plan(compiled.rewrite.program.graph)
+    report = run_parity(compiled.loaded.model, [stage], inputs, compiled.rewrite.plan)
     (result,) = report.stages
     assert result.executed and result.passed, report.summary_lines()
     assert all(s.differing == 0 for s in result.selections)

@@ -24,7 +24,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ultramem.compiler.capture import CaptureResult, capture
 from ultramem.compiler.onnx.export import export_onnx
-from ultramem.compiler.parity.selections import memory_layer_names
 from ultramem.compiler.rewrite import rewrite
 from ultramem.compiler.tensorrt import build
 from ultramem.compiler.tensorrt.build import build_engine, timing_cache_supported
@@ -108,7 +107,7 @@ def lm_fused_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     out: dict[int, Path] = {}
     for layers in (1, 2):
         model, cap, example = _captured_lm(layers)
-        fused = rewrite(model, cap, example, memory_layer_names(cap.program.graph))
+        fused = rewrite(model, cap, example)
         assert len(fused.fused_layers) == layers
         path = tmp_path_factory.mktemp(f"fused{layers}") / "model.onnx"
         export_onnx(cap, path, program=fused.program)

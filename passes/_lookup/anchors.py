@@ -1,0 +1,116 @@
+"""What a memory lookup is, found by what the graph computes: the one definition.
+
+A lookup is anchored at a *final* top-k whose input depends on the indices or values of
+*candidate* top-ks and of no nearer top-k, and whose ranked axis holds one entry per pair
+of candidates (the grid):
+
+- two candidate top-ks (rows and columns), ranked axis m_row · m_col long (UltraMem, PKM);
+- or one candidate top-k over both sides at once, its input holding the two sides along a
+  dim of size 2 (``[..., 2, n]``, then ``chunk``/``unbind``), ranked axis m² long
+  (product-key-memory, PEER, Meta's memory+).
+
+A top-k with no candidate top-k behind it (an MoE router), or whose ranked axis is not a
+grid of its candidates (a top-k over the grid's diagonal), anchors no lookup. Everything
+else about a lookup (scores, tables, pooling) is bound and proven elsewhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from .._graph import ancestors, graph_order
+
+TOPK = torch.ops.aten.topk.default
+
+
+@dataclass(frozen=True)
+class LookupAnchors:
+    """A lookup's top-ks: ``final`` and its candidates, in graph order."""
+
+    final: Node
+    candidates: tuple[Node, ...]  # (rows, columns), or (both sides,) for a joint top-k
+    side_dim: int | None = None  # joint top-k: the input dim of size 2 holding the sides
+
+    @property
+    def name(self) -> str:
+        return self.final.name
+
+    @property
+    def joint(self) -> bool:
+        return len(self.candidates) == 1
+
+
+def topk_dim(node: Node) -> int:
+    """The axis a top-k ranks along, as a non-negative index."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+    return int(dim) % node.args[0].meta["val"].dim()
+
+
+def topk_count(node: Node) -> int:
+    return int(node.args[1])
+
+
+def topk_output(node: Node, index: int) -> Node | None:
+    """The ``getitem`` taking a top-k's values (0) or indices (1), if any."""
+    return next(
+        (u for u in node.users if u.target is operator.getitem and u.args[1] == index), None
+    )
+
+
+def _ranked_size(node: Node) -> object:
+    return node.args[0].meta["val"].shape[topk_dim(node)]
+
+
+_SPLITS = {  # op -> (position of its dim argument, its default)
+    torch.ops.aten.unbind.int: (1, 0),
+    torch.ops.aten.chunk.default: (2, 0),
+    torch.ops.aten.split.Tensor: (2, 0),
+    torch.ops.aten.split_with_sizes.default: (2, 0),
+    torch.ops.aten.select.int: (1, None),
+    torch.ops.aten.slice.Tensor: (1, 0),
+}
+
+
+def _side_dim(candidate: Node) -> int | None:
+    """The dim of size 2 a joint top-k's input holds its two sides in: the one its outputs
+    are split along (``unbind``, ``chunk``, ``select``...), else the only such dim."""
+    shape = candidate.args[0].meta["val"].shape
+    sizes2 = [d for d, s in enumerate(shape) if s == 2 and d != topk_dim(candidate)]
+    users = [u for out in candidate.users for u in out.users]
+    while users:
+        user = users.pop(0)
+        if user.target not in _SPLITS:
+            continue
+        pos, default = _SPLITS[user.target]
+        dim = user.args[pos] if len(user.args) > pos else user.kwargs.get("dim", default)
+        if dim is not None and int(dim) % len(shape) in sizes2:
+            return int(dim) % len(shape)
+        if user.target is torch.ops.aten.slice.Tensor:  # ``x[:, :, 0]``: a full slice first
+            users += list(user.users)
+    return sizes2[0] if len(sizes2) == 1 else None
+
+
+def find_lookups(graph: Graph) -> list[LookupAnchors]:
+    """Every lookup's anchors, in graph order."""
+    order = graph_order(graph)
+    topks = [n for n in graph.nodes if n.target is TOPK]
+    out = []
+    for final in topks:
+        behind = ancestors([final])
+        inner = [t for t in topks if t in behind]
+        # the nearest ones: top-ks in the ancestry that feed no other top-k of it
+        nearest = [t for t in inner if not any(t in ancestors([o]) for o in inner if o is not t)]
+        nearest.sort(key=order.__getitem__)
+        grid = _ranked_size(final)
+        if len(nearest) == 2:
+            if grid == topk_count(nearest[0]) * topk_count(nearest[1]):
+                out.append(LookupAnchors(final, (nearest[0], nearest[1])))
+        elif len(nearest) == 1:
+            side = _side_dim(nearest[0])
+            if side is not None and grid == topk_count(nearest[0]) ** 2:
+                out.append(LookupAnchors(final, (nearest[0],), side))
+    return out
