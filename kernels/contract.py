@@ -309,6 +309,27 @@ AGGREGATE = OpSpec(
 OPS: tuple[OpSpec, ...] = (RETRIEVE, AGGREGATE)
 
 
+def markdown_table() -> str:
+    """The ops as the README's table shows them; a test holds the README to this text."""
+    lines = ["| op | inputs → outputs | attributes |", "|---|---|---|"]
+    for op in OPS:
+        inputs = ", ".join(
+            f"`{t.name}`{'?' if t.optional else ''} {t.shape_doc()} {t.dtype}" for t in op.inputs
+        )
+        outputs = ", ".join(
+            f"`{t.name}` {t.shape_doc()} {t.dtype.replace('like:', 'dtype of ')}"
+            for t in op.outputs
+        )
+        attributes = "; ".join(
+            f"`{a.name}` {a.kind.__name__}"
+            + (f" = {a.default!r}" if not a.required else "")
+            + (f" ({'/'.join(a.choices)})" if a.choices else "")
+            for a in op.attributes
+        )
+        lines.append(f"| `{DOMAIN}::{op.onnx_name}` | {inputs} → {outputs} | {attributes} |")
+    return "\n".join(lines)
+
+
 def op_spec(name: str) -> OpSpec:
     """The contract of ``retrieve``/``aggregate`` (torch names) or ``Retrieve``/``Aggregate``."""
     for op in OPS:

@@ -2,13 +2,14 @@
 
 The torch.library schema, the fake kernels' output shapes, the references' and Triton
 launchers' signatures, the ONNX schemas and the exporter's nodes, the TensorRT plugins'
-signatures and attribute order, the bundled kernels' parameters: each must say what the
-contract says. A reader that drifts fails here, naming what differs.
+signatures and attribute order, the bundled kernels' parameters, the README's table: each
+must say what the contract says. A reader that drifts fails here, naming what differs.
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +30,7 @@ from ultramem.kernels import (
     retrieve_triton,
     triton_kernels,
 )
+from ultramem.kernels.contract import markdown_table
 from ultramem.plugins.metadata import BundleManifest
 from ultramem.plugins.trt_plugin import attribute_order, plugin_signature, presence_flags
 
@@ -163,3 +165,9 @@ def test_bundle_metadata_names_the_contracts_tensors_and_dims(bundle: BundleMani
         assert {a.tensor for a in kernel.args if a.kind == "pointer"} <= tensors, kernel.name
         assert set(kernel.dims) <= dims, kernel.name
         assert {d.tensor for d in kernel.dims.values() if d.tensor} <= set(op.input_names)
+
+
+def test_the_readme_shows_the_contract_as_declared() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert markdown_table() in readme
+    assert f"## ONNX: the `{DOMAIN}` domain, version {DOMAIN_VERSION}" in readme
