@@ -30,7 +30,7 @@ from ..passes.fold_constants import fold_constants
 from ..passes.fuse_memory_lookup import fuse_memory_lookup
 from .capture import CaptureResult, parity_inputs, recapture
 from .parity.compare import ParityReport
-from .parity.selections import SitePlan, site_plan
+from .parity.selections import GridReading, SitePlan, site_plan
 from .parity.stages import run_parity, torch_stage
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,18 @@ def run_passes(
     return recapture(gm, capture), results
 
 
-def _swapped(results: list[PassResult]) -> frozenset[str]:
+def _readings(results: list[PassResult]) -> dict[str, GridReading]:
+    """How parity reads each fused lookup's top-ks, as its fused selection proved them."""
     fusion = next((r for r in results if r.name == FUSION), None)
     lookups = fusion.details.get("lookups", {}) if fusion is not None else {}
-    return frozenset(n for n, p in lookups.items() if p.get("selection", {}).get("rows_second"))
+    out = {}
+    for name, parts in lookups.items():
+        selection = parts.get("selection", {})
+        if selection.get("fused"):
+            out[name] = GridReading(
+                bool(selection.get("rows_second")), selection.get("grid") != "rows inner"
+            )
+    return out
 
 
 def rewrite(
@@ -108,13 +116,13 @@ def rewrite(
 
     def attempt(context: PassContext) -> tuple[ExportedProgram, list[PassResult], ParityReport]:
         program, results = run_passes(capture, context)
-        plan = site_plan(capture.program.graph, _swapped(results))
+        plan = site_plan(capture.program.graph, _readings(results))
         stage = torch_stage("fused", program.module(), site_plan(program.graph))
         return program, results, run_parity(model, [stage], inputs, plan)
 
     while True:
         program, results, report = attempt(ctx)
-        plan = site_plan(capture.program.graph, _swapped(results))
+        plan = site_plan(capture.program.graph, _readings(results))
         fusion = next((r for r in results if r.name == FUSION), None)
         fused = list(fusion.changed) if fusion is not None else []
         if report.passed:

@@ -188,12 +188,20 @@ def compare_outputs(
 
 
 def _near_ties(reference: Selection, candidate: Selection, differs: Tensor, tol: Tolerance) -> int:
+    """Differing rows where only slots at the boundary swapped: every slot the reference
+    kept and the candidate dropped, and every slot the candidate kept instead, scores
+    within tolerance of the reference's k-th score. A slot far above the boundary that
+    one side lacks is a real difference (a wrong slot id, a wrong ranking), not a tie."""
     near = 0
     for r in differs.nonzero().flatten().tolist():
         kth = float(reference.values[r].min())
+        limit = tol.atol + tol.rtol * abs(kth)
+        dropped = ~torch.isin(reference.slots[r], candidate.slots[r])
         picked_instead = ~torch.isin(candidate.slots[r], reference.slots[r])
-        gap = float(kth - candidate.values[r][picked_instead].min())
-        if gap <= tol.atol + tol.rtol * abs(kth):
+        swapped = torch.cat(
+            [reference.values[r][dropped].float(), candidate.values[r][picked_instead].float()]
+        )
+        if swapped.numel() and bool(((swapped - kth).abs() <= limit).all()):
             near += 1
     return near
 

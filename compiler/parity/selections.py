@@ -19,7 +19,7 @@ model's code); ONNX stages expose their TopK and Retrieve nodes' tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch.fx import Graph, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...kernels import RETRIEVE, RETRIEVE_OP
-from ...passes.lookups import find_lookups
+from ...passes.lookups import find_lookups, grid_slots, ranked_last
 
 TOPK = torch.ops.aten.topk.default
 
@@ -39,6 +39,10 @@ class TopkRecord:
     values: Tensor
     indices: Tensor
     input_size: int  # length of the dimension top-k ran over
+    dim: int = -1  # that dimension, non-negative
+
+    def ranked_last(self) -> tuple[Tensor, Tensor]:
+        return ranked_last(self.values, self.dim), ranked_last(self.indices, self.dim)
 
 
 @dataclass
@@ -64,6 +68,17 @@ class Site:
     lookup: int | None = None
     side_dim: int = 0  # a joint top-k: the dim of its output holding the two sides
     row_side: int = 0  # a joint top-k: which side holds the rows
+    rows_outer: bool = True  # the final top-k: the rows are the grid's outer axis
+
+
+@dataclass(frozen=True)
+class GridReading:
+    """How to read one lookup's top-ks as the fused op's slot ids (the fusion pass proves
+    it on the model's own activations): which candidate is the op's rows, and whether the
+    model flattened its grid with the rows outer."""
+
+    rows_second: bool = False
+    rows_outer: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,7 +111,8 @@ class SiteRecorder(TorchDispatchMode):
             x = args[0]
             dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
             values, indices = out
-            self.records.append(TopkRecord(values.detach(), indices.detach(), x.shape[dim]))
+            dim = int(dim) % max(x.dim(), 1)
+            self.records.append(TopkRecord(values.detach(), indices.detach(), x.shape[dim], dim))
         elif func is RETRIEVE_OP:
             bound = RETRIEVE.bind(*args, **(kwargs or {}))
             scores, slots = out
@@ -130,10 +146,11 @@ def _module_path(node: Node) -> str:
     return str(path) or "<root>"
 
 
-def site_plan(graph: Graph, swapped: frozenset[str] = frozenset()) -> SitePlan:
+def site_plan(graph: Graph, readings: Mapping[str, GridReading] | None = None) -> SitePlan:
     """The plan of a captured (or rewritten) graph: one site per top-k or retrieve node, in
-    graph order. ``swapped`` names lookups (by final top-k) whose rows are the second
-    candidate (as their fused selection binds them)."""
+    graph order. ``readings`` says, per lookup (by final top-k), how its fused selection
+    reads the top-ks (default: rows first and outer)."""
+    readings = readings or {}
     lookups = find_lookups(graph)
     anchors = {lk.final: lk for lk in lookups}
     sites: list[Site] = []
@@ -143,13 +160,14 @@ def site_plan(graph: Graph, swapped: frozenset[str] = frozenset()) -> SitePlan:
     for node in graph.nodes:
         if node in anchors:
             lk = anchors[node]
-            order = lk.candidates[::-1] if lk.name in swapped else lk.candidates
+            reading = readings.get(lk.name, GridReading())
+            order = lk.candidates[::-1] if reading.rows_second else lk.candidates
             if lk.joint:
-                side = 1 if lk.name in swapped else 0
+                side = 1 if reading.rows_second else 0
                 roles[lk.candidates[0]] = Site("joint", count, lk.side_dim or 0, side)
             else:
                 roles[order[0]], roles[order[1]] = Site("row", count), Site("col", count)
-            roles[node] = Site("final", count)
+            roles[node] = Site("final", count, rows_outer=reading.rows_outer)
             names.append(_module_path(node))
             count += 1
         elif node.op == "call_function" and node.target is RETRIEVE_OP:
@@ -206,44 +224,46 @@ def layer_selections(records: list[SiteRecord], plan: SitePlan) -> list[Selectio
     for index in range(len(plan.names)):
         part = parts.get(index, {})
         selection = _selection(part)
-        if selection is None:
-            return f"lookup {plan.names[index]}: its sites were not all recorded"
+        if isinstance(selection, str):
+            return f"lookup {plan.names[index]}: {selection}"
         out.append(selection)
     return out
 
 
-def _selection(part: dict[str, Any]) -> Selection | None:
+def _selection(part: dict[str, Any]) -> Selection | str:
+    """The lookup's selection from its recorded sites, or why it cannot be read."""
     if "retrieve" in part:
         rec: RetrieveRecord = part["retrieve"][0]
         k = rec.slots.shape[-1]
         ranking = ranking_scores(rec.row_scores, rec.col_scores, rec.cores, rec.slots)
         return Selection(rec.slots.reshape(-1, k), ranking.reshape(-1, k))
     if "final" not in part:
-        return None
+        return "its final top-k was not recorded"
     final: TopkRecord = part["final"][0]
+    final_site: Site = part["final"][1]
     if "joint" in part:
         joint, site = part["joint"]
-        rows = _TopkSide(joint.indices.select(site.side_dim, site.row_side), joint.input_size)
-        cols = _TopkSide(joint.indices.select(site.side_dim, 1 - site.row_side), joint.input_size)
+        indices = (
+            joint.indices.select(site.side_dim, site.row_side),
+            joint.indices.select(site.side_dim, 1 - site.row_side),
+        )
+        dim = joint.dim - (1 if site.side_dim < joint.dim else 0)
+        rows, cols = (ranked_last(i, dim) for i in indices)
+        n = joint.input_size
     elif "row" in part and "col" in part:
-        rows = _TopkSide(part["row"][0].indices, part["row"][0].input_size)
-        cols = _TopkSide(part["col"][0].indices, part["col"][0].input_size)
+        rows, cols = part["row"][0].ranked_last()[1], part["col"][0].ranked_last()[1]
+        n = part["col"][0].input_size
     else:
-        return None
-    m_col = cols.indices.shape[-1]
-    pos = final.indices
-    if rows.indices.dim() != pos.dim():
-        return None
-    i_row = rows.indices.gather(-1, pos // m_col)
-    i_col = cols.indices.gather(-1, pos % m_col)
+        return "its candidate top-ks were not recorded"
+    values, pos = final.ranked_last()
+    slots = grid_slots(rows, cols, pos, n, final_site.rows_outer)
+    if slots is None:
+        return (
+            f"the final top-k's positions {tuple(pos.shape)} do not index the grid of "
+            f"candidates {tuple(rows.shape)} x {tuple(cols.shape)}"
+        )
     k = pos.shape[-1]
-    return Selection((i_row * cols.n + i_col).reshape(-1, k), final.values.reshape(-1, k).float())
-
-
-@dataclass
-class _TopkSide:
-    indices: Tensor
-    n: int
+    return Selection(slots.reshape(-1, k), values.reshape(-1, k).float())
 
 
 def ranking_scores(row_scores: Tensor, col_scores: Tensor, cores: Tensor, slots: Tensor) -> Tensor:

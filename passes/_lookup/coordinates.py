@@ -172,6 +172,8 @@ class Tracer:
                 return self._index(node)
             if target is aten.gather.default:
                 return self._gather(node)
+            if target is aten.take_along_dim.default:
+                return self._take_along_dim(node)
             if target in (aten.einsum.default, aten.matmul.default, aten.bmm.default,
                           aten.mm.default, aten.linear.default):  # fmt: skip
                 return self._contract(node)
@@ -307,6 +309,27 @@ class Tracer:
             return None  # per-selection data gathered at per-selection positions
         return {
             k: torch.gather(v.expand(self.values[source].shape), dim, self.values[index])
+            for k, v in self.known[source].items()
+        }
+
+    def _take_along_dim(self, node: Node) -> Coords | None:
+        """``gather`` with broadcasting (``dim`` given; without it the input is flattened)."""
+        source, index = node.args[:2]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if dim is None:
+            return None
+        shape = self.values[node].shape
+        if self.known.get(source) is None:
+            coords = self.known.get(index)
+            if coords is None:
+                return None
+            return {
+                k: v.expand(self.values[index].shape).broadcast_to(shape) for k, v in coords.items()
+            }
+        if self.known.get(index) is not None:
+            return None  # per-selection data gathered at per-selection positions
+        return {
+            k: torch.take_along_dim(v.expand(self.values[source].shape), self.values[index], dim)
             for k, v in self.known[source].items()
         }
 

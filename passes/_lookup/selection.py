@@ -42,6 +42,7 @@ from .._graph import (
     record_values,
     view_base,
 )
+from ..lookups import grid_slots, ranked_last, same_selections
 from .anchors import LookupAnchors, topk_count, topk_dim, topk_output
 from .layouts import Layout, layouts
 from .region import NotALookup, Region, region_between
@@ -53,6 +54,7 @@ TABLE_READS = {
     torch.ops.aten.embedding.default: (0, 1),
     torch.ops.aten.index_select.default: (0, 2),
     torch.ops.aten.gather.default: (0, 2),
+    torch.ops.aten.take_along_dim.default: (0, 1),
     torch.ops.aten.embedding_bag.default: (0, 1),
     torch.ops.aten.embedding_bag.padding_idx: (0, 1),
     torch.ops.aten._embedding_bag.default: (0, 1),
@@ -99,6 +101,7 @@ class SelectionBinding:
     outputs: list[Output] = field(default_factory=list)
     verified_max_abs: float = 0.0
     rows_second: bool = False  # the rows are the second candidate (or side): parity reads so
+    rows_outer: bool = True  # the model's grid has the rows as its outer axis: parity reads so
     # the model's own activation of the selected scores, taken into the op when every use
     # of them goes through it: (activation, the node it replaces per float output)
     activation: str = "none"
@@ -116,6 +119,7 @@ class SelectionBinding:
             "scores": "additive (row + column)" if self.additive else "Tucker",
             "outputs": sorted({o.kind for o in self.outputs}),
             "rows_second": self.rows_second,
+            "grid": "rows outer" if self.rows_outer else "rows inner",
             "activation": self.activation,
         }
 
@@ -368,6 +372,7 @@ def bind_selection(
         distinct = list(dict.fromkeys(sources))
         region = region_between(gm, distinct, outputs, f"the selection ending at {lookup.name}")
         wanted = {*distinct, *outputs, *region.extra_inputs, *cand_inputs}
+        wanted |= {*lookup.candidates, lookup.final}
         real = record_values(gm, example, wanted)
         module = region.module(gm)
         extras = [real[e] for e in region.extra_inputs]
@@ -388,6 +393,7 @@ def bind_selection(
                 if error is not None:
                     binding.verified_max_abs = error
                     binding.rows_second = bool(swapped)
+                    binding.rows_outer = _rows_outer(lookup, binding, real, n)
                     _absorb_activation(gm, binding, distinct, probes, example)
                     return binding, region
     raise NotALookup(
@@ -579,10 +585,38 @@ def _activation_of(out: Output) -> tuple[str, Node, list[str] | None] | None:
     (user,) = _value_users(node)
     if user.target is aten.relu.default:
         return "relu", user, roles
-    along_k = roles is not None and roles[int(user.args[1]) % len(roles)] == "k"
-    if user.target in _SOFTMAX and out.kind != "ranking" and along_k:
+    if user.target not in _SOFTMAX or out.kind == "ranking" or roles is None:
+        return None
+    if roles[int(user.args[1]) % len(roles)] == "k":
         return "softmax", user, roles
     return None
+
+
+def _rows_outer(lookup: LookupAnchors, b: SelectionBinding, real: dict[Node, Any], n: int) -> bool:
+    """Whether the model's grid has the rows as its outer axis: the decomposition of the
+    final top-k's positions that gives the op's slots on the model's own activations."""
+    with torch.no_grad():
+        _, slots = b.run(real[b.rows.node], real[b.cols.node], "none")
+    pos = ranked_last(real[lookup.final][1], topk_dim(lookup.final))
+    if lookup.joint:
+        (joint,) = lookup.candidates
+        side_dim = lookup.side_dim if lookup.side_dim is not None else b.rows.side[0]  # type: ignore[index]
+        dim = topk_dim(joint)
+        dim -= 1 if side_dim < dim else 0
+        row_side = 1 if b.rows_second else 0
+        indices = real[joint][1]
+        rows = ranked_last(indices.select(side_dim, row_side), dim)
+        cols = ranked_last(indices.select(side_dim, 1 - row_side), dim)
+    else:
+        first, second = lookup.candidates
+        row_c, col_c = (second, first) if b.rows_second else (first, second)
+        rows = ranked_last(real[row_c][1], topk_dim(row_c))
+        cols = ranked_last(real[col_c][1], topk_dim(col_c))
+    for outer in (True, False):
+        got = grid_slots(rows, cols, pos, n, outer)
+        if got is not None and same_selections(got, slots):
+            return outer
+    return True  # neither reads as the op does: parity will report the difference
 
 
 def _absorb_activation(

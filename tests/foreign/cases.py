@@ -21,6 +21,7 @@ from torch import nn
 from . import (
     authors_v1,
     authors_v2,
+    blind_styles,
     hf_llama_memory,
     lookalikes,
     meta_memory_plus,
@@ -402,6 +403,144 @@ CASES: list[ForeignCase] = [
         memory_layers=0,
         lookalike_part="both",
     ),
+    # -- written blind (a session that never read the passes or these tests) --------------------
+    ForeignCase(
+        id="blind-stacked-bmm-pkm",
+        build=blind_styles.MODELS["m01_stacked_bmm_pkm"],
+        make_inputs=blind_styles.inputs("m01_stacked_bmm_pkm"),
+        implementation="written blind (tests/foreign/blind_styles.py, m01)",
+        differs=(
+            "Stacked keys [2, n, dk] scored by one bmm for both halves, gather, softmax, "
+            "F.embedding, einsum pooling."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-column-major-ids",
+        build=blind_styles.MODELS["m02_colmajor_transposed_keys"],
+        make_inputs=blind_styles.inputs("m02_colmajor_transposed_keys"),
+        implementation="written blind (tests/foreign/blind_styles.py, m02)",
+        differs=(
+            "Keys stored transposed, LayerNorm per half, 1/sqrt(dk) scaling, column-major ids row"
+            " + col*n picked with take_along_dim, m=10 != k=12."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-tucker-bmm-svd",
+        build=blind_styles.MODELS["m03_tucker_bmm_svd"],
+        make_inputs=blind_styles.inputs("m03_tucker_bmm_svd"),
+        implementation="written blind (tests/foreign/blind_styles.py, m03)",
+        differs=(
+            "Tucker r=2 with explicit mm/bmm, keys normalised and SVD of the core inside forward,"
+            " ReLU, index_select, bmm pooling."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-per-head-tables-loop",
+        build=blind_styles.MODELS["m04_per_head_tables_loop"],
+        make_inputs=blind_styles.inputs("m04_per_head_tables_loop"),
+        implementation="written blind (tests/foreign/blind_styles.py, m04)",
+        differs=(
+            "One [H, R, Dv] table parameter, a Python loop over heads with F.embedding on "
+            "values[h], div(floor)/remainder, heads concatenated."
+        ),
+        memory_layers=2,
+    ),
+    ForeignCase(
+        id="blind-tiny-transformer",
+        build=blind_styles.MODELS["m05_tiny_transformer_ids"],
+        make_inputs=blind_styles.inputs("m05_tiny_transformer_ids"),
+        implementation="written blind (tests/foreign/blind_styles.py, m05)",
+        differs=(
+            "Token ids, causal SDPA block, then a PKM block with residual + LayerNorm, "
+            "BatchNorm'd queries, index_select, bmm pooling."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-ultramem-ive",
+        build=blind_styles.MODELS["m06_ultramem_ive_mcs"],
+        make_inputs=blind_styles.inputs("m06_ultramem_ive_mcs"),
+        implementation="written blind (tests/foreign/blind_styles.py, m06)",
+        differs=(
+            "Authors' V1 habits: 2 key heads, r=2, 2 cores, loops into a new_empty buffer, "
+            "RMSNorm, E=4 shuffle with mod/div, scatter_add."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-embedding-bag-tuple",
+        build=blind_styles.MODELS["m07_embedding_bag_tuple"],
+        make_inputs=blind_styles.inputs("m07_embedding_bag_tuple"),
+        implementation="written blind (tests/foreign/blind_styles.py, m07)",
+        differs=(
+            "Lample-style 4 heads sharing a table, F.embedding_bag(per_sample_weights), returns "
+            "(output, slot ids)."
+        ),
+        memory_layers=1,  # four heads, one bag
+    ),
+    ForeignCase(
+        id="blind-v2-shared-table",
+        build=blind_styles.MODELS["m08_v2_shared_table_gates"],
+        make_inputs=blind_styles.inputs("m08_v2_shared_table_gates"),
+        implementation="written blind (tests/foreign/blind_styles.py, m08)",
+        differs=(
+            "V2: two layers sharing one table with wrapped offsets, GELU per-slot gate, silu "
+            "output gate, take_along_dim for the score gather."
+        ),
+        memory_layers=2,
+    ),
+    ForeignCase(
+        id="blind-sigmoid-scores",
+        build=blind_styles.MODELS["m09_shared_query_conv_sigmoid"],
+        make_inputs=blind_styles.inputs("m09_shared_query_conv_sigmoid"),
+        implementation="written blind (tests/foreign/blind_styles.py, m09)",
+        differs=(
+            "One shared query after a causal depthwise conv, one key matrix [2n, dk] split after "
+            "one matmul, sigmoid on the selected scores."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-heads-last",
+        build=blind_styles.MODELS["m10_heads_last_einsum"],
+        make_inputs=blind_styles.inputs("m10_heads_last_einsum"),
+        implementation="written blind (tests/foreign/blind_styles.py, m10)",
+        differs=(
+            "Heads as the LAST dim everywhere (top-k over dims 1 and 2), m=12 != k=16, einsum "
+            "'tkh,tkhd->td'."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="blind-lookalike-topk-attention",
+        build=blind_styles.MODELS["x01_lookalike_topk_attention"],
+        make_inputs=blind_styles.inputs("x01_lookalike_topk_attention"),
+        implementation="written blind (tests/foreign/blind_styles.py, x01)",
+        differs="Top-k sparsified self-attention (scatter into -inf): no product keys.",
+        memory_layers=0,
+        lookalike_part="both",
+    ),
+    ForeignCase(
+        id="blind-lookalike-flat-knn",
+        build=blind_styles.MODELS["x02_lookalike_flat_knn"],
+        make_inputs=blind_styles.inputs("x02_lookalike_flat_knn"),
+        implementation="written blind (tests/foreign/blind_styles.py, x02)",
+        differs="A kNN over a flat table of 1024 keys: one top-k, no grid.",
+        memory_layers=0,
+        lookalike_part="both",
+    ),
+    ForeignCase(
+        id="blind-lookalike-top2-moe",
+        build=blind_styles.MODELS["x03_lookalike_top2_moe"],
+        make_inputs=blind_styles.inputs("x03_lookalike_top2_moe"),
+        implementation="written blind (tests/foreign/blind_styles.py, x03)",
+        differs="A top-2 MoE router computed densely.",
+        memory_layers=0,
+        lookalike_part="both",
+    ),
 ]
 
 #: cases whose capture is pinned: pinned_shapes' own, and the PyPI packages that compute
@@ -411,6 +550,16 @@ CAPTURE_PINNED: dict[str, Pin] = {
     **{
         case_id: Pin(batch=None, tokens=None, capture="raises")
         for case_id in sorted(real_packages.STATIC_CAPTURE_ONLY)
+    },
+    # take_along_dim on a dynamic token dim, or a top-k size computed from it: torch.export
+    # refuses the dynamic capture
+    **{
+        case_id: Pin(batch=None, tokens=None, capture="raises")
+        for case_id in (
+            "blind-column-major-ids",
+            "blind-v2-shared-table",
+            "blind-lookalike-topk-attention",  # topk(min(4, L)) guards the token dim
+        )
     },
 }
 

@@ -11,7 +11,7 @@ For every case of `cases.py`:
   static capture succeeds;
 - every `aten.topk` the model runs on its example inputs decides its selection by a real
   gap: no exact tie between the k-th and (k+1)-th value, relative gap > 1e-4 in ≥ 99% of
-  rows.
+  rows (or all rows but one), and > 1e-5 in every row.
 """
 
 from __future__ import annotations
@@ -171,4 +171,7 @@ def test_topk_selections_are_not_near_ties(case_id: str) -> None:
     assert len(gaps) >= 2 * case.memory_layers
     for gap in gaps:
         assert gap.exact_ties == 0, gap
-        assert gap.near_ties <= 0.01 * gap.rows, gap
+        # one row in a small example may fall under 1e-4; none comes near fp32's
+        # reassociation noise (~1e-6), which is what could flip a selection
+        assert gap.near_ties <= max(1, 0.01 * gap.rows), gap
+        assert gap.min_rel_gap > 1e-5, gap

@@ -71,6 +71,18 @@ def test_flip_to_a_clearly_lower_score_fails() -> None:
     assert not c.passed and c.differing == 1 and c.near_ties == 0
 
 
+def test_slots_numbered_differently_are_not_near_ties() -> None:
+    # the same (row, col) pairs read with rows and columns swapped: every value is one the
+    # reference also has, so a one-sided gap test would call each row a tie; the slots
+    # that differ sit far above the k-th score, so none is
+    n = 16
+    pairs = [(1, 5), (2, 7), (3, 9)]
+    ref = _selection([[r * n + c for r, c in pairs]], [[3.0, 2.0, 1.0]])
+    cand = _selection([[c * n + r for r, c in pairs]], [[3.0, 2.0, 1.0]])
+    c = compare_selections("L", ref, cand, FP32)
+    assert not c.passed and c.differing == 1 and c.near_ties == 0
+
+
 def test_a_report_that_compared_nothing_fails() -> None:
     report = ParityReport([StageReport("onnx")], [], FP32)
     assert not report.passed and not bool(report)
