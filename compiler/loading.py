@@ -2,8 +2,9 @@
 
 MODEL is one of
 - ``builtin:NAME``: a bundled, trained model (``ultramem.models.builtin``);
-- ``path/to/program.pt2``: a program saved with ``torch.export.save`` (a graph and its
-  tensors; no Python code of the author runs);
+- ``path/to/program.pt2``: a program saved with ``torch.export.save``, read as data
+  (``safe_pt2``: nothing in it is unpickled, evaluated or imported) unless
+  ``allow_unsafe_pickle``;
 - ``package.module:factory``: a callable returning a module or ``(module, example_inputs)``,
   with optional weights (``.safetensors``, or a ``torch.load(weights_only=True)`` file).
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from ..models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
+from .safe_pt2 import UnsafeArchive, load_untrusted_pt2
 
 DEFAULT_MODEL = f"builtin:{DEFAULT_BUILTIN}"
 
@@ -40,7 +42,9 @@ def load_model(
         except KeyError as exc:
             raise ModelLoadError(str(exc.args[0])) from None
     if spec.endswith(".pt2"):
-        return _load_pt2(Path(spec))
+        if weights is not None:
+            raise ModelLoadError("--weights applies to package.module:factory models only")
+        return _load_pt2(Path(spec), allow_unsafe_pickle)
     if ":" in spec:
         return _load_factory(spec, weights, allow_unsafe_pickle)
     raise ModelLoadError(
@@ -48,13 +52,19 @@ def load_model(
     )
 
 
-def _load_pt2(path: Path) -> LoadedModel:
+def _load_pt2(path: Path, allow_unsafe_pickle: bool) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"no such .pt2 file: {path}")
     try:
-        program = torch.export.load(str(path))
+        program = torch.export.load(str(path)) if allow_unsafe_pickle else load_untrusted_pt2(path)
+    except UnsafeArchive as exc:
+        raise ModelLoadError(
+            f"refused {path}: {exc}; re-save it with torch.export.save, or pass "
+            "--allow-unsafe-pickle if you trust its author (loading it runs its code)"
+        ) from None
     except Exception as exc:  # torch raises many types for a corrupt archive
-        raise ModelLoadError(f"cannot read {path} as a torch.export program: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot read {path} as a torch.export program: {reason}") from None
     example = program.example_inputs
     if example is None:
         raise ModelLoadError(
