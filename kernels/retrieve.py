@@ -21,8 +21,10 @@ as M heads (H·M heads, one core each); PKM's additive score is r = 2 with
 ``row_scores = [s_row, 1]``, ``col_scores = [1, s_col]`` and the identity core (s_row·1 + 1·s_col).
 
 Numerics: everything is computed in fp32; ties break toward the lower index at both
-top-k stages (the grid index is ``a * m + b``), on every backend. Outputs: scores in the
-input dtype, slots int64.
+top-k stages (the grid index is ``a * m + b``), on every backend. NaN ranks above every
+number (``torch.sort``'s order, which ``torch.topk`` shares): a NaN score is selected
+first, NaNs among themselves by index, and an activation keeps it NaN. Outputs: scores in
+the input dtype, slots int64.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ arithmetic in fp32 in the same order:
   not contract with the following add (Triton fuses ``a * b + c`` by default, which
   would round once where the reference rounds twice);
 - top-k as k rounds of (max, then the lowest index holding it), so ties go to the lower
-  index like the stable sort of the reference.
+  index like the stable sort of the reference; a NaN ranks above every number, as in
+  ``torch.sort`` (NaNs among themselves by index), and relu keeps it NaN.
 
 ``kernels/registry.py`` makes the op run this kernel for CUDA tensors, eagerly and under
 ``torch.compile``/AOTInductor.
@@ -87,14 +88,17 @@ def _candidates(
     for p in tl.static_range(1, R):
         s = tl.load(base + offs_n * stride_n + p * stride_r, mask=mask_n, other=0.0)
         merged = merged + _mul(s.to(tl.float32), tl.load(weight_ptr + p).to(tl.float32))
-    merged = tl.where(mask_n, merged, float("-inf"))
     offs_m = tl.arange(0, BLOCK_M)
     picked = tl.zeros([BLOCK_M], dtype=tl.int32)
+    avail = mask_n
     for i in range(m):
-        best = tl.max(merged, axis=0)
-        idx = tl.min(tl.where(merged == best, offs_n, BLOCK_N), axis=0)
+        is_nan = (merged != merged) & avail
+        any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+        best = tl.max(tl.where(avail & ~is_nan, merged, float("-inf")), axis=0)
+        hit = tl.where(any_nan, is_nan, avail & (merged == best))
+        idx = tl.min(tl.where(hit, offs_n, BLOCK_N), axis=0)
         picked = tl.where(offs_m == i, idx, picked)
-        merged = tl.where(offs_n == idx, float("-inf"), merged)
+        avail = avail & (offs_n != idx)
     return picked
 
 
@@ -140,17 +144,21 @@ def _retrieve_kernel(
             core_base + c * core_stride, R,
         )  # fmt: skip
 
-    # top-k over the flattened grid (flat index a * m + b), padding at -inf
+    # top-k over the flattened grid (flat index a * m + b); NaN first, as in _candidates
     flat = offs_m[:, None] * m + offs_m[None, :]
-    total = tl.where(mask_m[:, None] & mask_m[None, :], total, float("-inf"))
+    avail = mask_m[:, None] & mask_m[None, :]
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < k
     picked = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in range(k):
-        best = tl.max(tl.max(total, axis=1), axis=0)
-        pos = tl.min(tl.min(tl.where(total == best, flat, BLOCK_M * BLOCK_M), axis=1), axis=0)
+        is_nan = (total != total) & avail
+        any_nan = tl.max(tl.max(is_nan.to(tl.int32), axis=1), axis=0) > 0
+        finite = tl.where(avail & ~is_nan, total, float("-inf"))
+        best = tl.max(tl.max(finite, axis=1), axis=0)
+        hit = tl.where(any_nan, is_nan, avail & (total == best))
+        pos = tl.min(tl.min(tl.where(hit, flat, BLOCK_M * BLOCK_M), axis=1), axis=0)
         picked = tl.where(offs_k == j, pos, picked)
-        total = tl.where(flat == pos, float("-inf"), total)
+        avail = avail & (flat != pos)
 
     # grid position -> key indices (a one-hot pick: the candidates live in registers)
     at_a = (picked // m)[:, None] == offs_m[None, :]
@@ -167,7 +175,7 @@ def _retrieve_kernel(
             col_stride_n, col_stride_r, core_base + c * core_stride, R,
         )  # fmt: skip
         if ACTIVATION == "relu":
-            score = tl.maximum(score, 0.0)
+            score = tl.where(score != score, score, tl.maximum(score, 0.0))  # NaN stays NaN
         elif ACTIVATION == "softmax":
             score = tl.where(mask_k, score, float("-inf"))
             e = tl.exp(score - tl.max(score, axis=0))

@@ -215,6 +215,32 @@ def test_ties_break_to_the_lower_index(activation: str, planting: str) -> None:
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "softmax"])
+def test_nan_ranks_above_every_number(activation: str) -> None:
+    """The contract's NaN order (torch.sort's): planted NaN keys are selected first, NaNs
+    among themselves by index; a token whose scores are all -inf still selects distinct
+    slots in index order."""
+    row_scores, col_scores, u, v, cores = make_inputs(4, 2, 13, 2, 2)
+    row_scores[0, 0, 3, 0] = float("nan")  # key 3's merged score and its grid cells
+    row_scores[1, 1, [2, 9], :] = float("nan")
+    col_scores[2, 0, 5, 1] = float("nan")
+    row_scores[3] = float("-inf")
+    col_scores[3] = float("-inf")
+    inputs = [row_scores, col_scores, u, v, cores]
+    scores, slots = retrieve_triton(*inputs, 5, 7, activation)
+    want_scores, want_slots = retrieve_reference(*inputs, 5, 7, activation)
+    assert_slots_equal(slots, want_slots)
+    assert torch.equal(scores.isnan(), want_scores.isnan())
+    finite = ~want_scores.isnan()
+    torch.testing.assert_close(scores[finite], want_scores[finite], atol=1e-5, rtol=1e-5)
+    # the reference's order is torch.topk's: the NaN key's row is the first candidate
+    a_row = (row_scores[0, 0] * u[0]).sum(-1)
+    assert int(torch.topk(a_row, 5).indices[0]) == 3
+    assert int(want_slots[0, 0, 0]) // 13 == 3
+    for head in range(2):
+        assert len(set(slots[3, head].tolist())) == 7  # distinct, though every score ties
+
+
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), TOLERANCES[1:], ids=["fp16", "bf16"])
 def test_half_precision_inputs(dtype: torch.dtype, atol: float, rtol: float) -> None:
     inputs = make_inputs(6, 2, 19, 2, 2, dtype=dtype)
