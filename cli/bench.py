@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ..compiler.artifacts import ArtifactError, read_manifest, verify_artifacts
 from ..compiler.bench.report import markdown, write_reports
-from ..compiler.bench.run import ALL_BACKENDS, make_backends, run_bench
-from ..compiler.pipeline import compile_model
-from .options import INPUT_ERRORS, InputError, load, model_options, progress
+from ..compiler.bench.run import ALL_BACKENDS, BENCH_SCHEMA, make_backends, run_bench
+from ..compiler.capture import CaptureResult
+from ..compiler.formats import manifest_formats
+from ..compiler.pipeline import check_same_model, compile_model
+from .options import (
+    InputError,
+    bad_input,
+    load,
+    model_options,
+    native_code_option,
+    progress,
+)
 
 
 def _int_list(text: str) -> list[int]:
@@ -20,13 +32,45 @@ def _int_list(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise click.BadParameter(f"expected positive integers, got {text!r}")
-    return values
+    return sorted(set(values))
+
+
+def _old_report(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ArtifactError(f"--compare {path}: no such file")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"--compare {path} is not JSON ({exc})") from None
+    schema = old.get("schema") if isinstance(old, dict) else None
+    if schema != BENCH_SCHEMA:
+        raise ArtifactError(
+            f"--compare {path} is not a bench.json of this ultramem (schema {schema!r}, "
+            f"expected {BENCH_SCHEMA!r})"
+        )
+    return old
+
+
+def admitted(capture: CaptureResult, name: str, wanted: list[int]) -> tuple[list[int], list[int]]:
+    """The sizes of ``wanted`` the capture admits along axis ``name``, and the others."""
+    axis = capture.axis(0, name)
+    if axis is None:
+        return wanted, []
+    low, high = axis.min or 1, axis.max
+    inside = [w for w in wanted if w >= low and (high is None or w <= high)]
+    return inside, [w for w in wanted if w not in inside]
 
 
 @click.command("bench")
 @model_options()
+@native_code_option
 @click.option("--artifacts", type=click.Path(path_type=Path), help="An `ultramem export` folder.")
-@click.option("--tokens", default="1,16,64,256", show_default=True, help="Sequence lengths.")
+@click.option(
+    "--tokens",
+    default="1,16,64,256",
+    show_default=True,
+    help="Sequence lengths; those the model does not admit are left out, with a note.",
+)
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True)
 @click.option("--budget", default=0.5, show_default=True, help="Seconds of timing per point.")
@@ -38,6 +82,7 @@ def bench(
     model: str,
     weights: Path | None,
     allow_unsafe_pickle: bool,
+    allow_native_code: bool,
     artifacts: Path | None,
     tokens: str,
     batch: int,
@@ -48,13 +93,38 @@ def bench(
 ) -> None:
     """Time every available backend of MODEL on the same inputs, with parity checked first."""
     token_list = _int_list(tokens)
-    old = json.loads(compare.read_text()) if compare is not None else None
+    if not math.isfinite(budget) or not 0 < budget <= 3600:
+        raise InputError(f"--budget {budget}: give seconds per point, above 0 and at most 3600")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    wanted = [b for b in backends.split(",") if b.strip()]
+    unknown = [b for b in wanted if b not in ALL_BACKENDS]
+    if unknown or not wanted:
+        raise InputError(
+            f"--backends: unknown {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(ALL_BACKENDS)}"
+        )
+    with bad_input():
+        old = _old_report(compare) if compare is not None else None
+        formats: list[str] = []
+        if artifacts is not None:
+            manifest = read_manifest(artifacts)
+            verify_artifacts(artifacts, manifest)
+            formats = manifest_formats(manifest, artifacts)
     loaded = load(model, weights, allow_unsafe_pickle)
-    try:
+    with bad_input():
+        if artifacts is not None:
+            check_same_model(loaded, manifest, artifacts)
         compiled = compile_model(loaded, progress)
-        chosen = make_backends(compiled, artifacts, [b for b in backends.split(",") if b])
-    except (*INPUT_ERRORS, ValueError) as exc:
-        raise InputError(str(exc)) from None
+        token_list, dropped = admitted(compiled.capture, "tokens", token_list)
+        if dropped:
+            progress(f"note: --tokens {','.join(map(str, dropped))} left out: not admitted")
+        if not token_list:
+            raise ArtifactError(f"no --tokens size in {tokens} is one {loaded.source} admits")
+        batches, _ = admitted(compiled.capture, "batch", [batch])
+        if not batches:
+            raise ArtifactError(f"--batch {batch} is not one {loaded.source} admits")
+        chosen = make_backends(compiled, artifacts, wanted, formats, allow_native_code)
     report = run_bench(compiled, chosen, token_list, batch, budget, progress)
     write_reports(report, out, old)
     click.echo(markdown(report, old))

@@ -3,35 +3,73 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ..compiler.artifacts import read_manifest
+from ..compiler.artifacts import ArtifactError, json_text, read_manifest
 from ..compiler.pipeline import check_artifacts
-from .options import INPUT_ERRORS, InputError, load, model_options, progress
+from ..files import atomic_write
+from .options import bad_input, load, model_options, native_code_option, progress
+
+
+def model_named_by(manifest: dict[str, Any], artifacts: Path) -> str:
+    """The MODEL to re-check with when none is given: only a bundled one. An artifacts
+    folder is data from elsewhere; importing the factory or loading the ``.pt2`` its
+    manifest names would run whatever code that names."""
+    source = manifest.get("source", {})
+    model = str(source.get("model", ""))
+    if model.startswith("builtin:") and not source.get("weights"):
+        return model
+    weights = source.get("weights")
+    again = f"ultramem check {model}" + (f" --weights {weights}" if weights else "")
+    raise ArtifactError(
+        f"{artifacts} was exported from {model or 'an unrecorded model'}; check loads no "
+        f"model a folder names (that would run its code): name it yourself, e.g. `{again} "
+        f"--artifacts {artifacts}`"
+    )
 
 
 @click.command("check")
 @model_options(default=None)
+@native_code_option
 @click.option(
     "--artifacts",
     required=True,
     type=click.Path(path_type=Path),
-    help="Folder written by `ultramem export`.",
+    help="Folder written by `ultramem export` (only read).",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the parity report (JSON) to this file.",
 )
 def check(
-    model: str | None, weights: Path | None, allow_unsafe_pickle: bool, artifacts: Path
+    model: str | None,
+    weights: Path | None,
+    allow_unsafe_pickle: bool,
+    allow_native_code: bool,
+    artifacts: Path,
+    report: Path | None,
 ) -> None:
-    """Compare every artifact in --artifacts with MODEL (default: the model it was exported from).
+    """Compare every artifact in --artifacts with MODEL (default: the bundled model it was
+    exported from; any other model must be named here).
 
     Exits 0 when parity holds, 1 when it does not, 2 on bad input.
     """
-    try:
-        source = model or read_manifest(artifacts)["source"]["model"]
-        loaded = load(source, weights, allow_unsafe_pickle)
-        report = check_artifacts(loaded, artifacts, progress)
-    except INPUT_ERRORS as exc:
-        raise InputError(str(exc)) from None
-    click.echo(f"parity {'PASSED' if report else 'FAILED'}: {artifacts / 'parity.json'}")
-    if not report:
+    with bad_input():
+        manifest = read_manifest(artifacts)
+        if model is None:
+            if weights is not None:
+                raise ArtifactError("--weights needs the MODEL it belongs to")
+            model = model_named_by(manifest, artifacts)
+        if report is not None and report.is_dir():
+            raise ArtifactError(f"--report {report} is a folder; give a file name")
+    loaded = load(model, weights, allow_unsafe_pickle)
+    with bad_input():
+        result = check_artifacts(loaded, artifacts, progress, allow_native_code)
+    if report is not None:
+        atomic_write(report, json_text(result.to_json()))
+    click.echo(f"parity {result.verdict()}" + (f": {report}" if report is not None else ""))
+    if not result:
         raise SystemExit(1)

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import click
 
-from ..compiler.formats import FORMATS, ExportOptions, TensorRTOptions
+from ..compiler.formats import FORMATS, ExportOptions, TensorRTOptions, resolve
 from ..compiler.onnx.domain import FORMS as ONNX_FORMS
 from ..compiler.pipeline import export_model
-from ..compiler.tensorrt.package import TensorRTError
-from ..compiler.tensorrt.prepare import TensorRTLimitError
 from ..plugins.bundle import DEFAULT_SMS
-from .options import INPUT_ERRORS, InputError, load, model_options, progress
+from .options import InputError, bad_input, load, model_options, progress
 
 
 @click.command("export")
@@ -77,18 +75,20 @@ def export(
     sm: str,
 ) -> None:
     """Export MODEL (default: the bundled trained model) with a parity report."""
-    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    names = [f.strip() for f in formats.split(",")]
+    if any(not name for name in names) or len(set(names)) != len(names):
+        raise InputError(f"--format {formats!r}: give each format once, comma-separated")
     try:
         sms = tuple(int(x) for x in sm.split(",") if x.strip())
     except ValueError:
         raise InputError(f"--sm takes comma-separated integers such as 80,90, got {sm!r}") from None
     trt = TensorRTOptions(trt_mode, trt_package, precision, profile_batch, profile_tokens, sms)
     options = ExportOptions(opset, onnx_form, trt)
+    with bad_input():
+        resolve(tuple(names), options)  # every option checked before the model loads
     loaded = load(model, weights, allow_unsafe_pickle)
-    try:
-        _, report = export_model(loaded, out, progress, formats=chosen, options=options)
-    except (*INPUT_ERRORS, TensorRTLimitError, TensorRTError) as exc:
-        raise InputError(str(exc)) from None
-    click.echo(f"exported {loaded.source} to {out}: parity {'PASSED' if report else 'FAILED'}")
+    with bad_input():
+        _, report = export_model(loaded, out, progress, formats=tuple(names), options=options)
+    click.echo(f"exported {loaded.source} to {out}: parity {report.verdict()}")
     if not report:
         raise SystemExit(1)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from ..compiler.artifacts import json_text
 from ..compiler.pipeline import inspect_model
-from .options import load, model_options, progress
+from .options import bad_input, load, model_options, progress
 
 
 @click.command("inspect")
@@ -17,8 +17,9 @@ from .options import load, model_options, progress
 def inspect(model: str, weights: Path | None, allow_unsafe_pickle: bool, as_json: bool) -> None:
     """Show what the passes find and change in MODEL (default: the bundled trained model)."""
     loaded = load(model, weights, allow_unsafe_pickle)
-    report = inspect_model(loaded, progress)
+    with bad_input():
+        report = inspect_model(loaded, progress)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(json_text(report.to_json()), nl=False)
     else:
         click.echo("\n".join(report.lines()))

@@ -1,10 +1,20 @@
-"""The ``ultramem`` command group."""
+"""The ``ultramem`` command group, and its exit codes.
+
+0 done (parity passed); 1 parity failed; 2 bad input, one line on stderr, before long
+work; 3 an internal error (a bug: one line, ``-v`` shows the traceback); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). Whatever the code, an interrupted export leaves its
+``--out`` as it was (``compiler/artifacts.py``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import traceback
 import warnings
+from types import FrameType
 
 import click
 
@@ -14,12 +24,23 @@ from .check import check
 from .export import export
 from .inspect_cmd import inspect
 
+INTERNAL_ERROR = 3
+INTERRUPTED = 130
+TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every ``with`` block unwinds (a
+    ``BaseException``: no ``except Exception`` on the way swallows it)."""
+
 
 @click.group()
 @click.version_option(__version__, prog_name="ultramem")
-@click.option("-v", "--verbose", is_flag=True, help="Show library log messages.")
-def cli(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show library log messages and tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """Compile UltraMem models: capture, fuse, export, check and benchmark."""
+    ctx.obj = {"verbose": verbose}
     if not verbose:
         # torch.export and torch.onnx are chatty; the commands report their own progress
         warnings.filterwarnings("ignore")
@@ -34,5 +55,52 @@ cli.add_command(inspect)
 cli.add_command(bench)
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return its exit code (see the module docstring)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in args or "--verbose" in args
+    try:
+        result = cli.main(args=argv, prog_name="ultramem", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.UsageError as exc:
+        # one line, as every bad input gets, instead of click's usage block
+        command = exc.ctx.command_path if exc.ctx is not None else "ultramem"
+        message = " ".join(exc.format_message().split())
+        click.echo(f"Error: {message} (see `{command} --help`)", err=True)
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("ultramem: interrupted; nothing was written", err=True)
+        return INTERRUPTED
+    except Terminated:
+        click.echo("ultramem: terminated; nothing was written", err=True)
+        return TERMINATED
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BrokenPipeError:
+        # the reader went away (``ultramem inspect --json | head``): not our error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, never read
+        return 0
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(
+            f"ultramem: internal error: {type(exc).__name__}: {first[:300]} (a bug: please "
+            "report it with the command line; -v shows the traceback)",
+            err=True,
+        )
+        return INTERNAL_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main() -> None:
-    cli(prog_name="ultramem")
+    sys.exit(run())

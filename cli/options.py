@@ -6,25 +6,48 @@ failure is exit code 1. A traceback is never the answer to a user's mistake.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from ..compiler.artifacts import ArtifactError
+from ..compiler.capture import CaptureError
+from ..compiler.formats import OptionError
 from ..compiler.loading import DEFAULT_MODEL, ModelLoadError, load_model
+from ..compiler.tensorrt.package import TensorRTError
+from ..compiler.tensorrt.prepare import TensorRTLimitError
 from ..models.builtin import LoadedModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-INPUT_ERRORS = (ModelLoadError, ArtifactError)
+# what a user's input can be wrong in: each carries a one-line message saying what to do
+INPUT_ERRORS = (
+    ModelLoadError,
+    ArtifactError,
+    CaptureError,
+    OptionError,
+    TensorRTError,
+    TensorRTLimitError,
+)
 
 
 class InputError(click.ClickException):
     """One line on stderr, exit code 2."""
 
     exit_code = 2
+
+
+@contextmanager
+def bad_input() -> Iterator[None]:
+    """Every input error raised inside becomes the one-line, exit-2 answer."""
+    try:
+        yield
+    except INPUT_ERRORS as exc:
+        text = " ".join(str(exc).split())  # one line, whatever the message held
+        raise InputError(text) from None
 
 
 def model_options(default: str | None = DEFAULT_MODEL) -> Callable[[F], F]:
@@ -45,13 +68,22 @@ def model_options(default: str | None = DEFAULT_MODEL) -> Callable[[F], F]:
     return decorate
 
 
+def native_code_option(fn: F) -> F:
+    return click.option(
+        "--allow-native-code",
+        is_flag=True,
+        help="Load and run the folder's AOTInductor package (a shared library: trusted only).",
+    )(fn)
+
+
 def progress(message: str) -> None:
     click.echo(f"[ultramem] {message}", err=True)
 
 
 def load(model: str, weights: Path | None, allow_unsafe_pickle: bool) -> LoadedModel:
     progress(f"loading {model}")
-    try:
-        return load_model(model, weights, allow_unsafe_pickle)
-    except INPUT_ERRORS as exc:
-        raise InputError(str(exc)) from None
+    with bad_input():
+        loaded = load_model(model, weights, allow_unsafe_pickle)
+    for note in loaded.metadata.get("notes", []):
+        progress(f"note: {note}")
+    return loaded

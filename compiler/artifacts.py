@@ -7,8 +7,10 @@ remains. ``--out`` must be new, empty, or an earlier export of ours (it has our 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -21,7 +23,8 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 MANIFEST_KIND = "ultramem-artifacts"
-MANIFEST_SCHEMA = 1
+# 2: source records --weights and the weights' fingerprint; stages not run have no verdict
+MANIFEST_SCHEMA = 2
 
 
 class ArtifactError(ValueError):
@@ -62,38 +65,72 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); export again") from None
-    if manifest.get("kind") != MANIFEST_KIND:
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise ArtifactError(f"{path} is not an ultramem manifest; export again")
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise ArtifactError(
+            f"{path} has manifest schema {manifest.get('schema')!r}, this ultramem reads "
+            f"{MANIFEST_SCHEMA}; export again"
+        )
+    if not isinstance(manifest.get("source"), dict) or not isinstance(
+        manifest.get("artifacts"), list
+    ):
+        raise ArtifactError(f"{path} lacks its source or artifacts; export again")
     return manifest
 
 
 def verify_artifacts(directory: Path, manifest: dict[str, Any]) -> None:
     """Every artifact the manifest lists exists and has its recorded sha256."""
     for art in manifest.get("artifacts", []):
-        path = directory / art["path"]
+        name = art.get("path") if isinstance(art, dict) else None
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{directory / MANIFEST} lists an artifact outside the folder")
+        path = directory / name
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing; export again")
-        if sha256_file(path) != art["sha256"]:
+        if sha256_file(path) != art.get("sha256"):
             raise ArtifactError(f"{path} changed since export (sha256 differs); export again")
 
 
+STAGING_PREFIX = ".ultramem-staging-"
+LOCK_FILE = ".ultramem.lock"
+
+
+def _ours(name: str) -> bool:
+    """Entries of an output folder that are the writer's own bookkeeping."""
+    return name.startswith(STAGING_PREFIX) or name == LOCK_FILE
+
+
 class ArtifactWriter:
-    """Stage files under ``out`` and publish them together, or not at all."""
+    """Stage files under ``out`` and publish them together, or not at all.
+
+    ``out`` must be new, empty, or a folder an earlier export wrote (its manifest is ours);
+    anything else is refused before a byte is written. One writer at a time holds the
+    folder's lock; staging left by a killed export is removed. Publishing replaces the
+    whole folder: whatever the previous export left that this one does not write (other
+    formats' files) is deleted, so the manifest always describes everything there.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self._created = False
-        if out.exists():
+        self._lock: int | None = None
+        self._lock_created = False
+        try:
+            exists = out.exists()
+        except OSError as exc:  # a name too long, a loop of links
+            raise ArtifactError(f"--out {out}: {exc.strerror}") from None
+        if exists:
             if not out.is_dir():
                 raise ArtifactError(f"--out {out} exists and is not a folder")
-            entries = [p for p in out.iterdir() if not p.name.startswith(".ultramem-staging")]
-            if entries and not (out / MANIFEST).is_file():
-                raise ArtifactError(
-                    f"--out {out} is not empty and holds no ultramem manifest; "
-                    "choose a new or empty folder"
-                )
+            try:
+                entries = [p for p in out.iterdir() if not _ours(p.name)]
+            except OSError as exc:
+                raise ArtifactError(f"cannot read --out {out}: {exc.strerror}") from None
+            if entries:
+                self._check_ours(out)
         else:
             try:
                 out.mkdir(parents=True)
@@ -101,12 +138,58 @@ class ArtifactWriter:
                 raise ArtifactError(f"cannot create --out {out}: {exc.strerror}") from None
             self._created = True
         if not os.access(out, os.W_OK | os.X_OK):
+            self._remove_created()
             raise ArtifactError(f"--out {out} is not writable; choose another folder")
+        self._take_lock()
+        for stale in out.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed export's (we hold the lock)
         try:
-            self.staging = Path(tempfile.mkdtemp(prefix=".ultramem-staging-", dir=out))
+            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
         except OSError as exc:
+            self.abort()
             raise ArtifactError(f"cannot write into --out {out}: {exc.strerror}") from None
         self.artifacts: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _check_ours(out: Path) -> None:
+        path = out / MANIFEST
+        if not path.is_file():
+            raise ArtifactError(
+                f"--out {out} is not empty and holds no ultramem manifest; "
+                "choose a new or empty folder"
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+            raise ArtifactError(
+                f"--out {out} holds a {MANIFEST} that ultramem did not write; it is left "
+                "alone: choose a new or empty folder"
+            )
+        if not isinstance(manifest.get("schema"), int) or manifest["schema"] > MANIFEST_SCHEMA:
+            raise ArtifactError(
+                f"--out {out} was written by a newer ultramem (manifest schema "
+                f"{manifest.get('schema')!r}); choose another folder"
+            )
+
+    def _take_lock(self) -> None:
+        path = self.out / LOCK_FILE
+        self._lock_created = not path.exists()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self._remove_created()
+            raise ArtifactError(f"cannot write into --out {self.out}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ArtifactError(
+                f"another ultramem export is writing into --out {self.out}; wait for it or "
+                "choose another folder"
+            ) from None
+        self._lock = fd
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -135,18 +218,40 @@ class ArtifactWriter:
             **manifest,
             "artifacts": self.artifacts,
         }
-        self.path(MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        self.path(MANIFEST).write_text(json_text(manifest))
         # an older manifest must not describe a half-replaced folder: drop it first
         (self.out / MANIFEST).unlink(missing_ok=True)
-        for name in [a["path"] for a in self.artifacts] + list(extra_files):
-            (self.out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path(name), self.out / name)
+        names = [a["path"] for a in self.artifacts] + list(extra_files)
+        keep = {Path(name).parts[0] for name in names} | {MANIFEST}
+        for entry in self.out.iterdir():
+            if not _ours(entry.name) and entry.name not in keep:
+                _remove(entry)  # the previous export's, not written this time
+        for name in names:
+            target = self.out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path(name), target)
         os.replace(self.path(MANIFEST), self.out / MANIFEST)
         shutil.rmtree(self.staging, ignore_errors=True)
+        self._release()
         return manifest
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(getattr(self, "staging", self.out / "-"), ignore_errors=True)
+        self._release()
+        self._remove_created()
+
+    def _release(self) -> None:
+        """Drop the lock, and its file if this writer made it: the folder is left as the
+        export (or, after an abort, the user) had it."""
+        if self._lock is not None:
+            if self._lock_created:
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_created(self) -> None:
         if self._created and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
 
@@ -161,3 +266,26 @@ class ArtifactWriter:
     ) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """Strict JSON (``allow_nan=False``) of ``value``, non-finite floats as null."""
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"

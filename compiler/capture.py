@@ -24,6 +24,10 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_TOKENS = 4096
 
 
+class CaptureError(ValueError):
+    """A model that ``torch.export`` cannot capture in any mode; the message says why."""
+
+
 @dataclass
 class DynamicAxis:
     """One named axis of one input and the range the capture admits (None = static)."""
@@ -146,7 +150,14 @@ def capture(
                     + (f" [{a.min}, {a.max}]" if a.min is not None else "")
                 )
         return CaptureResult(program, axes, notes)
-    raise RuntimeError(f"torch.export could not capture the model: {last_error}") from last_error
+    reason = (
+        str(last_error).strip().splitlines()[0] if last_error and str(last_error).strip() else ""
+    )
+    log.info("torch.export's last refusal in full", exc_info=last_error)
+    raise CaptureError(
+        f"torch.export cannot capture the model: {type(last_error).__name__}: {reason[:300]} "
+        "(run with -v for torch's full report)"
+    ) from last_error
 
 
 def _rejected_size(

@@ -3,13 +3,18 @@
 ``FORMATS[name]`` is a ``Format``: ``write(job)`` stages its files into the export's staging
 folder (``job.writer``) and returns its section of the manifest; ``needs`` are formats whose
 files it reads (written first, and published with it); ``stages(folder, ctx)`` are the
-parity stages that check its files in a folder; ``present(folder)`` whether a folder holds
-them. Any subset of formats works; a new format is one entry.
+parity stages that check its files in a folder. Any subset of formats works; a new format
+is one entry.
+
+A folder is data from elsewhere: its parity stages are those of the formats its manifest
+lists (never what else lies there), and a stage that would load native code from it (the
+AOTInductor package is a shared library) runs only when the caller trusts the folder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,18 +23,20 @@ import onnx
 import torch
 
 from ..kernels import DOMAIN, DOMAIN_VERSION
-from ..plugins.bundle import DEFAULT_SMS, build_bundle
+from ..plugins.bundle import DEFAULT_SMS, SUPPORTED_SMS, build_bundle
 from ..plugins.specs import specs_for_program
 from .aoti import AOTI_FILE, export_aoti, load_aoti
-from .artifacts import ArtifactError, ArtifactWriter
-from .onnx.export import DEFAULT_OPSET, count_nodes, export_onnx
+from .artifacts import MANIFEST, ArtifactError, ArtifactWriter
+from .onnx.export import DEFAULT_OPSET, ONNX_OPSETS, count_nodes, export_onnx
 from .onnx.runner import OnnxRunner
 from .parity.plugin_kernels import plugin_kernels_stage
 from .parity.selections import SitePlan, SiteRecord, inlined
 from .parity.stages import Stage, torch_stage
 from .tensorrt.build import EngineInfo, build_engine
+from .tensorrt.package import PACKAGES as TRT_PACKAGES
+from .tensorrt.package import PIP_NAMES as TRT_PIP_NAMES
 from .tensorrt.package import TensorRTError, can_run_engine, import_tensorrt, package_name
-from .tensorrt.profile import ShapeProfile
+from .tensorrt.profile import ShapeProfile, parse_range
 from .tensorrt.runner import EngineRunner
 
 ONNX_FILE = "model.onnx"
@@ -75,6 +82,10 @@ class StageContext:
     program: torch.export.ExportedProgram  # the rewritten program (plugin-kernels)
     plan: SitePlan  # its lookups' sites: every artifact holds the rewritten program
     trt_package: str | None = None
+    native_code: bool = False  # load shared libraries from the folder (trusted, or ours)
+
+
+NATIVE_CODE_FLAG = "--allow-native-code"
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,6 @@ class Format:
     files: str  # for the help text and README
     write: Callable[[ExportJob], dict[str, Any]]
     stages: Callable[[Path, StageContext], list[Stage]]
-    present: Callable[[Path], bool]
     needs: tuple[str, ...] = ()
 
 
@@ -166,8 +176,14 @@ def _write_aoti(job: ExportJob) -> dict[str, Any]:
     return {"file": AOTI_FILE}
 
 
-def _aoti_stages(folder: Path, _: StageContext) -> list[Stage]:
+def _aoti_stages(folder: Path, ctx: StageContext) -> list[Stage]:
+    if not ctx.native_code:
+        return [Stage("aotinductor", None, native_code_refusal(folder / AOTI_FILE))]
     return [torch_stage("aotinductor", load_aoti(folder / AOTI_FILE))]
+
+
+def native_code_refusal(path: Path) -> str:
+    return f"{path.name} is a shared library; loading it runs its code: {NATIVE_CODE_FLAG}"
 
 
 # ---- tensorrt --------------------------------------------------------------------------
@@ -201,10 +217,25 @@ def engine_profile(options: TensorRTOptions, capture: Any) -> ShapeProfile:
     """CLI ranges where given; else tokens up to what the capture admits (a position table
     ends somewhere), batch 1..8."""
     tokens_axis = capture.axis(0, "tokens")
-    high = tokens_axis.max if tokens_axis is not None and tokens_axis.max else 256
-    high = min(high, 256)
+    admitted = tokens_axis.max if tokens_axis is not None and tokens_axis.max else None
+    high = min(admitted or 256, 256)
     default_tokens = f"1,{min(64, high)},{high}"
-    return ShapeProfile.parse(options.profile_batch, options.profile_tokens or default_tokens)
+    try:
+        profile = ShapeProfile.parse(
+            options.profile_batch, options.profile_tokens or default_tokens
+        )
+    except ValueError as exc:
+        raise OptionError(f"engine profile: {exc}") from None
+    for name, given in (("tokens", options.profile_tokens), ("batch", options.profile_batch)):
+        axis = capture.axis(0, name)
+        if axis is None or given is None:
+            continue
+        low, high_admitted = axis.min or 1, axis.max  # None: no upper bound
+        low_p, _, high_p = getattr(profile, name)
+        if low_p < low or (high_admitted is not None and high_p > high_admitted):
+            admitted = f"{low}..{high_admitted if high_admitted is not None else 'any'}"
+            raise OptionError(f"--profile-{name} {given}: the capture admits {name} {admitted}")
+    return profile
 
 
 def engine_stage(path: Path, package: str | None) -> Stage:
@@ -226,36 +257,29 @@ def _tensorrt_stages(folder: Path, ctx: StageContext) -> list[Stage]:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages, lambda d: (d / ONNX_FILE).is_file()),
-        Format(
-            "kernels",
-            f"{KERNELS_DIR}/",
-            _write_kernels,
-            _kernel_stages,
-            lambda d: (d / KERNELS_DIR / "bundle.json").is_file(),
-        ),
-        Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages, lambda d: (d / AOTI_FILE).is_file()),
-        Format(
-            "tensorrt",
-            ENGINE_FILE,
-            _write_tensorrt,
-            _tensorrt_stages,
-            lambda d: (d / ENGINE_FILE).is_file(),
-            needs=("onnx",),
-        ),
+        Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages),
+        Format("kernels", f"{KERNELS_DIR}/", _write_kernels, _kernel_stages),
+        Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages),
+        Format("tensorrt", ENGINE_FILE, _write_tensorrt, _tensorrt_stages, needs=("onnx",)),
     )
 }
 
 
+class OptionError(ValueError):
+    """An export option that cannot be honoured; the message names the flag."""
+
+
 def resolve(formats: tuple[str, ...], options: ExportOptions) -> list[Format]:
-    """The formats to write, each after those it needs, in the table's order."""
+    """The formats to write, each after those it needs, in the table's order; every
+    option checked against them first (``OptionError``), so nothing is silently ignored."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
-        raise ArtifactError(
+        raise OptionError(
             f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
         )
     if not formats:
-        raise ArtifactError(f"--format is empty; choose from {', '.join(FORMATS)}")
+        raise OptionError(f"--format is empty; choose from {', '.join(FORMATS)}")
+    check_options(set(formats), options)
     wanted = set(formats)
     if "tensorrt" in wanted and options.trt.mode == "plugin":
         wanted.add("kernels")  # the plugins' kernels are the bundle's
@@ -264,9 +288,81 @@ def resolve(formats: tuple[str, ...], options: ExportOptions) -> list[Format]:
     return [f for name, f in FORMATS.items() if name in wanted]
 
 
-def folder_stages(folder: Path, ctx: StageContext) -> list[Stage]:
-    """One parity stage (or more) per format whose artifacts ``folder`` holds."""
-    stages = [s for f in FORMATS.values() if f.present(folder) for s in f.stages(folder, ctx)]
+def check_options(formats: set[str], options: ExportOptions) -> None:
+    if not ONNX_OPSETS[0] <= options.opset <= ONNX_OPSETS[-1]:
+        raise OptionError(
+            f"--opset {options.opset} is outside {ONNX_OPSETS[0]}..{ONNX_OPSETS[-1]}, the "
+            "opsets torch.onnx writes as asked and ONNX Runtime runs"
+        )
+    trt, default = options.trt, TensorRTOptions()
+    if "tensorrt" not in formats:
+        given = [
+            flag
+            for flag, value, unset in (
+                ("--precision", trt.precision, default.precision),
+                ("--trt-mode", trt.mode, default.mode),
+                ("--trt-package", trt.package, default.package),
+                ("--profile-batch", trt.profile_batch, None),
+                ("--profile-tokens", trt.profile_tokens, None),
+            )
+            if value != unset
+        ]
+        if given:
+            raise OptionError(
+                f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to TensorRT "
+                "engines: add tensorrt to --format"
+            )
+    if "tensorrt" in formats:
+        wanted = [trt.package] if trt.package else list(TRT_PACKAGES)
+        if not any(importlib.util.find_spec(name) for name in wanted):
+            pips = " or ".join(f"`pip install {TRT_PIP_NAMES[n]}`" for n in wanted)
+            raise OptionError(f"--format tensorrt: {' / '.join(wanted)} is not installed; {pips}")
+    if not trt.sms:
+        raise OptionError("--sm is empty; give the GPUs' SMs, such as 80,90")
+    unsupported = [sm for sm in trt.sms if sm not in SUPPORTED_SMS]
+    if unsupported:
+        raise OptionError(
+            f"--sm {','.join(map(str, unsupported))}: not an SM the kernels compile for; "
+            f"choose from {','.join(map(str, SUPPORTED_SMS))}"
+        )
+    for flag, text in (
+        ("--profile-batch", trt.profile_batch),
+        ("--profile-tokens", trt.profile_tokens),
+    ):
+        if text is not None:
+            try:
+                parse_range(text)
+            except ValueError as exc:
+                raise OptionError(f"{flag}: {exc}") from None
+
+
+def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> list[Stage]:
+    """The parity stages of ``formats`` (those the folder's manifest lists) in ``folder``."""
+    stages = []
+    for fmt in FORMATS.values():
+        if fmt.name in formats:
+            try:
+                stages += fmt.stages(folder, ctx)
+            except Exception as exc:  # an artifact its runtime cannot load: that stage fails
+                stages.append(_failing_stage(fmt.name, exc))
     for stage in stages:
         stage.plan = stage.plan or ctx.plan
     return stages
+
+
+def manifest_formats(manifest: dict[str, Any], folder: Path) -> list[str]:
+    """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``."""
+    formats = manifest.get("formats")
+    known = isinstance(formats, list) and all(isinstance(f, str) and f in FORMATS for f in formats)
+    if not known:
+        raise ArtifactError(f"{folder / MANIFEST} lists formats {formats!r}; export again")
+    return formats
+
+
+def _failing_stage(name: str, exc: Exception) -> Stage:
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+
+    def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> Any:
+        raise RuntimeError(f"cannot load the {name} artifact: {type(exc).__name__}: {text}")
+
+    return Stage(name, run)

@@ -7,9 +7,8 @@ a format: the table does.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,10 +17,20 @@ from typing import Any
 import torch
 
 from ..models.builtin import LoadedModel
-from .artifacts import ArtifactError, ArtifactWriter, read_manifest, verify_artifacts
+from .artifacts import ArtifactError, ArtifactWriter, json_text, read_manifest, verify_artifacts
 from .capture import DEFAULT_MAX_TOKENS, CaptureResult, capture, parity_inputs
-from .formats import ExportJob, ExportOptions, ProgressFn, StageContext, folder_stages, resolve
+from .formats import (
+    ExportJob,
+    ExportOptions,
+    ProgressFn,
+    StageContext,
+    engine_profile,
+    folder_stages,
+    manifest_formats,
+    resolve,
+)
 from .inspection import Inspection, fused_layer_table
+from .loading import model_fingerprint
 from .parity.compare import ParityReport
 from .parity.selections import memory_layer_names, site_plan
 from .parity.stages import run_parity, torch_stage
@@ -114,16 +123,21 @@ def _check_plugin_mode(package: str | None, precision: str) -> int:
 
 
 def run_checks(
-    compiled: Compiled, directory: Path, progress: ProgressFn, trt_package: str | None = None
+    compiled: Compiled,
+    directory: Path,
+    progress: ProgressFn,
+    formats: Collection[str],
+    trt_package: str | None = None,
+    native_code: bool = False,
 ) -> ParityReport:
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
     program = compiled.rewrite.program
     fused_plan = site_plan(program.graph)
-    context = StageContext(program, fused_plan, trt_package)
+    context = StageContext(program, fused_plan, trt_package, native_code)
     stages = [
         torch_stage("torch.export", compiled.capture.program.module()),
         torch_stage("fused-ops", program.module(), fused_plan),
-        *folder_stages(directory, context),
+        *folder_stages(directory, context, formats),
     ]
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
         report = run_parity(compiled.loaded.model, stages, inputs, compiled.rewrite.plan)
@@ -151,15 +165,19 @@ def export_model(
         options = replace(options, trt=trt)
     with ArtifactWriter(out) as writer:
         compiled = compiled or compile_model(loaded, progress)
+        if any(f.name == "tensorrt" for f in chosen):
+            engine_profile(options.trt, compiled.capture)  # refuse a bad range before work
         job = ExportJob(compiled.rewrite.program, compiled.capture, writer, options, progress)
         sections: dict[str, Any] = {}
         for fmt in chosen:
             with step(progress, f"writing {fmt.name} ({fmt.files})"):
                 sections[fmt.name] = fmt.write(job)
-        report = run_checks(compiled, writer.staging, progress, trt.package)
-        writer.path(PARITY_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        # what this export just wrote is ours: its shared library may be loaded
+        names = [f.name for f in chosen]
+        report = run_checks(compiled, writer.staging, progress, names, trt.package, True)
+        writer.path(PARITY_FILE).write_text(json_text(report.to_json()))
         manifest = {
-            "source": {"model": loaded.source},
+            "source": source_record(loaded),
             "capture": compiled.capture.to_json(),
             "memory_layers": compiled.layer_table,
             "passes": compiled.rewrite.log_json(),
@@ -167,7 +185,7 @@ def export_model(
                 "before": op_counts(compiled.capture.program),
                 "after": op_counts(compiled.rewrite.program),
             },
-            "formats": [f.name for f in chosen],
+            "formats": names,
             **sections,
             "parity": _parity_summary(report),
         }
@@ -176,18 +194,45 @@ def export_model(
     return manifest, report
 
 
+def source_record(loaded: LoadedModel) -> dict[str, Any]:
+    """What the manifest says of the model: the MODEL and --weights to give again (both
+    as the loader accepts them) and the fingerprint of the weights actually used."""
+    return {
+        "model": loaded.source,
+        "weights": loaded.metadata.get("weights"),
+        "fingerprint": model_fingerprint(loaded.model),
+    }
+
+
+def check_same_model(loaded: LoadedModel, manifest: dict[str, Any], directory: Path) -> None:
+    """``loaded`` is the model ``directory`` was exported from, or ``ArtifactError``."""
+    recorded = manifest.get("source", {})
+    fingerprint = recorded.get("fingerprint")
+    if fingerprint and fingerprint != model_fingerprint(loaded.model):
+        weights = recorded.get("weights")
+        exported = recorded.get("model", "?") + (f" --weights {weights}" if weights else "")
+        raise ArtifactError(
+            f"{loaded.source} is not the model {directory} was exported from (its weights "
+            f"differ from {exported}'s); give that model, or export this one"
+        )
+
+
 def check_artifacts(
-    loaded: LoadedModel, directory: Path, progress: ProgressFn = _quiet
+    loaded: LoadedModel,
+    directory: Path,
+    progress: ProgressFn = _quiet,
+    native_code: bool = False,
 ) -> ParityReport:
-    """Re-run parity of the artifacts in ``directory`` and write ``parity.json`` there."""
+    """Re-run parity of the artifacts in ``directory`` against ``loaded`` (which must be
+    the model they were exported from). The folder is only read: ``parity.json`` stays
+    the export's record, as the manifest describes it. Only the formats its manifest lists
+    are checked; the AOTInductor package (native code) only with ``native_code``."""
     manifest = read_manifest(directory)
     verify_artifacts(directory, manifest)
+    formats = manifest_formats(manifest, directory)
+    check_same_model(loaded, manifest, directory)
     compiled = compile_model(loaded, progress)
-    report = run_checks(compiled, directory, progress)
-    tmp = directory / f".{PARITY_FILE}.tmp"
-    tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    tmp.replace(directory / PARITY_FILE)
-    return report
+    return run_checks(compiled, directory, progress, formats, native_code=native_code)
 
 
 def _parity_summary(report: ParityReport) -> dict[str, Any]:

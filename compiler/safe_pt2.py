@@ -71,7 +71,9 @@ _EXPR_TOKEN = re.compile(
     r"\s*(?:(\d+(?:\.\d*)?(?:e[-+]?\d+)?)|([A-Za-z_]\w*)|('[A-Za-z_]\w*')|(\S))"
 )
 _EXPR_PUNCTUATION = set("()[],=+-*/%<>!&|^")
-_SYMBOL_NAME = re.compile(r"[A-Za-z]+\d*(_\d+)?")
+# torch.export names every symbol a short prefix and a number (s0, u3, zuf1); requiring
+# the number keeps every Python builtin (exec, open, chr) out of what sympify evaluates
+_SYMBOL_NAME = re.compile(r"[a-z]{1,8}_?\d+(_\d+)?")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -110,6 +112,11 @@ def _sanitised_copy(archive: zipfile.ZipFile, out: Path) -> None:
     models = [n for n in names if re.search(r"(^|/)models/[^/]+\.json$", n)]
     if not models:
         raise CorruptArchive("no models/*.json: not written by torch.export.save")
+    for model in models:
+        sample = re.sub(r"models/([^/]+)\.json$", r"data/sample_inputs/\1.pt", model)
+        if sample not in names:
+            # torch.export.load fails on it with a message that points at nothing
+            raise CorruptArchive(f"{sample} is missing: not written by torch.export.save")
     pickles = _pickled_members(archive, names)
     for name in pickles:
         _check_weights_only(name, archive.read(name))

@@ -54,10 +54,11 @@ def save_builtin(
 
 
 def load_builtin(name: str = DEFAULT_BUILTIN, directory: Path = BUILTIN_DIR) -> LoadedModel:
+    known = sorted(p.stem for p in directory.glob("*.json"))
+    # only a name from the listing: "../x" must not reach outside the folder
+    if name not in known:
+        raise KeyError(f"unknown builtin model {name!r}; known: {', '.join(known) or 'none'}")
     meta_path = directory / f"{name}.json"
-    if not meta_path.is_file():
-        known = ", ".join(list_builtins()) or "none"
-        raise KeyError(f"unknown builtin model {name!r}; known: {known}")
     meta = json.loads(meta_path.read_text())
     cfg = LMConfig.from_dict(meta["config"])
     model = UltraMemLM(cfg)

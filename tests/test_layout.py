@@ -21,7 +21,7 @@ ALLOWED = {
     "passes": {"kernels"},
     "plugins": {"kernels", "files"},
     "compiler": {"kernels", "passes", "plugins", "models", "files"},
-    "cli": {"compiler", "models", "kernels", "plugins"},
+    "cli": {"compiler", "models", "kernels", "plugins", "files"},
 }
 
 

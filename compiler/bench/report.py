@@ -15,7 +15,6 @@ wrong`` and no timing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on CI or the GPU machine
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from ..artifacts import json_text
 
 
 def markdown(report: dict[str, Any], old: dict[str, Any] | None = None) -> str:
@@ -136,7 +137,7 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
     report["chart_series"] = chart(report, out / ".bench.png.tmp")
-    (out / ".bench.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
+    (out / ".bench.json.tmp").write_text(json_text(report))
     (out / ".bench.md.tmp").write_text(markdown(report, old))
     for p in paths:
         (out / f".{p.name}.tmp").replace(p)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from ...kernels import AGGREGATE, AGGREGATE_OP, RETRIEVE, RETRIEVE_OP, OpSpec
 from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
 from ..capture import like_inputs
-from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage
+from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
 from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
 from ..parity.stages import tensor_leaves
@@ -57,10 +57,23 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_backends(compiled: Compiled, artifacts: Path | None, wanted: list[str]) -> list[Backend]:
+def make_backends(
+    compiled: Compiled,
+    artifacts: Path | None,
+    wanted: list[str],
+    formats: Collection[str] = (),
+    native_code: bool = False,
+) -> list[Backend]:
+    """The backends in ``wanted``; those that run a file of ``artifacts`` only where its
+    manifest lists the format (``formats``), and the AOTInductor package, a shared
+    library, only with ``native_code``."""
     model = compiled.loaded.model
     on_gpu = _device() == "cuda"
-    onnx_path = artifacts / ONNX_FILE if artifacts is not None else None
+
+    def listed(fmt: str, file: str) -> Path | None:
+        return artifacts / file if artifacts is not None and fmt in formats else None
+
+    onnx_path = listed("onnx", ONNX_FILE)
     no_onnx = f"no {ONNX_FILE} (pass --artifacts DIR from `ultramem export`)"
     out = []
     for name in wanted:
@@ -88,14 +101,16 @@ def make_backends(compiled: Compiled, artifacts: Path | None, wanted: list[str])
             )
             out.append(Backend(name, None, reason))
         elif name == "aotinductor":
-            path = artifacts / AOTI_FILE if artifacts is not None else None
+            path = listed("aoti", AOTI_FILE)
             if path is None or not path.is_file():
                 out.append(Backend(name, None, f"no {AOTI_FILE} (export --format aoti)"))
+            elif not native_code:
+                out.append(Backend(name, None, native_code_refusal(path)))
             else:
                 package = load_aoti(path)
                 out.append(Backend(name, lambda x, p=package: p(*x)))
         elif name == "tensorrt":
-            engine = artifacts / ENGINE_FILE if artifacts is not None else None
+            engine = listed("tensorrt", ENGINE_FILE)
             if engine is None or not engine.is_file():
                 out.append(Backend(name, None, f"no {ENGINE_FILE} (export --format tensorrt)"))
             else:

@@ -31,6 +31,9 @@ from .domain import FORMS, attach_functions, inline_functions, translation_table
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 20
+# what torch.onnx writes as asked (below 17 it writes 18 instead) and ONNX Runtime 1.32
+# loads (26 and up: its checker rejects the attention nodes torch.onnx writes there)
+ONNX_OPSETS = range(17, 26)
 
 
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -68,6 +71,9 @@ def export_onnx(
     onnx_program.save(str(path), external_data=external)
     del onnx_program
     model = onnx.load(str(path), load_external_data=False)
+    written = {i.version for i in model.opset_import if i.domain in ("", "ai.onnx")}
+    if written != {opset}:
+        raise ValueError(f"torch.onnx wrote opset {sorted(written)} when asked for {opset}")
     _name_axes(model, capture)
     _name_outputs(model)
     attach_functions(model)

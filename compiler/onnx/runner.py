@@ -7,7 +7,6 @@ unfused and the fused forms of a lookup, in graph order, as parity expects them.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,24 @@ def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
     return sites
 
 
+def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Every external-data file a model names lies inside ``folder``: a file from
+    elsewhere could point ONNX Runtime at any path on the machine."""
+    root = folder.resolve()
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or root not in target.parents:
+            raise ValueError(
+                f"initializer {tensor.name!r} names external data {location!r} outside {folder}"
+            )
+
+
 class OnnxRunner:
     """An ONNX Runtime session whose outputs include every selection site.
 
@@ -72,17 +89,22 @@ class OnnxRunner:
 
         # weights stay in the file (or its external data): only the graph is loaded
         model = onnx.load(str(path), load_external_data=False)
+        check_external_data(model, path.parent)
         self.output_count = len(model.graph.output)
         self.sites = _probe_sites(model) if probe_selections else []
         self.input_names = [i.name for i in model.graph.input]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        # The probed copy sits beside the original so relative external-data paths resolve.
-        with tempfile.NamedTemporaryFile(suffix=".onnx", dir=path.parent) as probed:
-            onnx.save_model(model, probed.name)
-            self.session = ort.InferenceSession(
-                probed.name, sess_options=options, providers=providers or ["CPUExecutionProvider"]
-            )
+        # the probed graph goes to ONNX Runtime from memory (the folder is only read);
+        # external data resolves against the model's own folder
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(path.parent)
+        )
+        self.session = ort.InferenceSession(
+            model.SerializeToString(),
+            sess_options=options,
+            providers=providers or ["CPUExecutionProvider"],
+        )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, inputs: tuple[Any, ...]) -> tuple[list[torch.Tensor], list[SiteRecord]]:

@@ -81,9 +81,10 @@ class StageReport:
     selections: list[SelectionComparison] = field(default_factory=list)
 
     @property
-    def passed(self) -> bool:
+    def passed(self) -> bool | None:
+        """The verdict; None for a stage that could not run here (it has none)."""
         if not self.executed:
-            return True  # a stage that cannot run here is reported, not failed
+            return None
         compared = self.outputs or self.selections
         return bool(compared) and all(c.passed for c in self.outputs + self.selections)
 
@@ -101,6 +102,17 @@ class ParityReport:
     def passed(self) -> bool:
         executed = [s for s in self.stages if s.executed]
         return bool(executed) and all(s.passed for s in executed)
+
+    def verdict(self) -> str:
+        """``PASSED``/``FAILED``, saying how many stages did not run: a pass covers only
+        the stages that ran."""
+        word = "PASSED" if self.passed else "FAILED"
+        skipped = [s.stage for s in self.stages if not s.executed]
+        if skipped:
+            word += (
+                f" ({len(skipped)} of {len(self.stages)} stages not executed: {', '.join(skipped)})"
+            )
+        return word
 
     def __bool__(self) -> bool:
         return self.passed
@@ -137,7 +149,7 @@ class ParityReport:
                 if not c.passed:
                     name = c.name if isinstance(c, OutputComparison) else f"selection {c.layer}"
                     lines.append(f"FAILED | {s.stage} | {name} | {c.message}")
-        lines.append(f"parity {'PASSED' if self.passed else 'FAILED'}")
+        lines.append(f"parity {self.verdict()}")
         return lines
 
 
@@ -158,8 +170,21 @@ def compare_outputs(
             "hint: the stage was built for other shapes",
         )
     ref, cand = reference.detach().double().cpu(), candidate.detach().double().cpu()
-    nonfinite = int((~torch.isfinite(cand)).sum()) + int((~torch.isfinite(ref)).sum())
+    ref_bad, cand_bad = int((~torch.isfinite(ref)).sum()), int((~torch.isfinite(cand)).sum())
+    nonfinite = ref_bad + cand_bad
     if nonfinite:
+        if ref_bad:
+            hint = (
+                f"the original model's own output holds {ref_bad} NaN/Inf: NaN or Inf in "
+                "its weights or inputs (nothing to compare)"
+            )
+        elif reference.dtype in (torch.float16, torch.bfloat16) or candidate.dtype in (
+            torch.float16,
+            torch.bfloat16,
+        ):
+            hint = "overflow in a low precision?"
+        else:
+            hint = "the stage computes NaN/Inf where the original does not (a bug: report it)"
         return OutputComparison(
             name,
             list(cand.shape),
@@ -169,7 +194,7 @@ def compare_outputs(
             nonfinite,
             float("inf"),
             False,
-            f"{nonfinite} NaN/Inf values | hint: overflow in a low precision?",
+            f"{nonfinite} NaN/Inf values | hint: {hint}",
         )
     diff = (ref - cand).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0

@@ -70,9 +70,15 @@ def run_parity(
         for i, (inputs, (ref_out, ref_records)) in enumerate(
             zip(inputs_list, ref_runs, strict=True)
         ):
-            outs, records = stage.run(inputs, ref_records)
-            ref_outs = tensor_leaves(ref_out)
             tag = "x".join(str(s) for s in _shape_of(inputs))
+            try:
+                outs, records = stage.run(inputs, ref_records)
+            except Exception as exc:  # a runtime's own error: the stage fails, others go on
+                text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                msg = f"the stage raised {type(exc).__name__}: {text}"
+                report.outputs.append(_failed_output(f"input {i} @ {tag}", msg))
+                break
+            ref_outs = tensor_leaves(ref_out)
             if len(outs) != len(ref_outs):
                 msg = f"{len(outs)} outputs != reference {len(ref_outs)}"
                 report.outputs.append(_failed_output(f"input {i} @ {tag}", msg))

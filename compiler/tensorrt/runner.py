@@ -18,6 +18,8 @@ class EngineRunner:
     def __init__(self, engine_path: Path, package: str | None = None) -> None:
         trt = import_tensorrt(package)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        # an engine file may embed plugin libraries; a folder from elsewhere must not run them
+        runtime.engine_host_code_allowed = False
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"{engine_path}: TensorRT could not deserialize the engine")

@@ -69,22 +69,30 @@ def test_check_passes_then_catches_a_changed_artifact(bundled_export: Path, tmp_
     assert result.exit_code == 2 and "changed since export" in result.output
 
 
-def test_factory_model_exports_and_a_different_model_fails_check(
-    tmp_path: Path, user_models: str
-) -> None:
+def test_factory_model_exports_and_check_needs_it_named(tmp_path: Path, user_models: str) -> None:
     out = tmp_path / "user"
     result = CliRunner().invoke(cli, ["export", f"{user_models}:two_layers", "--out", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert [m["name"] for m in manifest["memory_layers"]] == ["memories.0", "memories.1"]
+    assert manifest["source"]["model"] == f"{user_models}:two_layers"
+    assert len(manifest["source"]["fingerprint"]) == 64
+    # the folder names a factory: check imports nothing it names, and says how to ask
     result = CliRunner().invoke(cli, ["check", "--artifacts", str(out)])
+    assert result.exit_code == 2 and f"ultramem check {user_models}:two_layers" in result.output
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        cli,
+        ["check", f"{user_models}:two_layers", "--artifacts", str(out), "--report", str(report)],
+    )
     assert result.exit_code == 0, result.output
-    # parity against other weights must fail with exit code 1, not pass or crash
+    assert json.loads(report.read_text())["passed"] is True
+    # another model's weights: said in one line, not every output reported WRONG
     result = CliRunner().invoke(
         cli, ["check", f"{user_models}:two_layers_other_weights", "--artifacts", str(out)]
     )
-    assert result.exit_code == 1, result.output
-    assert "FAILED | onnxruntime-cpu" in result.output
+    assert result.exit_code == 2, result.output
+    assert "is not the model" in result.output and "FAILED |" not in result.output
     # re-exporting into our own earlier export is allowed
     result = CliRunner().invoke(cli, ["export", f"{user_models}:two_layers", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -101,6 +109,29 @@ def test_aotinductor_package_exports_and_joins_parity(tmp_path: Path) -> None:
     assert aoti["passed"] and aoti["selections"]
     assert all(s["differing"] == 0 for s in aoti["selections"])
     assert all(o["max_abs"] <= 1e-4 for o in aoti["outputs"])
+
+    # a folder is data from elsewhere: its shared library runs only when the user says so
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(out)])
+    assert result.exit_code == 0, result.output
+    verdict = result.output.strip().splitlines()[-1]
+    assert verdict.startswith("parity PASSED") and "aotinductor" in verdict
+    assert "--allow-native-code" in result.output
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(out), "--allow-native-code"])
+    verdict = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 0 and "aotinductor" not in verdict, result.output
+
+
+def test_check_runs_only_what_the_manifest_lists(bundled_export: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    for entry in bundled_export.iterdir():
+        (folder / entry.name).write_bytes(entry.read_bytes())
+    # files beside the listed ones, as an attacker would plant them: none is loaded
+    (folder / "model.aoti.pt2").write_bytes(b"PK\x03\x04 not a package, and never opened")
+    (folder / "model.engine").write_bytes(b"garbage")
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(folder), "--allow-native-code"])
+    assert result.exit_code == 0, result.output
+    assert "aotinductor" not in result.output and "tensorrt" not in result.output
 
 
 def test_portable_form_inlines_the_functions_and_keeps_parity(tmp_path: Path) -> None:

@@ -86,13 +86,33 @@ def _first_call(program: dict) -> dict:
     return next(n for n in program["graph_module"]["graph"]["nodes"] if "aten" in n["target"])
 
 
+def _size_expressions(program: dict, replace: Callable[[str], str]) -> None:
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "expr_str" and isinstance(item, str):
+                    value[key] = replace(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(program)
+
+
 def _attacks(marker: Path) -> dict[str, Callable[[str, bytes], bytes]]:
     code = f"__import__('os').system('touch {marker}')"
+    # no underscore, no quote: only builtins spelled as plain words, as sympify allows
+    spelled = "+".join(f"chr({ord(c)})" for c in f"open('{marker}','w')")
     return {
         "pickled sample input": _pickled_sample(marker),
         "guards_code": _program(lambda p: p.__setitem__("guards_code", [code])),
         "sympy expression": _program(
             lambda p: p["range_constraints"].__setitem__(code, {"min_val": 0, "max_val": 3})
+        ),
+        "builtins in a size expression": _program(
+            lambda p: _size_expressions(p, lambda _expr: f"eval({spelled})")
         ),
         "target outside torch.ops": _program(
             lambda p: _first_call(p).__setitem__("target", "torch.os.system")
@@ -118,7 +138,9 @@ def test_a_saved_program_loads_and_runs_as_torch_loads_it(saved: Path) -> None:
     torch.testing.assert_close(program.module()(x), torch.export.load(str(saved)).module()(x))
 
 
-@pytest.mark.parametrize("attack", ["pickled sample input", "guards_code"])
+@pytest.mark.parametrize(
+    "attack", ["pickled sample input", "guards_code", "builtins in a size expression"]
+)
 def test_plain_torch_export_load_runs_these(saved: Path, tmp_path: Path, attack: str) -> None:
     marker = tmp_path / "ran"
     path = _rewrite(saved, tmp_path / "evil.pt2", _attacks(marker)[attack])
@@ -165,3 +187,13 @@ def test_a_corrupt_file_is_not_called_unsafe(tmp_path: Path, content: bytes) -> 
     with pytest.raises(ModelLoadError) as info:
         load_model(str(path))
     assert "--allow-unsafe-pickle" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_archive_without_its_sample_inputs_says_so(saved: Path, tmp_path: Path) -> None:
+    path = tmp_path / "nosample.pt2"
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("sample_inputs/model.pt"):
+                zout.writestr(info, zin.read(info.filename))
+    with pytest.raises(CorruptArchive, match=r"sample_inputs/model\.pt is missing"):
+        load_untrusted_pt2(path)
