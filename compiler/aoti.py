@@ -4,9 +4,10 @@ PyTorch's own deployment path: ``torch._inductor.aoti_compile_and_package`` comp
 program (with our fused ops) into a shared library inside the package, which C++
 (``torch::inductor::AOTIModelPackageLoader``) and Python (``aoti_load_package``) load
 without the model's code. On CUDA our ``triton_op`` kernels are compiled into cubins in
-the package; on the CPU the fused ops run their registered reference kernels, called
-through AOTInductor's proxy executor, so the loading process must ``import
-ultramem.kernels`` (which registers them).
+the package; on the CPU the fused ops are called through AOTInductor's proxy executor,
+by name, so the loading process must have them registered: ``import ultramem.kernels`` in
+Python, or, from C++ with no Python, link ``libultramem_cpu.so`` (the native kernels,
+``kernels/native``; ``tests/compiler/test_cpp_deployment.py`` builds such a program).
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ plain-PyTorch reference. ``register_triton(spec, launcher, kernel)`` adds what
 disabled: the HOP dispatch costs about a millisecond per call in eager), and a
 FunctionalTensorMode rule that, under AOTDispatcher (torch.compile, AOTInductor), inlines the
 launcher so Inductor sees and compiles the Triton kernel. torch.export keeps the op whole, as
-it does for triton_op. CPU tensors keep the reference kernel unless ``triton_on_cpu`` is
-active (the Triton interpreter: tests on machines without a GPU). Every implementation is
-called with the contract's parameters by name (``OpSpec.bind``): the dispatcher drops
-trailing arguments equal to their schema defaults.
+it does for triton_op. CPU tensors run the native kernels (``native``: C++, compiled on
+first use) when they could be built, else the reference; ``triton_on_cpu`` routes them to
+the Triton launchers instead (the Triton interpreter: machines without a GPU). Every Python
+implementation is called with the contract's parameters by name (``OpSpec.bind``): the
+dispatcher drops trailing arguments equal to their schema defaults.
 """
 
 from __future__ import annotations
@@ -21,31 +22,45 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import native
 from .contract import DOMAIN, OpSpec
 
-_LIB = torch.library.Library(DOMAIN, "DEF")
-_cpu_triton = False
-_cpu_native: dict[str, Callable[..., Any]] = {}
+# The native library, when it loads, defines the ops (schemas from the contract) with their
+# CPU kernels; Python then only adds to them. It must load before the Library is made.
+NATIVE_LIBRARY = native.load()
+_LIB = torch.library.Library(DOMAIN, "FRAGMENT" if NATIVE_LIBRARY else "DEF")
+_triton_launchers: dict[str, Callable[..., Any]] = {}
+_specs: dict[Any, OpSpec] = {}
+
+
+class _TritonOnCpu(TorchDispatchMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        spec = _specs.get(func)
+        if spec is not None and spec.name in _triton_launchers:
+            return _triton_launchers[spec.name](**spec.bind(*args, **kwargs))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def triton_on_cpu(enabled: bool = True) -> Iterator[None]:
-    """Route the ops' CPU tensors to the Triton launchers (needs ``TRITON_INTERPRET=1``)."""
-    global _cpu_triton
-    previous, _cpu_triton = _cpu_triton, enabled
-    try:
+    """Route the ops' calls to the Triton launchers (needs ``TRITON_INTERPRET=1`` for CPU
+    tensors), whichever kernel the dispatcher holds."""
+    if not enabled:
         yield
-    finally:
-        _cpu_triton = previous
-
-
-_triton_launchers: dict[str, Callable[..., Any]] = {}
+        return
+    with _TritonOnCpu():
+        yield
 
 
 def define_op(spec: OpSpec, reference: Callable[..., Any]) -> None:
-    """Define ``spec`` with its fake kernel and the reference as its CPU kernel."""
-    _LIB.define(spec.name + spec.torch_schema())
+    """Give ``spec`` its fake kernel and, unless the native library defined it with its own,
+    its schema and the reference as its CPU kernel."""
+    if not NATIVE_LIBRARY:
+        _LIB.define(spec.name + spec.torch_schema())
+    _specs[op_overload(spec)] = spec
 
     def fake(*args: Any, **kwargs: Any) -> Any:
         bound = spec.bind(*args, **kwargs)
@@ -60,21 +75,11 @@ def define_op(spec: OpSpec, reference: Callable[..., Any]) -> None:
         return outs[0] if len(outs) == 1 else outs
 
     def cpu(*args: Any, **kwargs: Any) -> Any:
-        bound = spec.bind(*args, **kwargs)
-        if _cpu_triton and spec.name in _triton_launchers:
-            return _triton_launchers[spec.name](**bound)
-        native = _cpu_native.get(spec.name)
-        if native is not None:
-            return native(**bound)
-        return reference(**bound)
+        return reference(**spec.bind(*args, **kwargs))
 
     torch.library.register_fake(spec.qualname, fake, lib=_LIB)
-    torch.library.register_kernel(spec.qualname, "cpu", cpu, lib=_LIB)
-
-
-def register_cpu_native(spec: OpSpec, kernel: Callable[..., Any]) -> None:
-    """Run ``kernel`` (by parameter name) for CPU tensors instead of the reference."""
-    _cpu_native[spec.name] = kernel
+    if not NATIVE_LIBRARY:
+        torch.library.register_kernel(spec.qualname, "cpu", cpu, lib=_LIB)
 
 
 def _interpreted(kernel: Any) -> bool:

@@ -7,6 +7,7 @@ scatter pooling is exact, scatter-add may differ in the summation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,10 @@ from torch import Tensor
 
 from ultramem.kernels import aggregate_reference, aggregate_triton, triton_on_cpu
 from ultramem.tests.kernels.compare import assert_close
+from ultramem.tests.kernels.implementations import implementations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = implementations(aggregate_triton, "aggregate")
 
 # (dtype, atol, rtol) of the pooled output: fp32 sums of up to H·k products, then one
 # rounding to the values' dtype
@@ -178,15 +181,17 @@ def test_reference_matches_naive_loop(maps: str, groups: int, pooling: str) -> N
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_triton_matches_reference(case: Case) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_matches_reference(impl: Callable[..., Any], case: Case) -> None:
     args = case.inputs()
-    got = aggregate_triton(*args, *case.attributes)
+    got = impl(*args, *case.attributes)
     want = aggregate_reference(*args, *case.attributes)
     assert_close("pooled", got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(16))
-def test_random_shapes(seed: int) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_shapes(impl: Callable[..., Any], seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
 
     def draw(lo: int, hi: int) -> int:
@@ -199,26 +204,32 @@ def test_random_shapes(seed: int) -> None:
     rows = heads * draw(1, 10)
     args = make_inputs(draw(1, 13), heads, draw(1, 20), n_cores, rows, n_cores * draw(1, 70),
                        maps, groups)  # fmt: skip
-    got = aggregate_triton(*args, groups, pooling)
+    got = impl(*args, groups, pooling)
     want = aggregate_reference(*args, groups, pooling)
     assert_close("pooled", got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), TOLERANCES[1:], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("pooling", ["add", "scatter"])
-def test_half_precision(dtype: torch.dtype, atol: float, rtol: float, pooling: str) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_precision(
+    impl: Callable[..., Any], dtype: torch.dtype, atol: float, rtol: float, pooling: str
+) -> None:
     args = make_inputs(5, 2, 6, 2, 12, 24, "shuffle", 4, dtype=dtype)
-    got = aggregate_triton(*args, 4, pooling)
+    got = impl(*args, 4, pooling)
     want = aggregate_reference(*args, 4, pooling)
     assert_close("pooled", got, want, atol=atol, rtol=rtol)
 
 
-def test_int32_slots_strided_values_and_maps() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_slots_strided_values_and_maps(
+    impl: Callable[..., Any],
+) -> None:
     values, weights, slots, row_map, group_map = make_inputs(4, 2, 5, 2, 10, 16, "shuffle", 4)
     wide = torch.randn(16, 10, device=DEVICE)
     wide.t()[:] = values  # the table as a transposed view: strides (1, 10)
     strided_map = torch.stack([row_map, row_map], -1)[..., 1]  # stride 2
-    got = aggregate_triton(wide.t(), weights, slots.int(), strided_map, group_map, 4)
+    got = impl(wide.t(), weights, slots.int(), strided_map, group_map, 4)
     want = aggregate_reference(values, weights, slots, row_map, group_map, 4)
     assert_close("pooled", got, want, atol=1e-5, rtol=1e-5)
 

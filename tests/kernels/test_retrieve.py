@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,10 @@ from torch import Tensor
 
 from ultramem.kernels import retrieve_reference, retrieve_triton, triton_on_cpu
 from ultramem.tests.kernels.compare import assert_close
+from ultramem.tests.kernels.implementations import implementations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = implementations(retrieve_triton, "retrieve")
 
 # (dtype, atol, rtol) for the scores; fp16/bf16 outputs are one rounding of the same fp32
 TOLERANCES = [
@@ -169,9 +172,10 @@ def test_reference_matches_naive_loops(case: Case, integer: bool) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_triton_matches_reference(case: Case) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_matches_reference(impl: Callable[..., Any], case: Case) -> None:
     inputs = case.inputs()
-    scores, slots = retrieve_triton(*inputs, *case.attributes)
+    scores, slots = impl(*inputs, *case.attributes)
     want_scores, want_slots = retrieve_reference(*inputs, *case.attributes)
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
@@ -194,10 +198,11 @@ def random_case(seed: int) -> tuple[int, int, int, int, int, int, int, str]:
 
 
 @pytest.mark.parametrize("seed", range(16))
-def test_random_shapes(seed: int) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_random_shapes(impl: Callable[..., Any], seed: int) -> None:
     tokens, heads, n, rank, n_cores, topm, topk, activation = random_case(seed)
     inputs = make_inputs(tokens, heads, n, rank, n_cores, integer=seed % 4 == 3)
-    scores, slots = retrieve_triton(*inputs, topm, topk, activation)
+    scores, slots = impl(*inputs, topm, topk, activation)
     want_scores, want_slots = retrieve_reference(*inputs, topm, topk, activation)
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
@@ -205,18 +210,22 @@ def test_random_shapes(seed: int) -> None:
 
 @pytest.mark.parametrize("activation", ["none", "relu", "softmax"])
 @pytest.mark.parametrize("planting", ["integer", "duplicate-keys"])
-def test_ties_break_to_the_lower_index(activation: str, planting: str) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_break_to_the_lower_index(
+    impl: Callable[..., Any], activation: str, planting: str
+) -> None:
     inputs = make_inputs(5, 2, 14, 2, 2, integer=planting == "integer")
     if planting == "duplicate-keys":
         duplicate_keys(inputs[0], inputs[1])
-    scores, slots = retrieve_triton(*inputs, 6, 8, activation)
+    scores, slots = impl(*inputs, 6, 8, activation)
     want_scores, want_slots = retrieve_reference(*inputs, 6, 8, activation)
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "softmax"])
-def test_nan_ranks_above_every_number(activation: str) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_ranks_above_every_number(impl: Callable[..., Any], activation: str) -> None:
     """The contract's NaN order (torch.sort's): planted NaN keys are selected first, NaNs
     among themselves by index; a token whose scores are all -inf still selects distinct
     slots in index order."""
@@ -227,7 +236,7 @@ def test_nan_ranks_above_every_number(activation: str) -> None:
     row_scores[3] = float("-inf")
     col_scores[3] = float("-inf")
     inputs = [row_scores, col_scores, u, v, cores]
-    scores, slots = retrieve_triton(*inputs, 5, 7, activation)
+    scores, slots = impl(*inputs, 5, 7, activation)
     want_scores, want_slots = retrieve_reference(*inputs, 5, 7, activation)
     assert_slots_equal(slots, want_slots)
     assert torch.equal(scores.isnan(), want_scores.isnan())
@@ -242,22 +251,28 @@ def test_nan_ranks_above_every_number(activation: str) -> None:
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), TOLERANCES[1:], ids=["fp16", "bf16"])
-def test_half_precision_inputs(dtype: torch.dtype, atol: float, rtol: float) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_precision_inputs(
+    impl: Callable[..., Any], dtype: torch.dtype, atol: float, rtol: float
+) -> None:
     inputs = make_inputs(6, 2, 19, 2, 2, dtype=dtype)
-    scores, slots = retrieve_triton(*inputs, 5, 7, "softmax")
+    scores, slots = impl(*inputs, 5, 7, "softmax")
     want_scores, want_slots = retrieve_reference(*inputs, 5, 7, "softmax")
     assert scores.dtype == dtype and slots.dtype == torch.int64
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=atol, rtol=rtol)
 
 
-def test_strided_score_inputs() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_score_inputs(
+    impl: Callable[..., Any],
+) -> None:
     """Score tensors viewed out of a wider layout (as the fusion pass binds them)."""
     row_wide, col_wide, u, v, cores = make_inputs(4, 2, 11, 4, 2)
     row_scores, col_scores = row_wide[..., ::2], col_wide.transpose(0, 1).contiguous()
     col_scores = col_scores.transpose(0, 1)[..., 1::2]
     inputs = [row_scores, col_scores, u[:, :2], v[:, :2], cores[..., :2, :2]]
-    scores, slots = retrieve_triton(*inputs, 4, 6, "none")
+    scores, slots = impl(*inputs, 4, 6, "none")
     want_scores, want_slots = retrieve_reference(*inputs, 4, 6, "none")
     assert_slots_equal(slots, want_slots)
     assert_close("scores", scores, want_scores, atol=1e-5, rtol=1e-5)
