@@ -1,7 +1,8 @@
 """The pass pipeline: rewrite a captured program, re-capture it, prove it, roll back what fails.
 
 Order (one explicit list): drop inference-mode dropout, fold weight-only maths, merge common
-subexpressions, fuse memory lookups, remove dead code. The rewritten module is captured
+subexpressions, fuse memory lookups, turn einsums with a weight into matrix products,
+remove dead code. The rewritten module is captured
 again with ``torch.export`` and the same dynamic axes, then compared with the original
 model on several inputs, always, fused or not. When parity fails:
 
@@ -24,6 +25,7 @@ from torch.export import ExportedProgram
 
 from ..passes.base import Pass, PassContext, PassResult
 from ..passes.drop_inference_dropout import drop_inference_dropout
+from ..passes.einsum_weights_to_matmul import einsum_weights_to_matmul
 from ..passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from ..passes.eliminate_dead_code import eliminate_dead_code
 from ..passes.fold_constants import fold_constants
@@ -40,6 +42,7 @@ PIPELINE: list[Pass] = [
     fold_constants,
     eliminate_common_subexpressions,
     fuse_memory_lookup,
+    einsum_weights_to_matmul,
     eliminate_dead_code,
 ]
 FUSED_OPS = ("ultramem.retrieve", "ultramem.aggregate")

@@ -148,8 +148,18 @@ def test_model_without_memory_layer_passes_through_unchanged(
     cap, res, fuse = _fuse(model, torch.randn(2, 16, 32))
     assert res.fused_layers == [] and fuse.matched == [] and fuse.refused == []
     assert "no memory lookup" in fuse.details["note"]
-    assert op_counts(res.program) == op_counts(cap.program)
+    # nothing else changes; a router's einsum with its weight becomes one mm (its own pass)
+    rewritten = next(p for p in res.passes if p.name == "einsum_weights_to_matmul")
+    before, after = op_counts(cap.program), op_counts(res.program)
+    if rewritten.changed:
+        assert before.pop("einsum") == len(rewritten.changed) == after.pop("mm")
+        for view in ("reshape", "sym_size.int", "permute"):
+            before.pop(view, None), after.pop(view, None)
+    assert after == before
     fused = res.program.module()
     for batch, tokens in OTHER_SIZES:
         x = torch.randn(batch, tokens, 32)
-        assert torch.equal(_run(fused, x), _run(model, x))
+        if rewritten.changed:  # the same sums, associated as one GEMM
+            torch.testing.assert_close(_run(fused, x), _run(model, x), atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(_run(fused, x), _run(model, x))
