@@ -199,13 +199,36 @@ std::string index_error(const at::Tensor& ids, const at::Tensor& rmap, const at:
   return "an index is out of range";
 }
 
-template <typename index_t>
-int64_t mapped(const c10::optional<at::Tensor>& map, const index_t* map_p, int64_t width,
-               int64_t head, int64_t slot, int64_t otherwise) {
-  if (!map.has_value()) return otherwise;
-  const int64_t row = map->size(0) > 1 ? head : 0;
-  return static_cast<int64_t>(map_p[row * width + slot]);
-}
+// An index map read in its own dtype: a row map has one entry per virtual slot (a million
+// at paper scale), so converting it to int64 on every call would cost more than the lookup.
+class IndexMap {
+ public:
+  explicit IndexMap(const c10::optional<at::Tensor>& map)
+      : tensor_(map.has_value() ? map->contiguous() : at::Tensor()) {
+    if (!tensor_.defined()) return;
+    heads_ = tensor_.size(0);
+    width_ = tensor_.size(1);
+    if (tensor_.scalar_type() == at::kInt) {
+      p32_ = tensor_.data_ptr<int32_t>();
+    } else {
+      p64_ = tensor_.data_ptr<int64_t>();
+    }
+  }
+  bool given() const { return tensor_.defined(); }
+  const at::Tensor& tensor() const { return tensor_; }
+  // map[h', slot], h' = head for an [H, S] map, 0 for a [1, S] map
+  int64_t operator()(int64_t head, int64_t slot, int64_t otherwise) const {
+    if (!tensor_.defined()) return otherwise;
+    const int64_t at = (heads_ > 1 ? head : 0) * width_ + slot;
+    return p32_ != nullptr ? static_cast<int64_t>(p32_[at]) : p64_[at];
+  }
+
+ private:
+  at::Tensor tensor_;
+  int64_t heads_ = 1, width_ = 0;
+  const int32_t* p32_ = nullptr;
+  const int64_t* p64_ = nullptr;
+};
 
 at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
                          const at::Tensor& slots, const c10::optional<at::Tensor>& row_map,
@@ -240,14 +263,10 @@ at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
   const at::Tensor table = values.stride(1) == 1 ? values : values.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
   const at::Tensor ids = slots.to(at::kLong).contiguous();
-  const at::Tensor rmap = row_map.has_value() ? row_map->to(at::kLong).contiguous() : at::Tensor();
-  const at::Tensor gmap =
-      group_map.has_value() ? group_map->to(at::kLong).contiguous() : at::Tensor();
+  const IndexMap rmap(row_map), gmap(group_map);
   at::Tensor pooled = at::zeros({tokens, groups, dim}, values.options().dtype(at::kFloat));
   const float* w_p = w.data_ptr<float>();
   const int64_t* ids_p = ids.data_ptr<int64_t>();
-  const int64_t* rmap_p = row_map.has_value() ? rmap.data_ptr<int64_t>() : nullptr;
-  const int64_t* gmap_p = group_map.has_value() ? gmap.data_ptr<int64_t>() : nullptr;
   float* out_p = pooled.data_ptr<float>();
   const int64_t row_stride = table.stride(0);
   const bool scatter = pooling == "scatter";
@@ -264,8 +283,8 @@ at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
           const int64_t h = j / k;
           const int64_t slot = ids_p[t * heads * k + j];
           if (slot < 0 || slot >= width) { bad_slot = slot; bad = true; continue; }
-          const int64_t row = mapped(row_map, rmap_p, width, h, slot, slot);
-          const int64_t group = mapped(group_map, gmap_p, width, h, slot, 0);
+          const int64_t row = rmap(h, slot, slot);
+          const int64_t group = gmap(h, slot, 0);
           if (row < 0 || row >= rows) { bad_row = row; bad = true; continue; }
           if (group < 0 || group >= groups) { bad_group = group; bad = true; continue; }
           const scalar_t* src = table_p + row * row_stride;
@@ -285,7 +304,7 @@ at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
       }
     });
     if (bad.load()) {
-      check_value(false, index_error(ids, rmap, gmap, width, rows, groups));
+      check_value(false, index_error(ids, rmap.tensor(), gmap.tensor(), width, rows, groups));
     }
   });
   return pooled.to(values.scalar_type());
