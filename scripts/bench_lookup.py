@@ -1,6 +1,7 @@
 """Benchmark the lookup of one UltraMem layer: reference eager, torch.compile, fused ops.
 
     python scripts/bench_lookup.py --config paper --json bench.json     # GPU, bf16
+    python scripts/bench_lookup.py --config paper --dtype fp16 --bandwidth-tbs measure
     python scripts/bench_lookup.py --config tiny --tokens 1,8           # CPU smoke run
 
 For each token count, on the same inputs: the reference layer (``UltraMemLayer``) eager,
@@ -10,7 +11,9 @@ run the Triton kernels). Before timing, the fused path's selection is checked ag
 reference layer's (the slots the layer feeds to its shuffle, recorded on the way) and its
 output against the layer's. The memory-traffic floor is ULTRAMEM.md's "What a lookup
 costs": k value rows per token and head, both key tables and Wout, at ``--bandwidth-tbs``
-(3.35 TB/s, an H100 SXM's HBM3); achieved bandwidth is that floor over the median latency.
+(3.35 TB/s, an H100 SXM's HBM3; ``--bandwidth-tbs measure`` takes the device's own copy
+bandwidth, measured in the same run); achieved bandwidth is that floor over the median
+latency. ``--dtype`` overrides the config's (bf16 for paper).
 
 The selection check runs in fp32 even for a bf16 benchmark: in bf16 the reference layer
 rounds its rank-1 merge and grid scores to bf16 before its top-ks, so its own selection is
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 from collections.abc import Callable
@@ -35,12 +39,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ultramem.kernels  # noqa: F401  (registers torch.ops.ultramem)
 from ultramem.compiler.artifacts import versions
-from ultramem.compiler.bench.timing import measure
+from ultramem.compiler.bench.timing import copy_bandwidth_gbs, measure
 from ultramem.models.config import UltraMemConfig
 from ultramem.models.ultramem import UltraMemLayer
 
 SCHEMA = "ultramem-bench-lookup/1"
 BACKENDS = ("eager", "torch.compile", "fused-ops")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the measured floor's copy: far past a GPU's L2 (60 MB on an H200); smaller on a CPU, where
+# the dry runs use it and a 512 MB round trip would only cost time
+COPY_MBYTES = {"cuda": 256, "cpu": 64}
 
 
 @dataclass(frozen=True)
@@ -191,15 +199,17 @@ def floor_bytes(cfg: UltraMemConfig, tokens: int, element_size: int) -> int:
     return (rows + keys + wout) * element_size
 
 
-def make_runners(layer: UltraMemLayer) -> dict[str, Callable[[Tensor], Tensor] | str]:
-    """Backend name -> callable, or the reason it cannot run here."""
+def make_runners(
+    layer: UltraMemLayer, backends: tuple[str, ...] = BACKENDS
+) -> dict[str, Callable[[Tensor], Tensor] | str]:
+    """Backend name -> callable, or the reason it cannot run here (those in ``backends``)."""
     runners: dict[str, Callable[[Tensor], Tensor] | str] = {"eager": layer}
     try:
         runners["torch.compile"] = torch.compile(layer, dynamic=True)
     except Exception as exc:  # a missing compiler toolchain must not hide the other rows
         runners["torch.compile"] = f"torch.compile unavailable: {exc}"
     runners["fused-ops"] = FusedLookup(layer)
-    return runners
+    return {name: runner for name, runner in runners.items() if name in backends}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,18 +218,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--config {args.config} runs on CUDA; pass --device cpu to force it")
     budget = args.budget_s if args.budget_s is not None else bench.budget_s
+    if args.dtype is not None:
+        bench = dataclasses.replace(bench, dtype=DTYPES[args.dtype])
+    if args.bandwidth_tbs == "measure":
+        mbytes = COPY_MBYTES.get(torch.device(device).type, 64)
+        bandwidth_tbs = copy_bandwidth_gbs(device, mbytes) / 1e3
+        bandwidth_source = f"measured: copy of {mbytes} MiB on {device}, read + write"
+    else:
+        bandwidth_tbs, bandwidth_source = float(args.bandwidth_tbs), "given (--bandwidth-tbs)"
     cfg = bench.layer
     layer = UltraMemLayer(cfg, seed=0).eval().to(device=device, dtype=bench.dtype)
     layer32 = copy.deepcopy(layer).float()  # for the selection check (module docstring)
-    runners = make_runners(layer)
+    runners = make_runners(layer, args.backends)
     gen = torch.Generator().manual_seed(0)
     element = torch.empty((), dtype=bench.dtype).element_size()
     rows: list[dict[str, Any]] = []
+    report = {
+        "schema": SCHEMA,
+        "config": args.config,
+        "layer": asdict(cfg),
+        "dtype": str(bench.dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
+        "timer": "cuda events" if device == "cuda" else "perf_counter_ns",
+        "bandwidth_tbs": bandwidth_tbs,
+        "bandwidth_source": bandwidth_source,
+        "complete": False,
+        "rows": rows,
+        "versions": versions(),
+    }
     for tokens in args.tokens:
         x = torch.randn(1, tokens, cfg.d_model, generator=gen).to(device=device, dtype=bench.dtype)
         selection = check_selection(layer32, x, args.max_mismatch)
         floor = floor_bytes(cfg, tokens, element)
-        floor_ms = floor / (args.bandwidth_tbs * 1e12) * 1e3
+        floor_ms = floor / (bandwidth_tbs * 1e12) * 1e3
         eager_ms = None
         for name, runner in runners.items():
             row: dict[str, Any] = {"tokens": tokens, "backend": name, "floor_bytes": floor}
@@ -250,19 +283,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name == "fused-ops":
                 row["selection"] = selection
             rows.append(row)
-    return {
-        "schema": SCHEMA,
-        "config": args.config,
-        "layer": asdict(cfg),
-        "dtype": str(bench.dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name()
-        if device == "cuda"
-        else platform.processor() or "cpu",
-        "timer": "cuda events" if device == "cuda" else "perf_counter_ns",
-        "bandwidth_tbs": args.bandwidth_tbs,
-        "rows": rows,
-        "versions": versions(),
-    }
+        # each token count's rows as they come, in the log and the JSON: a run stopped by a
+        # time limit (a lent GPU's) keeps what it measured
+        for row in rows[-len(runners) :]:
+            median = f"{1e3 * row['median_ms']:.1f} µs" if "median_ms" in row else row["status"]
+            print(f"tokens={tokens} {row['backend']}: {median}", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2))
+    report["complete"] = True
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -295,6 +324,28 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bandwidth(text: str) -> float | str:
+    if text == "measure":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TB/s or 'measure', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive bandwidth, got {text!r}")
+    return value
+
+
+def _backends(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in text.split(",") if n)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown or no backends {text!r}; choose from {','.join(BACKENDS)}"
+        )
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper")
@@ -306,9 +357,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--bandwidth-tbs",
-        type=float,
+        type=_bandwidth,
         default=3.35,
-        help="memory bandwidth of the floor, TB/s (default 3.35: H100 SXM HBM3)",
+        help="memory bandwidth of the floor, TB/s (default 3.35: H100 SXM HBM3), or 'measure' "
+        "for this device's copy bandwidth, measured in the same run",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="override the config's dtype (paper: bf16)"
+    )
+    parser.add_argument(
+        "--backends",
+        type=_backends,
+        default=BACKENDS,
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; a CPU smoke run "
+        "may leave out torch.compile, whose compile costs most of its time)",
     )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--device", help="override the config's device (cuda for paper)")
@@ -327,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     print(
         f"{report['config']} layer, {report['dtype']} on {report['device']}, "
-        f"floor at {report['bandwidth_tbs']} TB/s"
+        f"floor at {report['bandwidth_tbs']:.4g} TB/s ({report['bandwidth_source']})"
     )
     print(format_table(report))
     if args.json is not None:

@@ -1,0 +1,158 @@
+"""``scripts/gpu_check.sh``: its dry run on this machine, every step for real at tiny sizes.
+
+The GPU run cannot happen here; the dry run runs the same steps on CPU tensors (the tiny
+bench config, few tokens, small budgets), so a renamed flag, a moved file or a changed
+JSON field breaks this test rather than the one GPU run a session gets. No mocks: the
+script, the CLI and the helper run as they would on the device. About 125 CPU-seconds
+(the dry run runs two steps at a time): 1.5 to 3 minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+STEPS = (
+    "env",
+    "gpu-tests",
+    "export-fp32",
+    "check-fp32",
+    "export-fp16",
+    "check-fp16",
+    "bench-lookup-bf16",
+    "bench-lookup-fp16",
+    "bench",
+    "profile",
+)
+
+
+def run_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    # the interpreter of this test run, whatever .venv the checkout has
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def summary_rows(summary: str) -> dict[str, dict[str, str]]:
+    rows = {}
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in STEPS:
+            rows[cells[0]] = {"status": cells[1], "seconds": cells[2], "line": line}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("gpu_check") / "out"
+    return out, run_script("--dry-run", str(out))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def test_dry_run_passes_and_summarises_every_step(dry_run: Any) -> None:
+    out, done = dry_run
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# gpu_check: dry run")
+    rows = summary_rows(summary)
+    assert list(rows) == list(STEPS), summary
+    has_tensorrt = any(importlib.util.find_spec(n) for n in ("tensorrt", "tensorrt_rtx"))
+    for step, row in rows.items():
+        optional = step in ("export-fp16", "check-fp16") and not has_tensorrt
+        assert row["status"] == ("skipped" if optional else "ok"), row["line"]
+        assert row["seconds"].isdigit(), row["line"]
+        assert (out / f"{step}.log").is_file() or row["status"] == "skipped"
+    assert "**result: passed**" in summary
+
+
+def test_env_json_records_the_machine(dry_run: Any) -> None:
+    out, _ = dry_run
+    env = read_json(out / "env.json")
+    assert env["mode"] == "dry-run" and env["missing"] == []
+    assert env["packages"]["torch"]["version"] == torch.__version__
+    assert env["torch"]["cuda_available"] == torch.cuda.is_available()
+    for name in ("triton", "onnxruntime", "onnx", "pytest"):
+        assert env["packages"][name]["version"], name
+    assert Path(env["ultramem"]["path"]) == REPO
+    assert "tensorrt" in env["packages"] and "tensorrt_rtx" in env["packages"]
+
+
+def test_gpu_tests_ran_as_pytest_and_skipped_cleanly(dry_run: Any) -> None:
+    out, _ = dry_run
+    root = ET.parse(out / "gpu-tests.xml").getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    tests = sum(int(s.get("tests", 0)) for s in suites)
+    assert tests > 0
+    assert sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites) == 0
+    if not torch.cuda.is_available():
+        assert sum(int(s.get("skipped", 0)) for s in suites) == tests
+
+
+def test_exports_pass_parity_and_are_checked(dry_run: Any) -> None:
+    out, _ = dry_run
+    manifest = read_json(out / "export-fp32.manifest.json")
+    assert manifest["formats"] == ["onnx", "kernels", "aoti"]
+    assert manifest["parity"]["passed"] is True
+    parity = read_json(out / "export-fp32.parity.json")
+    stages = {s["stage"]: s for s in parity["stages"]}
+    for stage in ("fused-ops", "onnxruntime-cpu", "aotinductor"):
+        assert stages[stage]["executed"] and stages[stage]["passed"], stage
+    check = read_json(out / "check-fp32.parity.json")
+    assert {s["stage"]: s["passed"] for s in check["stages"]}["aotinductor"] is True
+    if (out / "export-fp16.manifest.json").exists():
+        fp16 = read_json(out / "export-fp16.manifest.json")
+        assert fp16["tensorrt"]["precision"] == "fp16" and fp16["parity"]["passed"] is True
+        assert read_json(out / "check-fp16.parity.json")["stages"]
+
+
+def test_benchmarks_and_profile_are_written(dry_run: Any) -> None:
+    out, _ = dry_run
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / "bench" / name).stat().st_size > 0, name
+    bench = read_json(out / "bench" / "bench.json")
+    assert bench["lookups"] and bench["copy_bandwidth_gbs"] > 0
+    for dtype in ("bf16", "fp16"):
+        report = read_json(out / f"bench-lookup-{dtype}.json")
+        assert report["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+        assert report["bandwidth_source"].startswith("measured")
+        fused = [r for r in report["rows"] if r["backend"] == "fused-ops"]
+        assert fused and all(r["status"] == "ok" and r["selection"]["passed"] for r in fused)
+    profile = (out / "profile.txt").read_text()
+    assert "key_averages" in profile and "ultramem::retrieve" in profile
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
+def test_a_gpu_run_without_a_gpu_fails_in_one_line(tmp_path: Path) -> None:
+    done = run_script(str(tmp_path / "out"), timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--dry-run" in lines[0]
+    rows = summary_rows((tmp_path / "out" / "summary.md").read_text())
+    assert rows["env"]["status"] == "failed"
+    assert {r["status"] for s, r in rows.items() if s != "env"} == {"skipped"}
+
+
+def test_usage_errors_exit_2_before_any_work(tmp_path: Path) -> None:
+    assert run_script(timeout=60).returncode == 2
+    assert run_script("--no-such-flag", str(tmp_path), timeout=60).returncode == 2
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    done = run_script("--dry-run", str(foreign), timeout=60)
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (foreign / "notes.txt").read_text() == "not ours"
