@@ -50,6 +50,12 @@ def bad_input() -> Iterator[None]:
         raise InputError(text) from None
 
 
+def _remember_trust(ctx: click.Context, _: click.Parameter, value: bool) -> bool:
+    # kept on the context, not passed to each command: only the loader reads it
+    ctx.meta["ultramem.trust_remote_code"] = value
+    return value
+
+
 def model_options(default: str | None = DEFAULT_MODEL) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         fn = click.argument("model", required=False, default=default, metavar="[MODEL]")(fn)
@@ -57,6 +63,13 @@ def model_options(default: str | None = DEFAULT_MODEL) -> Callable[[F], F]:
             "--weights",
             type=click.Path(path_type=Path, dir_okay=False),
             help="Weights for a package.module:factory MODEL (.safetensors or a torch.save file).",
+        )(fn)
+        fn = click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_trust,
+            help="Let an hf:DIR checkpoint run its own modeling code (auto_map: trusted only).",
         )(fn)
         fn = click.option(
             "--allow-unsafe-pickle",
@@ -83,7 +96,9 @@ def progress(message: str) -> None:
 def load(model: str, weights: Path | None, allow_unsafe_pickle: bool) -> LoadedModel:
     progress(f"loading {model}")
     with bad_input():
-        loaded = load_model(model, weights, allow_unsafe_pickle)
+        ctx = click.get_current_context(silent=True)
+        trust = bool(ctx and ctx.meta.get("ultramem.trust_remote_code"))
+        loaded = load_model(model, weights, allow_unsafe_pickle, trust)
     for note in loaded.metadata.get("notes", []):
         progress(f"note: {note}")
     return loaded

@@ -6,7 +6,9 @@ MODEL is one of
   (``safe_pt2``: nothing in it is unpickled, evaluated or imported) unless
   ``allow_unsafe_pickle``;
 - ``package.module:factory``: a callable returning a module or ``(module, example_inputs)``,
-  with optional weights (``.safetensors``, or a ``torch.load(weights_only=True)`` file).
+  with optional weights (``.safetensors``, or a ``torch.load(weights_only=True)`` file);
+- ``hf:DIR``: a local ``transformers`` checkpoint (``hf.py``; its own modeling code only
+  with ``trust_remote_code``).
 
 Weights files are never unpickled with arbitrary code unless ``allow_unsafe_pickle`` is
 given: ``torch.load(weights_only=True)`` refuses such a payload before any of it runs.
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from ..models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
+from .hf import PREFIX, HFLoadError, load_hf
 from .safe_pt2 import UnsafeArchive, load_untrusted_pt2, pickle_refusal
 
 DEFAULT_MODEL = f"builtin:{DEFAULT_BUILTIN}"
@@ -34,7 +37,10 @@ class ModelLoadError(ValueError):
 
 
 def load_model(
-    spec: str, weights: Path | None = None, allow_unsafe_pickle: bool = False
+    spec: str,
+    weights: Path | None = None,
+    allow_unsafe_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     if spec.startswith("builtin:"):
         if weights is not None:
@@ -43,6 +49,16 @@ def load_model(
             return load_builtin(spec.removeprefix("builtin:"))
         except KeyError as exc:
             raise ModelLoadError(str(exc.args[0])) from None
+    if spec.startswith(PREFIX):
+        if weights is not None:
+            raise ModelLoadError("--weights does not apply to hf:DIR (its weights are in DIR)")
+        try:
+            loaded = load_hf(
+                Path(spec.removeprefix(PREFIX)), trust_remote_code, allow_unsafe_pickle
+            )
+        except HFLoadError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return _runs(loaded)
     if spec.endswith(".pt2"):
         if weights is not None:
             raise ModelLoadError("--weights applies to package.module:factory models only")
@@ -50,7 +66,7 @@ def load_model(
     if ":" in spec:
         return _load_factory(spec, weights, allow_unsafe_pickle)
     raise ModelLoadError(
-        f"unknown MODEL {spec!r}: use builtin:NAME, a .pt2 file, or package.module:factory"
+        f"unknown MODEL {spec!r}: use builtin:NAME, a .pt2 file, package.module:factory or hf:DIR"
     )
 
 

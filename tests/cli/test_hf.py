@@ -1,0 +1,125 @@
+"""``hf:DIR``: local ``transformers`` checkpoints as MODEL, made here with save_pretrained.
+
+A plain ``LlamaForCausalLM``, and a research fork's Llama with memory layers in two MLP
+slots shipped as remote code (its own modeling file and ``auto_map``): that one loads only
+with ``--trust-remote-code``, and without it its file is never imported. Nothing is
+downloaded; parity is against the checkpoint's own model in ``transformers``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ultramem.cli.main import cli
+from ultramem.tests.foreign.hf_llama_memory import tiny_llama_config
+
+FORK = Path(__file__).with_name("hf") / "modeling_memllama.py"
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fork(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("memllama")
+    spec = importlib.util.spec_from_file_location("modeling_memllama", FORK)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    config = module.MemLlamaConfig(**tiny_llama_config().to_dict())
+    config.memory_layers = [1, 3]
+    torch.manual_seed(0)
+    model = module.MemLlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sub_keys"):  # torch.empty in the fork's layer
+                p.normal_(0, p.shape[-1] ** -0.5)
+    model.save_pretrained(directory)
+    shutil.copy(FORK, directory / FORK.name)
+    config_path = directory / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["auto_map"] = {
+        "AutoConfig": "modeling_memllama.MemLlamaConfig",
+        "AutoModelForCausalLM": "modeling_memllama.MemLlamaForCausalLM",
+    }
+    config_path.write_text(json.dumps(saved))
+    return directory
+
+
+def test_a_llama_checkpoint_exports_and_checks(llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = _run("export", f"hf:{llama}", "--out", str(out))
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["model"] == f"hf:{llama.resolve()}"
+    onnx = manifest["parity"]["stages"]["onnxruntime-cpu"]
+    assert onnx["passed"] and onnx["max_abs"] <= 1e-4
+    code, output = _run("check", f"hf:{llama}", "--artifacts", str(out))
+    assert code == 0 and "parity PASSED" in output, output
+
+
+def test_remote_code_needs_the_flag_and_is_never_imported_without_it(
+    fork: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "imported"
+    monkeypatch.setenv("MEMLLAMA_IMPORT_MARKER", str(marker))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # where transformers copies it
+    code, output = _run("inspect", f"hf:{fork}")
+    assert code == 2 and "--trust-remote-code" in output and "auto_map" in output
+    assert not marker.exists()
+    out = tmp_path / "out"
+    code, output = _run("export", f"hf:{fork}", "--trust-remote-code", "--out", str(out))
+    assert code == 0, output
+    assert marker.exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    # both memory MLPs fused, each part, selection-exact in every stage that ran
+    assert manifest["ops"]["after"].get("ultramem.retrieve") == 2
+    assert manifest["ops"]["after"].get("ultramem.aggregate") == 2
+    for stage in manifest["parity"]["stages"].values():
+        assert stage["passed"] is not False and not stage["selections_differing"]
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda d: None, "no config.json"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "no weights"),
+        (
+            lambda d: [
+                (d / "config.json").write_text('{"model_type": "llama"}'),
+                (d / "pytorch_model.bin").write_bytes(b"x"),
+            ],
+            "--allow-unsafe-pickle",
+        ),
+    ],
+    ids=["no-config", "bad-json", "no-weights", "pickled-weights"],
+)
+def test_broken_checkpoints_are_one_line_errors(tmp_path: Path, make: object, says: str) -> None:
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    make(directory)  # type: ignore[operator]
+    code, output = _run("inspect", f"hf:{directory}")
+    assert code == 2 and says in output, output
+    assert "Traceback" not in output
