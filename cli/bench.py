@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from ..compiler.artifacts import ArtifactError, read_manifest, verify_artifacts
 from ..compiler.bench.report import markdown, write_reports
@@ -73,7 +75,18 @@ def admitted(capture: CaptureResult, name: str, wanted: list[int]) -> tuple[list
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True)
-@click.option("--budget", default=0.5, show_default=True, help="Seconds of timing per point.")
+@click.option(
+    "--budget",
+    default=0.5,
+    show_default=True,
+    help="Seconds of timing per backend and size, spent in interleaved rounds.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads for every backend (torch's and ONNX Runtime's); "
+    "default: torch's count when the command starts.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for bench.*")
 @click.option(
     "--compare", type=click.Path(path_type=Path, dir_okay=False), help="An older bench.json."
@@ -88,10 +101,16 @@ def bench(
     batch: int,
     backends: str,
     budget: float,
+    threads: int | None,
     out: Path,
     compare: Path | None,
 ) -> None:
     """Time every available backend of MODEL on the same inputs, with parity checked first."""
+    # the count the command started with: a user's factory may change torch's on loading
+    thread_count = threads if threads is not None else torch.get_num_threads()
+    cores = os.cpu_count() or 0
+    if cores and thread_count > cores:
+        progress(f"note: --threads {thread_count} is more than the {cores} cores here")
     token_list = _int_list(tokens)
     if not math.isfinite(budget) or not 0 < budget <= 3600:
         raise InputError(f"--budget {budget}: give seconds per point, above 0 and at most 3600")
@@ -124,7 +143,11 @@ def bench(
         batches, _ = admitted(compiled.capture, "batch", [batch])
         if not batches:
             raise ArtifactError(f"--batch {batch} is not one {loaded.source} admits")
-        chosen = make_backends(compiled, artifacts, wanted, formats, allow_native_code)
-    report = run_bench(compiled, chosen, token_list, batch, budget, progress)
+        # ONNX Runtime takes the count when its session opens; the torch backends inside
+        # run_bench, which sets it before their first call (torch.compile compiles then)
+        chosen = make_backends(
+            compiled, artifacts, wanted, formats, allow_native_code, threads=thread_count
+        )
+    report = run_bench(compiled, chosen, token_list, batch, budget, progress, thread_count)
     write_reports(report, out, old)
     click.echo(markdown(report, old))

@@ -1,8 +1,13 @@
-"""Bundled, trained models: ``builtin:<name>`` loads ``builtin/<name>.json`` + ``.safetensors``.
+"""Bundled models: ``builtin:<name>`` loads ``builtin/<name>.json``, with its weights.
 
-The JSON holds ``config`` (an :class:`LMConfig` as a dict), ``example`` (the batch and
-sequence length of the example input used for capture) and ``training`` (how the
-weights were made and the quality they reached).
+A trained model's JSON holds ``config`` (an :class:`LMConfig` as a dict), ``example`` (the
+batch and sequence length of the example input used for capture) and ``training`` (how
+the weights were made and the quality they reached); the weights are ``<name>.safetensors``.
+
+A generated model's JSON holds ``generated`` instead: a layer config, a seed and a dtype
+from which the weights are drawn at load time, the same bits every time (random weights
+need no file, and a paper-scale layer's would be hundreds of MB). ``example`` then gives
+the batch and tokens of the example input (``[batch, seq, d_model]`` floats).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import LMConfig
+from .config import LMConfig, UltraMemConfig
 from .lm import UltraMemLM
+from .ultramem import UltraMemLayer
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DEFAULT_BUILTIN = "facts"
@@ -60,6 +66,8 @@ def load_builtin(name: str = DEFAULT_BUILTIN, directory: Path = BUILTIN_DIR) -> 
         raise KeyError(f"unknown builtin model {name!r}; known: {', '.join(known) or 'none'}")
     meta_path = directory / f"{name}.json"
     meta = json.loads(meta_path.read_text())
+    if "generated" in meta:
+        return _load_generated(name, meta)
     cfg = LMConfig.from_dict(meta["config"])
     model = UltraMemLM(cfg)
     model.load_state_dict(load_file(str(directory / f"{name}.safetensors")))
@@ -68,3 +76,32 @@ def load_builtin(name: str = DEFAULT_BUILTIN, directory: Path = BUILTIN_DIR) -> 
     tokens = example_tokens(cfg, example["batch"], example["seq"])
     # positions past max_seq_len have no embedding: the capture must not admit them
     return LoadedModel(model, (tokens,), f"builtin:{name}", {**meta, "max_tokens": cfg.max_seq_len})
+
+
+def generated_layer(cfg: UltraMemConfig, seed: int = 0, dtype: str = "float32") -> UltraMemLayer:
+    """An :class:`UltraMemLayer` with random weights that depend on ``seed`` only."""
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype")
+    # the layer draws keys, cores, values and its shuffle from its own seeded generator,
+    # but nn.Linear draws from the global one: seed that too, in a fork, so loading a
+    # builtin neither depends on nor disturbs the caller's random state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = UltraMemLayer(cfg, seed=seed)
+    return layer.to(torch_dtype).eval()
+
+
+def _load_generated(name: str, meta: dict[str, Any]) -> LoadedModel:
+    spec = meta["generated"]
+    if spec.get("kind") != "ultramem-layer":
+        raise ValueError(f"builtin {name}: unknown generated kind {spec.get('kind')!r}")
+    cfg = UltraMemConfig(**spec["layer"])
+    seed = int(spec.get("seed", 0))
+    dtype = spec.get("dtype", "float32")
+    layer = generated_layer(cfg, seed, dtype)
+    example = meta.get("example", {"batch": 1, "seq": 16})
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(example["batch"], example["seq"], cfg.d_model, generator=gen)
+    # meta's optional max_tokens bounds the tokens axis the capture admits
+    return LoadedModel(layer, (x.to(getattr(torch, dtype)),), f"builtin:{name}", meta)

@@ -17,6 +17,12 @@ import ultramem.models
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Workers of pytest-xdist share the cores: each takes its share of torch's threads, so
+# that two workers on two cores do not run four.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 @pytest.fixture(autouse=True)
 def seed_torch() -> None:

@@ -2,7 +2,11 @@
 
 For each token count: the eager model's output is the reference; each backend is first
 checked against it on the bench's own inputs (a fast but wrong backend is reported as
-wrong, not timed), then timed (``compiler.timing``). Each fused memory layer's lookup is
+wrong, not timed), then the backends that passed are timed together, interleaved round
+by round (``timing.interleave``), so that a shared machine's changing load hits them
+alike. Every backend runs with the same thread count: torch's intra-op pool (eager,
+torch.compile, the fused ops and the AOTInductor package, whose OpenMP loops use the
+same libgomp) and ONNX Runtime's session options. Each fused memory layer's lookup is
 also timed on its own, next to its memory-traffic floor at the copy bandwidth measured
 in the same run. A backend that cannot run here is listed with the reason, never dropped.
 """
@@ -11,8 +15,9 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,25 @@ from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
 from ..parity.stages import tensor_leaves
 from ..pipeline import Compiled
-from .timing import copy_bandwidth_gbs, measure
+from .timing import (
+    BLOCK_S,
+    BUSY_CORES,
+    CALLS_PER_ROUND,
+    MAX_ROUNDS,
+    MIN_REPS,
+    MIN_ROUNDS,
+    MIN_WINDOW_S,
+    NOISE_SPREAD,
+    WARM_PER_ROUND,
+    WARM_S,
+    OtherProcesses,
+    copy_bandwidth_gbs,
+    interleave,
+    measure,
+    too_busy,
+    too_noisy,
+    within_noise,
+)
 
 BENCH_SCHEMA = "ultramem-bench/1"
 ALL_BACKENDS = (
@@ -43,7 +66,22 @@ ALL_BACKENDS = (
     "tensorrt",
 )
 
+# the backends whose CPU work runs on torch's intra-op pool (``torch_threads``)
+TORCH_BACKENDS = ("eager", "torch.compile", "fused-ops", "aotinductor")
+
 RunFn = Callable[[tuple[Any, ...]], Any]
+WARMUP = 3
+# interleaving spreads other processes' load over all backends, but not evenly: a backend
+# whose every operator waits for all its threads suffers far more than one that runs a
+# small call on one, so a busy machine is a warning of its own
+BUSY_RULE = (
+    f"busy: other processes used >= {BUSY_CORES} cores on average while a size was timed "
+    f"(all CPU time in /proc/stat minus this process's, over a window of >= {MIN_WINDOW_S} s)"
+)
+NOISE_RULE = (
+    f"too noisy to compare: (p90 - p10) / p50 > {NOISE_SPREAD}; within noise of eager: "
+    "p10-p90 ranges overlap and the medians differ by less than the wider range"
+)
 
 
 @dataclass
@@ -51,6 +89,22 @@ class Backend:
     name: str
     run: RunFn | None
     reason: str = ""
+    # what the backend runs with, read back from it where it can say (bench.json)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op thread count set to ``threads`` (None: left as it is) inside, the
+    previous count restored after: the bench is also called in-process (tests)."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _device() -> str:
@@ -63,10 +117,12 @@ def make_backends(
     wanted: list[str],
     formats: Collection[str] = (),
     native_code: bool = False,
+    threads: int | None = None,
 ) -> list[Backend]:
     """The backends in ``wanted``; those that run a file of ``artifacts`` only where its
     manifest lists the format (``formats``), and the AOTInductor package, a shared
-    library, only with ``native_code``."""
+    library, only with ``native_code``. ``threads``: ONNX Runtime's operator threads (the
+    torch backends take torch's count, ``torch_threads``)."""
     model = compiled.loaded.model
     on_gpu = _device() == "cuda"
 
@@ -89,8 +145,15 @@ def make_backends(
             if onnx_path is None or not onnx_path.is_file():
                 out.append(Backend(name, None, no_onnx))
             else:
-                runner = OnnxRunner(onnx_path, probe_selections=False)
-                out.append(Backend(name, lambda x, r=runner: r(x)[0]))
+                runner = OnnxRunner(onnx_path, probe_selections=False, threads=threads)
+                applied = runner.session.get_session_options()
+                spinning = "session.intra_op.allow_spinning"
+                settings = {
+                    "intra_op_num_threads": applied.intra_op_num_threads,
+                    "inter_op_num_threads": applied.inter_op_num_threads,
+                    "allow_spinning": applied.get_session_config_entry(spinning),
+                }
+                out.append(Backend(name, lambda x, r=runner: r(x)[0], settings=settings))
         elif name == "onnxruntime-cuda":
             out.append(Backend(name, None, _ort_cuda_reason(on_gpu)))
         elif name == "plugin-kernels":
@@ -171,57 +234,106 @@ def run_bench(
     batch: int,
     budget_s: float,
     progress: ProgressFn,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Parity, then interleaved timing, of every available backend at each token count;
+    the report ``bench.json`` holds (``report`` module). ``threads``: torch's thread count
+    for the run (None: the current one), restored afterwards."""
+    with torch_threads(threads) as applied, torch.no_grad():
+        return _run_bench(compiled, backends, tokens, batch, budget_s, progress, applied)
+
+
+def _run_bench(
+    compiled: Compiled,
+    backends: list[Backend],
+    tokens: list[int],
+    batch: int,
+    budget_s: float,
+    progress: ProgressFn,
+    threads: int,
 ) -> dict[str, Any]:
     device = _device()
+    progress(f"threads: {threads} for every backend")
+    for b in backends:
+        if b.run is not None and b.name in TORCH_BACKENDS:
+            b.settings.setdefault("torch_threads", threads)
     bandwidth = copy_bandwidth_gbs(device)
     progress(f"measured copy bandwidth: {bandwidth:.1f} GB/s on {device}")
     gen = torch.Generator().manual_seed(0)
     results: dict[str, list[dict[str, Any]]] = {b.name: [] for b in backends}
     lookups: list[dict[str, Any]] = []
-    eager_p50: dict[int, float] = {}
+    noisy: list[dict[str, Any]] = []
+    load: list[dict[str, Any]] = []
     for t in tokens:
         inputs = like_inputs(compiled.loaded.example_inputs, batch, t, gen)
-        with torch.no_grad():
-            reference = tensor_leaves(compiled.loaded.model(*inputs))
+        reference = tensor_leaves(compiled.loaded.model(*inputs))
         tol = tolerance_for(reference[0].dtype)
+        # parity first, each backend alone: only those that pass are timed
+        passed: dict[str, tuple[RunFn, float]] = {}
         for backend in backends:
             if backend.run is None:
                 continue
-            progress(f"tokens={t} {backend.name}")
-            run = backend.run
-            with torch.no_grad():
-                outs = tensor_leaves(run(inputs))
+            progress(f"tokens={t} {backend.name}: parity")
+            outs = tensor_leaves(backend.run(inputs))
             checks = [
                 compare_outputs("output", r, c, tol) for r, c in zip(reference, outs, strict=False)
             ]
-            row: dict[str, Any] = {"tokens": t, "batch": batch}
             if len(outs) != len(reference) or not all(c.passed for c in checks):
                 message = (
                     "; ".join(c.message for c in checks if not c.passed) or "output count differs"
                 )
-                results[backend.name].append({**row, "status": "wrong", "parity": message})
+                row = {"tokens": t, "batch": batch, "status": "wrong", "parity": message}
+                results[backend.name].append(row)
                 progress(f"WRONG | {backend.name} | tokens={t} | {message}")
                 continue
-            with torch.no_grad():
-                timing = measure(lambda run=run, x=inputs: run(x), device, budget_s)
-            if backend.name == "eager":
-                eager_p50[t] = timing.p50
-            row.update(
-                status="ok",
-                p50_ms=timing.p50,
-                p90_ms=timing.p90,
-                p99_ms=timing.p99,
-                mean_ms=timing.mean,
-                reps=len(timing.samples_ms),
-                tokens_per_s=batch * t / (timing.p50 / 1e3),
-                max_abs_error=max(c.max_abs for c in checks),
+            passed[backend.name] = (backend.run, max(c.max_abs for c in checks))
+        if passed:
+            progress(f"tokens={t}: timing {', '.join(passed)} interleaved")
+        others = OtherProcesses()
+        timed = interleave(
+            {name: (lambda run=run, x=inputs: run(x)) for name, (run, _) in passed.items()},
+            device,
+            budget_s,
+            warmup=WARMUP,
+        )
+        other_cores, window_s = others.cores()
+        busy = too_busy(other_cores, window_s)
+        load.append({"tokens": t, "other_cores": other_cores, "window_s": window_s, "busy": busy})
+        if busy:
+            progress(
+                f"WARNING | busy machine | tokens={t} | other processes used {other_cores:.2f} "
+                f"of {os.cpu_count()} cores while it was timed (>= {BUSY_CORES})"
             )
-            results[backend.name].append(row)
+        for name, timing in timed.timings.items():
+            row = {
+                "tokens": t,
+                "batch": batch,
+                "status": "ok",
+                "p10_ms": timing.p10,
+                "p50_ms": timing.p50,
+                "p90_ms": timing.p90,
+                "p99_ms": timing.p99,
+                "mean_ms": timing.mean,
+                "reps": len(timing.samples_ms),
+                "rounds": timed.rounds,
+                "spread": timing.spread,
+                "noisy": too_noisy(timing.p10, timing.p50, timing.p90),
+                "tokens_per_s": batch * t / (timing.p50 / 1e3),
+                "max_abs_error": passed[name][1],
+            }
+            results[name].append(row)
+            progress(
+                f"tokens={t} {name}: p50 {timing.p50:.3f} ms [p10 {timing.p10:.3f}, p90 "
+                f"{timing.p90:.3f}], {row['reps']} calls in {timed.rounds} rounds"
+            )
+            if row["noisy"]:
+                noisy.append({"backend": name, "tokens": t, "spread": timing.spread})
+                progress(
+                    f"WARNING | too noisy to compare | {name} | tokens={t} | (p90-p10)/p50 = "
+                    f"{timing.spread:.2f} > {NOISE_SPREAD}"
+                )
         lookups += _time_lookups(compiled, inputs, t, batch, device, budget_s, bandwidth)
-    for rows in results.values():
-        for row in rows:
-            if row.get("status") == "ok" and row["tokens"] in eager_p50:
-                row["speedup_vs_eager"] = eager_p50[row["tokens"]] / row["p50_ms"]
+    _against_eager(results)
     return {
         "schema": BENCH_SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -231,18 +343,52 @@ def run_bench(
         "versions": versions(),
         "batch": batch,
         "tokens": tokens,
+        "threads": threads,
+        "timing": {
+            "method": "interleaved",
+            "budget_s": budget_s,
+            "warmup": WARMUP,
+            "calls_per_round": CALLS_PER_ROUND,
+            "block_s": BLOCK_S,
+            "warm_per_round": WARM_PER_ROUND,
+            "warm_s": WARM_S,
+            "min_rounds": MIN_ROUNDS,
+            "min_reps": MIN_REPS,
+            "max_rounds": MAX_ROUNDS,
+        },
+        "noise": {"rule": NOISE_RULE, "threshold": NOISE_SPREAD, "noisy": noisy},
+        "load": {"rule": BUSY_RULE, "threshold_cores": BUSY_CORES, "sizes": load},
         "copy_bandwidth_gbs": bandwidth,
         "backends": [
             {
                 "name": b.name,
                 "available": b.run is not None,
                 "reason": b.reason or None,
+                "settings": b.settings,
                 "results": results[b.name],
             }
             for b in backends
         ],
         "lookups": lookups,
     }
+
+
+def _percentiles(row: dict[str, Any]) -> tuple[float, float, float]:
+    return row["p10_ms"], row["p50_ms"], row["p90_ms"]
+
+
+def _against_eager(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Each timed row's speedup over eager at its token count, and whether the two cannot
+    be told apart (``within_noise``)."""
+    eager = {r["tokens"]: r for r in results.get("eager", []) if r.get("status") == "ok"}
+    for name, rows in results.items():
+        for row in rows:
+            base = eager.get(row["tokens"])
+            if row.get("status") != "ok" or base is None:
+                continue
+            row["speedup_vs_eager"] = base["p50_ms"] / row["p50_ms"]
+            if name != "eager":
+                row["within_noise_of_eager"] = within_noise(_percentiles(row), _percentiles(base))
 
 
 def _time_lookups(
@@ -255,7 +401,7 @@ def _time_lookups(
     bandwidth: float,
 ) -> list[dict[str, Any]]:
     recorder = _LookupRecorder()
-    with torch.no_grad(), recorder:
+    with recorder:
         compiled.rewrite.program.module()(*inputs)
     # each retrieve with the aggregate that follows it (a layer whose glue sits between
     # the two is timed as the two ops on their recorded inputs, the glue left out)
@@ -271,8 +417,8 @@ def _time_lookups(
             RETRIEVE_OP(**ret_args)
             return AGGREGATE_OP(**agg_args)
 
-        with torch.no_grad():
-            timing = measure(lookup, device, budget_s / 2)
+        # alone: no other backend's figure is compared with a lookup's
+        timing = measure(lookup, device, budget_s / 2)
         floor = lookup_floor_bytes(ret_args, agg_args)
         rows.append(
             {
@@ -281,6 +427,7 @@ def _time_lookups(
                 else f"layer {layer}",
                 "tokens": t,
                 "batch": batch,
+                "p10_ms": timing.p10,
                 "p50_ms": timing.p50,
                 "p90_ms": timing.p90,
                 "p99_ms": timing.p99,

@@ -83,7 +83,11 @@ class OnnxRunner:
     """
 
     def __init__(
-        self, path: Path, providers: list[str] | None = None, probe_selections: bool = True
+        self,
+        path: Path,
+        providers: list[str] | None = None,
+        probe_selections: bool = True,
+        threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -95,6 +99,14 @@ class OnnxRunner:
         self.input_names = [i.name for i in model.graph.input]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            # a benchmark's settings, the same for every backend: N threads for the
+            # operators (the default, 0, is one per core), no second pool running nodes side
+            # by side, and idle threads that sleep: spinning ones took a core from the
+            # backend timed next (eager at 1 token, 3.4 -> 7.6 ms on 2 cores)
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # the probed graph goes to ONNX Runtime from memory (the folder is only read);
         # external data resolves against the model's own folder
         options.add_session_config_entry(
