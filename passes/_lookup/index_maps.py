@@ -40,6 +40,13 @@ def synthetic_slots(
     return out
 
 
+def _first_along(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """``x`` with each of ``dims`` narrowed to its first element (kept as size 1)."""
+    for d in dims:
+        x = x.narrow(d, 0, 1)
+    return x
+
+
 def tabulate(
     evaluate: Evaluate,
     coords: Coords,
@@ -61,7 +68,16 @@ def tabulate(
     per_round = tokens * k
     table = torch.zeros(heads * slot_count, dtype=torch.int64)
     filled = torch.zeros(heads * slot_count, dtype=torch.int32)
-    t, h, j = t.reshape(-1), h.reshape(-1), j.reshape(-1)
+    # dims along which no coordinate changes (an index expanded over the value dim, Dv
+    # copies of each): one element of each stands for all, once the values are seen to
+    # agree along them; the tables below then touch Dv times fewer elements
+    shape = coords["t"].shape
+    repeated = [
+        d
+        for d in range(len(shape))
+        if shape[d] > 1 and all(x.stride(d) == 0 for x in (t, h, j) if x.dim() == len(shape))
+    ]
+    t, h, j = (_first_along(x.expand(shape), repeated).reshape(-1) for x in (t, h, j))
     # two covers: every slot is seen at two positions, so a value that depends on its
     # position (not only its slot) is caught
     shifts = (0, slot_count // 2 + 1) if slot_count > 1 else (0,)
@@ -69,7 +85,11 @@ def tabulate(
         for start in range(0, slot_count, per_round):
             slots = synthetic_slots(shapes, slot_count, start, shift)
             merged = torch.cat(slots, dim=1)  # [T, H, k]: the global head order
-            values = evaluate(slots).expand(coords["t"].shape).reshape(-1).long()
+            values = evaluate(slots).expand(shape)
+            first = _first_along(values, repeated)
+            if repeated and bool((values != first).any()):
+                raise NotALookup(f"{what} is not a function of (head, slot)")
+            values = first.reshape(-1).long()
             key = h * slot_count + merged[t, h, j]
             seen = filled[key] > 0
             if bool((table[key][seen] != values[seen]).any()):
