@@ -108,8 +108,12 @@ def bench(
     """Time every available backend of MODEL on the same inputs, with parity checked first."""
     # the count the command started with: a user's factory may change torch's on loading
     thread_count = threads if threads is not None else torch.get_num_threads()
-    cores = os.cpu_count() or 0
-    if cores and thread_count > cores:
+    cores = os.cpu_count() or 1
+    # oversubscribing a little is a choice; thousands of threads crash the runtimes' pools
+    most = max(4 * cores, 16)
+    if thread_count > most:
+        raise InputError(f"--threads {thread_count}: at most {most} on these {cores} cores")
+    if thread_count > cores:
         progress(f"note: --threads {thread_count} is more than the {cores} cores here")
     token_list = _int_list(tokens)
     if not math.isfinite(budget) or not 0 < budget <= 3600:

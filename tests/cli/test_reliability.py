@@ -425,6 +425,7 @@ def test_a_bare_module_with_example_inputs_is_accepted(
         (("--budget", "-1"), "--budget -1"),
         (("--budget", "nan"), "--budget nan"),
         (("--backends", "eager,warp"), "unknown warp"),
+        (("--threads", "99999"), "--threads 99999: at most"),  # it segfaulted torch's pool
     ],
 )
 def test_bench_refuses_before_timing(
