@@ -88,6 +88,8 @@ def verify_artifacts(directory: Path, manifest: dict[str, Any]) -> None:
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArtifactError(f"{directory / MANIFEST} lists an artifact outside the folder")
         path = directory / name
+        if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
+            raise ArtifactError(f"{path} is a link out of the folder; export again")
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing; export again")
         if sha256_file(path) != art.get("sha256"):

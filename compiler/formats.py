@@ -95,6 +95,11 @@ class Format:
     write: Callable[[ExportJob], dict[str, Any]]
     stages: Callable[[Path, StageContext], list[Stage]]
     needs: tuple[str, ...] = ()
+    marker: str = ""  # the file whose manifest entry says the format was written
+
+    @property
+    def listed_as(self) -> str:
+        return self.marker or self.files
 
 
 # ---- onnx ------------------------------------------------------------------------------
@@ -258,7 +263,13 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages),
-        Format("kernels", f"{KERNELS_DIR}/", _write_kernels, _kernel_stages),
+        Format(
+            "kernels",
+            f"{KERNELS_DIR}/",
+            _write_kernels,
+            _kernel_stages,
+            marker=f"{KERNELS_DIR}/bundle.json",
+        ),
         Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages),
         Format("tensorrt", ENGINE_FILE, _write_tensorrt, _tensorrt_stages, needs=("onnx",)),
     )
@@ -354,8 +365,18 @@ def manifest_formats(manifest: dict[str, Any], folder: Path) -> list[str]:
     """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``."""
     formats = manifest.get("formats")
     known = isinstance(formats, list) and all(isinstance(f, str) and f in FORMATS for f in formats)
-    if not known:
+    if not known or not formats or len(set(formats)) != len(formats):
         raise ArtifactError(f"{folder / MANIFEST} lists formats {formats!r}; export again")
+    # each format's file must be a hashed entry: a format whose entry was removed would
+    # be checked (and run) without its hash
+    hashed = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict)}
+    unlisted = [f for f in formats if FORMATS[f].listed_as not in hashed]
+    if unlisted:
+        raise ArtifactError(
+            f"{folder / MANIFEST} lists {', '.join(unlisted)} without "
+            f"{', '.join(FORMATS[f].listed_as for f in unlisted)} among its artifacts; "
+            "export again"
+        )
     return formats
 
 

@@ -45,7 +45,8 @@ class CausalLMLogits(torch.nn.Module):
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not directory.is_dir():
-        raise HFLoadError(f"hf:{directory}: no such folder")
+        what = "is not a folder" if directory.exists() else "no such folder"
+        raise HFLoadError(f"hf:{directory}: {what}")
     if not path.is_file():
         raise HFLoadError(f"hf:{directory}: no config.json (save it with save_pretrained)")
     try:
@@ -55,6 +56,34 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise HFLoadError(f"{path} does not hold a config object")
     return config
+
+
+def _check_size(directory: Path, config: dict[str, Any]) -> None:
+    """Refuse, before building anything, a config whose model could not fit in memory (a
+    typo of a layer count would otherwise allocate for minutes, then fail)."""
+    sizes = {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    sizes["intermediate_size"] = config.get("intermediate_size") or 4 * (sizes["hidden_size"] or 0)
+    if not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+        return  # transformers' own validation says what is wrong
+    d, layers = sizes["hidden_size"], sizes["num_hidden_layers"]
+    params = layers * (4 * d * d + 3 * d * sizes["intermediate_size"]) + 2 * sizes["vocab_size"] * d
+    available = _available_bytes()
+    if available and params * 4 > available:
+        raise HFLoadError(
+            f"hf:{directory}: its config describes about {params / 1e9:.1f} G parameters "
+            f"({layers} layers of hidden size {d}), more than this machine's "
+            f"{available / 2**30:.0f} GiB of free memory holds"
+        )
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def load_hf(
@@ -69,9 +98,13 @@ def load_hf(
     safetensors = sorted(directory.glob("*.safetensors"))
     pickled = sorted(directory.glob("*.bin"))
     if not safetensors and not (pickled and allow_unsafe_pickle):
-        found = "only pickled *.bin weights" if pickled else "no weights"
-        hint = "; convert them to safetensors, or pass --allow-unsafe-pickle" if pickled else ""
-        raise HFLoadError(f"hf:{directory}: {found} (*.safetensors){hint}")
+        if pickled:
+            raise HFLoadError(
+                f"hf:{directory}: its weights are pickled ({pickled[0].name}), which loading "
+                "would unpickle; convert them to safetensors, or pass --allow-unsafe-pickle"
+            )
+        raise HFLoadError(f"hf:{directory}: no weights (*.safetensors)")
+    _check_size(directory, config)
     # offline before the import: transformers reads these when it loads
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -79,6 +112,9 @@ def load_hf(
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise HFLoadError("hf: models need transformers: pip install transformers") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load reports are pages; errors come as one line
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(directory),

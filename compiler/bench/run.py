@@ -133,59 +133,65 @@ def make_backends(
     no_onnx = f"no {ONNX_FILE} (pass --artifacts DIR from `ultramem export`)"
     out = []
     for name in wanted:
-        if name == "eager":
-            out.append(Backend(name, lambda x: model(*x)))
-        elif name == "torch.compile":
-            compiled_model = torch.compile(model, dynamic=True)
-            out.append(Backend(name, lambda x, m=compiled_model: m(*x)))
-        elif name == "fused-ops":
-            fused = compiled.rewrite.program.module()
-            out.append(Backend(name, lambda x, m=fused: m(*x)))
-        elif name == "onnxruntime-cpu":
-            if onnx_path is None or not onnx_path.is_file():
-                out.append(Backend(name, None, no_onnx))
-            else:
-                runner = OnnxRunner(onnx_path, probe_selections=False, threads=threads)
-                applied = runner.session.get_session_options()
-                spinning = "session.intra_op.allow_spinning"
-                settings = {
-                    "intra_op_num_threads": applied.intra_op_num_threads,
-                    "inter_op_num_threads": applied.inter_op_num_threads,
-                    "allow_spinning": applied.get_session_config_entry(spinning),
-                }
-                out.append(Backend(name, lambda x, r=runner: r(x)[0], settings=settings))
-        elif name == "onnxruntime-cuda":
-            out.append(Backend(name, None, _ort_cuda_reason(on_gpu)))
-        elif name == "plugin-kernels":
-            reason = (
-                "the launcher runs the lookup's AOT kernels, not a whole model; needs a GPU"
-                if not on_gpu
-                else "whole-model runs through the launcher are not wired yet"
-            )
-            out.append(Backend(name, None, reason))
-        elif name == "aotinductor":
-            path = listed("aoti", AOTI_FILE)
-            if path is None or not path.is_file():
-                out.append(Backend(name, None, f"no {AOTI_FILE} (export --format aoti)"))
-            elif not native_code:
-                out.append(Backend(name, None, native_code_refusal(path)))
-            else:
-                package = load_aoti(path)
-                out.append(Backend(name, lambda x, p=package: p(*x)))
-        elif name == "tensorrt":
-            engine = listed("tensorrt", ENGINE_FILE)
-            if engine is None or not engine.is_file():
-                out.append(Backend(name, None, f"no {ENGINE_FILE} (export --format tensorrt)"))
-            else:
-                stage = engine_stage(engine, None)
-                runner = stage.run
-                out.append(
-                    Backend(name, None, stage.reason)
-                    if runner is None
-                    else Backend(name, lambda x, r=runner: r(x, [])[0])
-                )
-        else:
+        if name not in ALL_BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}")
+        try:
+            if name == "eager":
+                out.append(Backend(name, lambda x: model(*x)))
+            elif name == "torch.compile":
+                compiled_model = torch.compile(model, dynamic=True)
+                out.append(Backend(name, lambda x, m=compiled_model: m(*x)))
+            elif name == "fused-ops":
+                fused = compiled.rewrite.program.module()
+                out.append(Backend(name, lambda x, m=fused: m(*x)))
+            elif name == "onnxruntime-cpu":
+                if onnx_path is None or not onnx_path.is_file():
+                    out.append(Backend(name, None, no_onnx))
+                else:
+                    runner = OnnxRunner(onnx_path, probe_selections=False, threads=threads)
+                    applied = runner.session.get_session_options()
+                    spinning = "session.intra_op.allow_spinning"
+                    settings = {
+                        "intra_op_num_threads": applied.intra_op_num_threads,
+                        "inter_op_num_threads": applied.inter_op_num_threads,
+                        "allow_spinning": applied.get_session_config_entry(spinning),
+                    }
+                    out.append(Backend(name, lambda x, r=runner: r(x)[0], settings=settings))
+            elif name == "onnxruntime-cuda":
+                out.append(Backend(name, None, _ort_cuda_reason(on_gpu)))
+            elif name == "plugin-kernels":
+                reason = (
+                    "the launcher runs the lookup's AOT kernels, not a whole model; needs a GPU"
+                    if not on_gpu
+                    else "whole-model runs through the launcher are not wired yet"
+                )
+                out.append(Backend(name, None, reason))
+            elif name == "aotinductor":
+                path = listed("aoti", AOTI_FILE)
+                if path is None or not path.is_file():
+                    out.append(Backend(name, None, f"no {AOTI_FILE} (export --format aoti)"))
+                elif not native_code:
+                    out.append(Backend(name, None, native_code_refusal(path)))
+                else:
+                    package = load_aoti(path)
+                    out.append(Backend(name, lambda x, p=package: p(*x)))
+            elif name == "tensorrt":
+                engine = listed("tensorrt", ENGINE_FILE)
+                if engine is None or not engine.is_file():
+                    out.append(Backend(name, None, f"no {ENGINE_FILE} (export --format tensorrt)"))
+                else:
+                    stage = engine_stage(engine, None)
+                    runner = stage.run
+                    out.append(
+                        Backend(name, None, stage.reason)
+                        if runner is None
+                        else Backend(name, lambda x, r=runner: r(x, [])[0])
+                    )
+        except Exception as exc:  # an artifact its runtime cannot load: that backend is out
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            out.append(
+                Backend(name, None, f"cannot load its artifact: {type(exc).__name__}: {text}")
+            )
     return out
 
 

@@ -192,3 +192,38 @@ def test_plugin_mode_under_tensorrt_rtx_is_refused_cleanly(tmp_path: Path) -> No
     assert result.exit_code == 2, result.output
     assert "cannot build a plugin engine" in result.output and "native" in result.output
     assert not out.exists()
+
+
+def _tampered(bundled_export: Path, tmp_path: Path, change: object) -> Path:
+    folder = tmp_path / "tampered"
+    folder.mkdir()
+    for entry in bundled_export.iterdir():
+        (folder / entry.name).write_bytes(entry.read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest, folder)  # type: ignore[operator]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _link_out(manifest: dict, folder: Path) -> None:
+    outside = folder.parent / "elsewhere.onnx"
+    (folder / "model.onnx").rename(outside)
+    (folder / "model.onnx").symlink_to(outside)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda m, _: m.update(formats=[]), "lists formats []"),
+        (lambda m, _: m.update(formats=["onnx", "onnx"]), "lists formats"),
+        (lambda m, _: m.update(artifacts=[]), "without model.onnx among its artifacts"),
+        (_link_out, "a link out of the folder"),
+    ],
+    ids=["no-formats", "twice", "entry-removed", "symlink-out"],
+)
+def test_a_manifest_that_hides_or_unhashes_an_artifact_is_refused(
+    bundled_export: Path, tmp_path: Path, change: object, says: str
+) -> None:
+    folder = _tampered(bundled_export, tmp_path, change)
+    result = CliRunner().invoke(cli, ["check", "--artifacts", str(folder)])
+    assert result.exit_code == 2 and says in result.output, result.output

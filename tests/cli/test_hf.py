@@ -113,8 +113,18 @@ def test_remote_code_needs_the_flag_and_is_never_imported_without_it(
             ],
             "--allow-unsafe-pickle",
         ),
+        (
+            lambda d: [
+                (d / "config.json").write_text(
+                    '{"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 10000000,'
+                    ' "vocab_size": 32000}'
+                ),
+                (d / "model.safetensors").write_bytes(b"x"),
+            ],
+            "more than this machine's",
+        ),
     ],
-    ids=["no-config", "bad-json", "no-weights", "pickled-weights"],
+    ids=["no-config", "bad-json", "no-weights", "pickled-weights", "absurd-size"],
 )
 def test_broken_checkpoints_are_one_line_errors(tmp_path: Path, make: object, says: str) -> None:
     directory = tmp_path / "ckpt"

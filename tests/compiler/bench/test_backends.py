@@ -37,3 +37,9 @@ def test_a_listed_aoti_package_is_loaded_only_with_the_opt_in(tmp_path: Path) ->
     reasons = _reasons(_folder(tmp_path), ["aoti"], native_code=False)
     assert "--allow-native-code" in reasons["aotinductor"]
     assert "shared library" in reasons["aotinductor"]
+
+
+def test_an_artifact_that_does_not_load_leaves_its_backend_out(tmp_path: Path) -> None:
+    reasons = _reasons(_folder(tmp_path), ["onnx", "aoti"], native_code=True)
+    assert reasons["aotinductor"].startswith("cannot load its artifact")
+    assert reasons["onnxruntime-cpu"].startswith("cannot load its artifact")
