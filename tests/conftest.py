@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    # Inductor caches compiled code by the graph's hash in one folder: two workers
+    # compiling the same program at once (the bundled model's AOTInductor package) write
+    # the same files, and one packages the other's half-written JSON. One cache each.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{worker}"),
+    )
 
 
 @pytest.fixture(autouse=True)
