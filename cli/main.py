@@ -19,6 +19,7 @@ from types import FrameType
 import click
 
 from .. import __version__
+from ..compiler.errors import first_line
 from .bench import bench
 from .check import check
 from .export import export
@@ -91,10 +92,9 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if verbose:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         click.echo(
-            f"ultramem: internal error: {type(exc).__name__}: {first[:300]} (a bug: please "
-            "report it with the command line; -v shows the traceback)",
+            f"ultramem: internal error: {type(exc).__name__}: {first_line(exc, 300)} "
+            "(a bug: please report it with the command line; -v shows the traceback)",
             err=True,
         )
         return INTERNAL_ERROR

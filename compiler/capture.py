@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 64
@@ -131,7 +133,7 @@ def capture(
         try:
             program = _export(model, inputs, specs)
         except Exception as exc:  # torch.export raises several types for refused dims
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc) or type(exc).__name__
             notes.append(f"capture with {mode} batch/tokens dims refused: {reason}")
             log.info("capture with %s dims refused: %s", mode, reason)
             last_error = exc
@@ -150,9 +152,7 @@ def capture(
                     + (f" [{a.min}, {a.max}]" if a.min is not None else "")
                 )
         return CaptureResult(program, axes, notes)
-    reason = (
-        str(last_error).strip().splitlines()[0] if last_error and str(last_error).strip() else ""
-    )
+    reason = first_line(last_error)
     log.info("torch.export's last refusal in full", exc_info=last_error)
     raise CaptureError(
         f"torch.export cannot capture the model: {type(last_error).__name__}: {reason[:300]} "
@@ -172,7 +172,7 @@ def _rejected_size(
                 module(*inputs)
         except Exception as exc:  # guards raise several types
             shape = "x".join(str(s) for s in next(x for x in inputs if isinstance(x, Tensor)).shape)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc) or type(exc).__name__
             return f"inputs of shape {shape} that its program refuses ({reason}): falling back"
     return None
 

@@ -27,6 +27,7 @@ from ..plugins.bundle import DEFAULT_SMS, SUPPORTED_SMS, build_bundle
 from ..plugins.specs import specs_for_program
 from .aoti import AOTI_FILE, export_aoti, load_aoti
 from .artifacts import MANIFEST, ArtifactError, ArtifactWriter
+from .errors import first_line
 from .onnx.export import DEFAULT_OPSET, ONNX_OPSETS, count_nodes, export_onnx
 from .onnx.runner import OnnxRunner
 from .parity.plugin_kernels import plugin_kernels_stage
@@ -381,7 +382,7 @@ def manifest_formats(manifest: dict[str, Any], folder: Path) -> list[str]:
 
 
 def _failing_stage(name: str, exc: Exception) -> Stage:
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    text = first_line(exc, 300)
 
     def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> Any:
         raise RuntimeError(f"cannot load the {name} artifact: {type(exc).__name__}: {text}")

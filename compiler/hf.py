@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..models.builtin import LoadedModel
+from .errors import first_line
 
 PREFIX = "hf:"
 EXAMPLE_TOKENS = 16
@@ -124,7 +125,7 @@ def load_hf(
             use_safetensors=bool(safetensors),
         )
     except Exception as exc:  # transformers raises many types for a broken checkpoint
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        text = first_line(exc, 300)
         raise HFLoadError(
             f"hf:{directory} does not load as a causal LM: {type(exc).__name__}: {text}"
         ) from None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
+from .errors import described, first_line
 from .hf import PREFIX, HFLoadError, load_hf
 from .safe_pt2 import UnsafeArchive, load_untrusted_pt2, pickle_refusal
 
@@ -81,7 +82,7 @@ def _load_pt2(path: Path, allow_unsafe_pickle: bool) -> LoadedModel:
             "--allow-unsafe-pickle if you trust its author (loading it runs its code)"
         ) from None
     except Exception as exc:  # torch raises many types for a corrupt archive
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         raise ModelLoadError(f"cannot read {path} as a torch.export program: {reason}") from None
     example = program.example_inputs
     if example is None:
@@ -103,13 +104,13 @@ def _load_factory(spec: str, weights: Path | None, allow_unsafe_pickle: bool) ->
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(f"cannot import {spec!r}: {exc}") from None
     except (Exception, SystemExit) as exc:  # the module's own code failed while importing
-        raise ModelLoadError(f"importing {module_name} failed: {_first_line(exc)}") from None
+        raise ModelLoadError(f"importing {module_name} failed: {described(exc)}") from None
     if not callable(factory):
         raise ModelLoadError(f"{spec} is a {type(factory).__name__}, not a callable factory")
     try:
         built = factory()
     except (Exception, SystemExit) as exc:  # a script's sys.exit() is its failure too
-        raise ModelLoadError(f"{spec}() raised {_first_line(exc)}") from None
+        raise ModelLoadError(f"{spec}() raised {described(exc)}") from None
     model, example = _module_and_example(spec, built)
     notes: list[str] = []
     metadata: dict[str, Any] = {"notes": notes}
@@ -131,9 +132,7 @@ def _module_and_example(spec: str, built: Any) -> tuple[torch.nn.Module, tuple[A
             try:
                 example = example()
             except Exception as exc:
-                raise ModelLoadError(
-                    f"{spec}: example_inputs() raised {_first_line(exc)}"
-                ) from None
+                raise ModelLoadError(f"{spec}: example_inputs() raised {described(exc)}") from None
         if example is None:
             raise ModelLoadError(
                 f"{spec} returned a module without example inputs; return "
@@ -159,15 +158,9 @@ def _runs(loaded: LoadedModel) -> LoadedModel:
             loaded.model(*loaded.example_inputs)
     except (Exception, SystemExit) as exc:
         raise ModelLoadError(
-            f"{loaded.source}: the model's forward fails on its example inputs: {_first_line(exc)}"
+            f"{loaded.source}: the model's forward fails on its example inputs: {described(exc)}"
         ) from None
     return loaded
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
 
 
 def apply_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> list[str]:
@@ -248,7 +241,7 @@ def load_weights(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, Any
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelLoadError(
-                f"cannot read {path} as safetensors (truncated?): {_first_line(exc)}"
+                f"cannot read {path} as safetensors (truncated?): {described(exc)}"
             ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
@@ -263,9 +256,7 @@ def load_weights(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, Any
             "convert it to safetensors, or pass --allow-unsafe-pickle if you trust its author"
         ) from None
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelLoadError(
-            f"cannot read weights {path} (truncated?): {_first_line(exc)}"
-        ) from None
+        raise ModelLoadError(f"cannot read weights {path} (truncated?): {described(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a training checkpoint's usual wrapping
     if not isinstance(state, dict):

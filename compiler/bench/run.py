@@ -29,6 +29,7 @@ from ...kernels import AGGREGATE, AGGREGATE_OP, RETRIEVE, RETRIEVE_OP, OpSpec
 from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
 from ..capture import like_inputs
+from ..errors import first_line
 from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
 from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
@@ -188,7 +189,7 @@ def make_backends(
                         else Backend(name, lambda x, r=runner: r(x, [])[0])
                     )
         except Exception as exc:  # an artifact its runtime cannot load: that backend is out
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            text = first_line(exc, 200)
             out.append(
                 Backend(name, None, f"cannot load its artifact: {type(exc).__name__}: {text}")
             )

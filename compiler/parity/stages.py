@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from ..errors import first_line
 from .compare import (
     OutputComparison,
     ParityReport,
@@ -74,8 +75,7 @@ def run_parity(
             try:
                 outs, records = stage.run(inputs, ref_records)
             except Exception as exc:  # a runtime's own error: the stage fails, others go on
-                text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                msg = f"the stage raised {type(exc).__name__}: {text}"
+                msg = f"the stage raised {type(exc).__name__}: {first_line(exc, 300)}"
                 report.outputs.append(_failed_output(f"input {i} @ {tag}", msg))
                 break
             ref_outs = tensor_leaves(ref_out)
