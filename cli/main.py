@@ -19,7 +19,7 @@ from types import FrameType
 import click
 
 from .. import __version__
-from ..compiler.errors import first_line
+from ..compiler import first_line
 from .bench import bench
 from .check import check
 from .export import export

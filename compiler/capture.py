@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
-from .errors import first_line
+from . import first_line
 
 log = logging.getLogger(__name__)
 

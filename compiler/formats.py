@@ -25,9 +25,9 @@ import torch
 from ..kernels import DOMAIN, DOMAIN_VERSION
 from ..plugins.bundle import DEFAULT_SMS, SUPPORTED_SMS, build_bundle
 from ..plugins.specs import specs_for_program
+from . import first_line
 from .aoti import AOTI_FILE, export_aoti, load_aoti
 from .artifacts import MANIFEST, ArtifactError, ArtifactWriter
-from .errors import first_line
 from .onnx.export import DEFAULT_OPSET, ONNX_OPSETS, count_nodes, export_onnx
 from .onnx.runner import OnnxRunner
 from .parity.plugin_kernels import plugin_kernels_stage

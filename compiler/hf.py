@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..models.builtin import LoadedModel
-from .errors import first_line
+from . import first_line
 
 PREFIX = "hf:"
 EXAMPLE_TOKENS = 16

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
-from .errors import described, first_line
+from . import described, first_line
 from .hf import PREFIX, HFLoadError, load_hf
 from .safe_pt2 import UnsafeArchive, load_untrusted_pt2, pickle_refusal
 

@@ -26,10 +26,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...kernels import AGGREGATE, AGGREGATE_OP, RETRIEVE, RETRIEVE_OP, OpSpec
+from .. import first_line
 from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
 from ..capture import like_inputs
-from ..errors import first_line
 from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
 from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for

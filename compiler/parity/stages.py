@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from ..errors import first_line
+from .. import first_line
 from .compare import (
     OutputComparison,
     ParityReport,
