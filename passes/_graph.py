@@ -176,8 +176,22 @@ def is_pure(node: Node) -> bool:
     return not schema.is_mutable and "rand" not in schema.name
 
 
+def _returns_alias(node: Node) -> bool:
+    """The op's result may be its first argument itself (``x.to(x.device)`` is ``x``): its
+    schema says so (``Tensor(a) self -> Tensor(a)``), whatever the op."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns or not schema.arguments:
+        return False
+    out, first = schema.returns[0].alias_info, schema.arguments[0].alias_info
+    return out is not None and first is not None and not out.is_write
+
+
 def view_base(node: Node) -> Node:
-    while node.op == "call_function" and node.target in VIEW_OPS and node.args:
+    while (
+        node.op == "call_function"
+        and (node.target in VIEW_OPS or _returns_alias(node))
+        and node.args
+    ):
         arg = node.args[0]
         if not isinstance(arg, Node):
             break
@@ -202,6 +216,28 @@ def mutations(graph: Graph) -> dict[Node, list[Node]]:
         for w in written:
             if isinstance(w, Node):
                 out.setdefault(view_base(w), []).append(node)
+    return out
+
+
+def written_through(graph: Graph) -> set[Node]:
+    """Every node an in-place write reaches: the written tensor and each view or alias
+    between it and its base (``start.clone().to(d).add_(n)`` writes the clone: two such
+    clones are two buffers, however equal their creation)."""
+    out: set[Node] = set()
+    for writers in mutations(graph).values():
+        for writer in writers:
+            schema = writer.target._schema  # type: ignore[union-attr]
+            names = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
+            args = dict(zip([a.name for a in schema.arguments], writer.args, strict=False))
+            args.update(writer.kwargs)
+            for name in names:
+                node = args.get(name)
+                while isinstance(node, Node) and node not in out:
+                    out.add(node)
+                    is_alias = node.op == "call_function" and (
+                        node.target in VIEW_OPS or _returns_alias(node)
+                    )
+                    node = node.args[0] if is_alias and node.args else None
     return out
 
 

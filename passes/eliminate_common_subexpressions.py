@@ -6,9 +6,10 @@ both readers see one node, so the fusion pass can tell that a top-k's input and 
 gather's source are the same score tensor.
 
 Constraints: only functional ATen ops (no mutable schema, nothing random). A node that
-is itself written in place, through any view of it (two ``x.new_zeros(...)`` buffers each
-filled by ``matmul(..., out=buf[:, i])``), is never merged: equal creation arguments do not
-make equal values. Two reads of a tensor that is written in place merge only when no write
+is itself written in place, through any view or alias of it (two ``x.new_zeros(...)``
+buffers each filled by ``matmul(..., out=buf[:, i])``; a static KV cache's counters,
+``zeros(()).to(device).add_(n)``), is never merged: equal creation arguments do not make
+equal values. Two reads of a tensor that is written in place merge only when no write
 to it comes between them.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from ._graph import is_pure, mutations, view_base
+from ._graph import is_pure, mutations, view_base, written_through
 from .base import PassContext, PassResult, count_nodes, finish
 
 
@@ -38,12 +39,13 @@ def _key(node: Node) -> Any:
 def eliminate_common_subexpressions(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(gm, "eliminate_common_subexpressions", nodes_before=count_nodes(gm))
     writes = mutations(gm.graph)
+    written = written_through(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     seen: dict[Any, Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not is_pure(node):
             continue
-        if node in writes:  # its value is what is written into it, not what created it
+        if node in written:  # its value is what is written into it, not what created it
             continue
         key = _key(node)
         first = seen.setdefault(key, node)

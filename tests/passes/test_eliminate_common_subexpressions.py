@@ -86,3 +86,32 @@ def test_equal_pure_calls_merge() -> None:
     assert op_counts(capture(gm, (x,)).program).get("select.int") == 2  # s[0] once, s[1]
     x = torch.randn(6, 8)
     assert torch.equal(gm(x), model(x))
+
+
+class CountersThroughAliases(nn.Module):
+    """What ``transformers``' static cache does per layer: a counter made by one call,
+    passed through ``.to(device)`` (which returns the tensor itself) or ``.clone()``, then
+    advanced in place; the layers' counters are equal at creation, not after. Merging them
+    (as an earlier version did, seeing no write on the nodes themselves) advanced one
+    counter once per layer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        start = x[0, 0].long()
+        out = x
+        for _ in range(3):
+            counter = torch.zeros((), dtype=torch.long).to(x.device)
+            counter.add_(x.shape[1])
+            offset = start.clone().to(x.device)
+            offset.add_(1)
+            out = out + counter + offset
+        return out
+
+
+def test_tensors_written_through_an_alias_are_not_merged() -> None:
+    model = CountersThroughAliases().eval()
+    x = torch.randn(4, 6)
+    gm = capture(model, (x,)).program.module()
+    eliminate_common_subexpressions(gm, PassContext((x,)))
+    for shape in ((4, 6), (2, 3), (5, 9)):
+        x = torch.randn(shape) * 10
+        assert torch.equal(_run(gm, x), _run(model, x))
