@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from ..compiler.artifacts import ArtifactError, json_text, read_manifest
+from ..compiler.generation.export import check_generation
+from ..compiler.generation.programs import TASK as GENERATION
 from ..compiler.pipeline import check_artifacts
 from ..files import atomic_write
 from .options import bad_input, load, model_options, native_code_option, progress
@@ -67,7 +69,10 @@ def check(
             raise ArtifactError(f"--report {report} is a folder; give a file name")
     loaded = load(model, weights, allow_unsafe_pickle)
     with bad_input():
-        result = check_artifacts(loaded, artifacts, progress, allow_native_code)
+        if manifest.get("task") == GENERATION:
+            result: Any = check_generation(loaded, artifacts, progress, allow_native_code)
+        else:
+            result = check_artifacts(loaded, artifacts, progress, allow_native_code)
     if report is not None:
         atomic_write(report, json_text(result.to_json()))
     click.echo(f"parity {result.verdict()}" + (f": {report}" if report is not None else ""))

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..compiler.formats import FORMATS, ExportOptions, TensorRTOptions, resolve
+from ..compiler.generation.programs import TASK as GENERATION
 from ..compiler.onnx.domain import FORMS as ONNX_FORMS
 from ..compiler.pipeline import export_model
 from ..plugins.bundle import DEFAULT_SMS
@@ -59,6 +60,20 @@ from .options import InputError, bad_input, load, model_options, progress
 @click.option(
     "--sm", default=",".join(map(str, DEFAULT_SMS)), show_default=True, help="Kernel SMs."
 )
+@click.option(
+    "--task",
+    type=click.Choice(["forward", GENERATION]),
+    default="forward",
+    show_default=True,
+    help=f"forward: one program over whole sequences; {GENERATION} (hf:DIR): prefill and "
+    "decode programs with a static KV cache.",
+)
+@click.option(
+    "--max-cache-len",
+    type=int,
+    help=f"{GENERATION}: the KV cache's length, prompt plus new tokens (default: the "
+    "checkpoint's max_position_embeddings, at most 256).",
+)
 def export(
     model: str,
     weights: Path | None,
@@ -73,6 +88,8 @@ def export(
     profile_batch: str | None,
     profile_tokens: str | None,
     sm: str,
+    task: str,
+    max_cache_len: int | None,
 ) -> None:
     """Export MODEL (default: the bundled trained model) with a parity report."""
     names = [f.strip() for f in formats.split(",")]
@@ -86,9 +103,41 @@ def export(
     options = ExportOptions(opset, onnx_form, trt)
     with bad_input():
         resolve(tuple(names), options)  # every option checked before the model loads
+    if task == GENERATION:
+        _export_generation(
+            model, weights, allow_unsafe_pickle, out, tuple(names), options, max_cache_len
+        )
+        return
+    if max_cache_len is not None:
+        raise InputError(f"--max-cache-len applies to --task {GENERATION}")
     loaded = load(model, weights, allow_unsafe_pickle)
     with bad_input():
         _, report = export_model(loaded, out, progress, formats=tuple(names), options=options)
     click.echo(f"exported {loaded.source} to {out}: parity {report.verdict()}")
+    if not report:
+        raise SystemExit(1)
+
+
+def _export_generation(
+    model: str,
+    weights: Path | None,
+    allow_unsafe_pickle: bool,
+    out: Path,
+    formats: tuple[str, ...],
+    options: ExportOptions,
+    max_cache_len: int | None,
+) -> None:
+    from ..compiler.generation.export import export_generation
+
+    if not model.startswith("hf:"):
+        raise InputError(f"--task {GENERATION} takes an hf:DIR causal LM, not {model}")
+    if max_cache_len is not None and max_cache_len < 2:
+        raise InputError(f"--max-cache-len {max_cache_len}: give at least 2")
+    if options.trt.mode == "plugin" and "tensorrt" in formats:
+        raise InputError(f"--task {GENERATION} builds native TensorRT engines (--trt-mode native)")
+    loaded = load(model, weights, allow_unsafe_pickle)
+    with bad_input():
+        _, report = export_generation(loaded, out, progress, formats, options, max_cache_len)
+    click.echo(f"exported {loaded.source} ({GENERATION}) to {out}: parity {report.verdict()}")
     if not report:
         raise SystemExit(1)

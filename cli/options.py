@@ -16,6 +16,7 @@ import click
 from ..compiler.artifacts import ArtifactError
 from ..compiler.capture import CaptureError
 from ..compiler.formats import OptionError
+from ..compiler.generation.programs import GenerationError
 from ..compiler.loading import DEFAULT_MODEL, ModelLoadError, load_model
 from ..compiler.tensorrt.package import TensorRTError
 from ..compiler.tensorrt.prepare import TensorRTLimitError
@@ -29,6 +30,7 @@ INPUT_ERRORS = (
     ArtifactError,
     CaptureError,
     OptionError,
+    GenerationError,
     TensorRTError,
     TensorRTLimitError,
 )

@@ -5,6 +5,11 @@ model's code pins one of them (a reshape to a constant, a guard on a size), the 
 dimension is refused by ``torch.export``; capture then retries with ``Dim.AUTO`` (which
 admits whatever the code allows), then static shapes, and records which dimension fell
 back and why. Parity and engines use only the shapes the capture admits.
+
+A program whose inputs are not all (batch, tokens, ...) tensors (a decode step with its KV
+cache) names its axes itself (``axes``): those are captured as named, nothing else, and
+its own ``inputs`` (real activations, such as a cache filled by a prefill) are what
+parity runs on; ``input_names``/``output_names`` are what exporters call its tensors.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class CaptureResult:
     program: ExportedProgram
     axes: list[DynamicAxis]
     notes: list[str] = field(default_factory=list)
+    inputs: list[tuple[Any, ...]] | None = None  # parity's inputs, when the model gives them
+    input_names: list[str] | None = None  # what exporters name its tensors (else torch's)
+    output_names: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,16 +119,29 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) 
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
+@dataclass(frozen=True)
+class ProgramSpec:
+    """A program's own description of its inputs (see the module's docstring)."""
+
+    axes: list[DynamicAxis]
+    inputs: list[tuple[Any, ...]]
+    input_names: list[str]
+    output_names: list[str]
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: tuple[Any, ...],
     dynamic: bool = True,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    spec: ProgramSpec | None = None,
 ) -> CaptureResult:
     # the module of an exported program refuses eval(): it is an inference graph already
     with contextlib.suppress(NotImplementedError):
         model.eval()
+    if spec is not None:
+        return _capture_specified(model, example_inputs, spec)
     notes: list[str] = []
     modes = ("named", "auto", "static") if dynamic else ("static",)
     last_error: Exception | None = None
@@ -158,6 +179,46 @@ def capture(
         f"torch.export cannot capture the model: {type(last_error).__name__}: {reason[:300]} "
         "(run with -v for torch's full report)"
     ) from last_error
+
+
+def _capture_specified(
+    model: torch.nn.Module, example_inputs: tuple[Any, ...], spec: ProgramSpec
+) -> CaptureResult:
+    try:
+        program = _export(model, example_inputs, _specs_from_axes(example_inputs, spec.axes))
+    except Exception as exc:  # torch.export raises many types
+        log.info("torch.export's refusal in full", exc_info=exc)
+        raise CaptureError(
+            f"torch.export cannot capture the model: {type(exc).__name__}: "
+            f"{first_line(exc)[:300]} (run with -v for torch's full report)"
+        ) from exc
+    captured = CaptureResult(
+        program, list(spec.axes), [], list(spec.inputs), spec.input_names, spec.output_names
+    )
+    rejected = _rejected_size(program, example_inputs, captured)
+    if rejected is not None:
+        raise CaptureError(f"the captured program does not run its own parity inputs: {rejected}")
+    return captured
+
+
+def _specs_from_axes(
+    args: tuple[Any, ...], axes: list[DynamicAxis]
+) -> tuple[dict[int, Any] | None, ...]:
+    """torch.export's dynamic shapes for ``axes``: one ``Dim`` per axis name, shared by
+    every input that has it (so batch is one symbol), AUTO where the capture chose."""
+    dims: dict[str, Any] = {}
+    specs: list[dict[int, Any] | None] = []
+    for i, x in enumerate(args):
+        spec: dict[int, Any] = {}
+        for a in axes:
+            if a.input_index != i or a.mode == "static":
+                continue
+            if a.mode == "auto":
+                spec[a.dim] = Dim.AUTO
+            else:
+                spec[a.dim] = dims.setdefault(a.name, Dim(a.name, min=a.min or 1, max=a.max))
+        specs.append(spec or None if isinstance(x, torch.Tensor) else None)
+    return tuple(specs)
 
 
 def _rejected_size(
@@ -225,25 +286,16 @@ def recapture(module: torch.nn.Module, original: CaptureResult) -> ExportedProgr
     if example is None:
         raise ValueError("the original program holds no example inputs to re-capture with")
     args, _ = example
-    dims: dict[str, Any] = {}
-    specs: list[dict[int, Any] | None] = []
-    for i, x in enumerate(args):
-        spec: dict[int, Any] = {}
-        for a in original.axes:
-            if a.input_index != i or a.mode == "static":
-                continue
-            if a.mode == "auto":
-                spec[a.dim] = Dim.AUTO
-            else:
-                spec[a.dim] = dims.setdefault(a.name, Dim(a.name, min=a.min or 1, max=a.max))
-        specs.append(spec or None if isinstance(x, torch.Tensor) else None)
-    return _export(module, tuple(args), tuple(specs))
+    return _export(module, tuple(args), _specs_from_axes(tuple(args), original.axes))
 
 
 def parity_inputs(
     example_inputs: tuple[Any, ...], capture: CaptureResult, seed: int = 0
 ) -> list[tuple[Any, ...]]:
-    """The example, plus batch/token sizes other than the example's, within the captured range."""
+    """The example, plus batch/token sizes other than the example's, within the captured
+    range; or the program's own inputs, when it gave them."""
+    if capture.inputs:
+        return list(capture.inputs)
     gen = torch.Generator().manual_seed(seed)
     first = next((x for x in example_inputs if isinstance(x, Tensor) and x.dim() >= 2), None)
     if first is None:

@@ -362,8 +362,12 @@ def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> 
     return stages
 
 
-def manifest_formats(manifest: dict[str, Any], folder: Path) -> list[str]:
-    """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``."""
+def manifest_formats(
+    manifest: dict[str, Any], folder: Path, programs: tuple[str, ...] = ("",)
+) -> list[str]:
+    """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``.
+    ``programs``: the subfolders each format was written into (a generation export's
+    ``prefill/`` and ``decode/``)."""
     formats = manifest.get("formats")
     known = isinstance(formats, list) and all(isinstance(f, str) and f in FORMATS for f in formats)
     if not known or not formats or len(set(formats)) != len(formats):
@@ -371,12 +375,12 @@ def manifest_formats(manifest: dict[str, Any], folder: Path) -> list[str]:
     # each format's file must be a hashed entry: a format whose entry was removed would
     # be checked (and run) without its hash
     hashed = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict)}
-    unlisted = [f for f in formats if FORMATS[f].listed_as not in hashed]
+    expected = {f: [f"{p}{FORMATS[f].listed_as}" for p in programs] for f in formats}
+    unlisted = [path for f in formats for path in expected[f] if path not in hashed]
     if unlisted:
         raise ArtifactError(
-            f"{folder / MANIFEST} lists {', '.join(unlisted)} without "
-            f"{', '.join(FORMATS[f].listed_as for f in unlisted)} among its artifacts; "
-            "export again"
+            f"{folder / MANIFEST} lists formats without {', '.join(unlisted)} among its "
+            "artifacts; export again"
         )
     return formats
 

@@ -33,7 +33,7 @@ from .inspection import Inspection, fused_layer_table
 from .loading import model_fingerprint
 from .parity.compare import ParityReport
 from .parity.selections import memory_layer_names, site_plan
-from .parity.stages import run_parity, torch_stage
+from .parity.stages import Stage, run_parity, torch_stage
 from .rewrite import RewriteResult, op_counts, rewrite
 from .tensorrt.package import TensorRTError, import_tensorrt, package_name
 
@@ -66,8 +66,10 @@ class Compiled:
 
 def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compiled:
     max_tokens = int(loaded.metadata.get("max_tokens", DEFAULT_MAX_TOKENS))
-    with step(progress, "capturing with torch.export (dynamic batch and tokens)"):
-        captured = capture(loaded.model, loaded.example_inputs, max_tokens=max_tokens)
+    spec = loaded.metadata.get("program_spec")  # a program that names its own axes
+    axes = ", ".join(sorted({a.name for a in spec.axes})) if spec else "batch and tokens"
+    with step(progress, f"capturing with torch.export (dynamic {axes})"):
+        captured = capture(loaded.model, loaded.example_inputs, max_tokens=max_tokens, spec=spec)
     for note in captured.notes:
         progress(f"note: {note}")
     layers = memory_layer_names(captured.program.graph)
@@ -122,6 +124,25 @@ def _check_plugin_mode(package: str | None, precision: str) -> int:
     return major * 10 + minor
 
 
+def parity_stages(
+    compiled: Compiled,
+    directory: Path,
+    formats: Collection[str],
+    trt_package: str | None = None,
+    native_code: bool = False,
+) -> list[Stage]:
+    """The program as captured, as rewritten, and each of ``formats``' artifacts in
+    ``directory``: every stage parity compares with the original model."""
+    program = compiled.rewrite.program
+    fused_plan = site_plan(program.graph)
+    context = StageContext(program, fused_plan, trt_package, native_code)
+    return [
+        torch_stage("torch.export", compiled.capture.program.module()),
+        torch_stage("fused-ops", program.module(), fused_plan),
+        *folder_stages(directory, context, formats),
+    ]
+
+
 def run_checks(
     compiled: Compiled,
     directory: Path,
@@ -129,16 +150,11 @@ def run_checks(
     formats: Collection[str],
     trt_package: str | None = None,
     native_code: bool = False,
+    stages: list[Stage] | None = None,
 ) -> ParityReport:
     inputs = parity_inputs(compiled.loaded.example_inputs, compiled.capture)
-    program = compiled.rewrite.program
-    fused_plan = site_plan(program.graph)
-    context = StageContext(program, fused_plan, trt_package, native_code)
-    stages = [
-        torch_stage("torch.export", compiled.capture.program.module()),
-        torch_stage("fused-ops", program.module(), fused_plan),
-        *folder_stages(directory, context, formats),
-    ]
+    if stages is None:
+        stages = parity_stages(compiled, directory, formats, trt_package, native_code)
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
         report = run_parity(compiled.loaded.model, stages, inputs, compiled.rewrite.plan)
     for line in report.summary_lines():
@@ -187,7 +203,7 @@ def export_model(
             },
             "formats": names,
             **sections,
-            "parity": _parity_summary(report),
+            "parity": parity_summary(report),
         }
         manifest = writer.publish(manifest, extra_files=(PARITY_FILE,))
         progress(f"wrote {out}")
@@ -235,7 +251,7 @@ def check_artifacts(
     return run_checks(compiled, directory, progress, formats, native_code=native_code)
 
 
-def _parity_summary(report: ParityReport) -> dict[str, Any]:
+def parity_summary(report: ParityReport) -> dict[str, Any]:
     return {
         "passed": report.passed,
         "stages": {

@@ -3,7 +3,8 @@
 ``torch.onnx.export`` (the dynamo exporter) names dynamic axes after its internal
 symbols (``s27``); deployers want ``batch`` and ``tokens``, so the symbols of the
 captured input axes are renamed throughout the graph, and outputs get stable names
-(``output`` or ``output_<i>``).
+(``output`` or ``output_<i>``), or the names the program gave its tensors (a generation
+program's ``past_key_values.0.key`` and ``present.0.key``, as Optimum names them).
 
 Fused lookups become ``ultramem::Retrieve`` / ``ultramem::Aggregate`` nodes carrying
 model-local functions (``domain``, ``bodies``); form ``portable`` inlines those functions, for
@@ -75,7 +76,9 @@ def export_onnx(
     if written != {opset}:
         raise ValueError(f"torch.onnx wrote opset {sorted(written)} when asked for {opset}")
     _name_axes(model, capture)
-    _name_outputs(model)
+    if capture.input_names:
+        _name_inputs(model, capture.input_names)
+    _name_outputs(model, capture.output_names)
     attach_functions(model)
     if form == "portable":
         model = inline_functions(model)
@@ -112,9 +115,39 @@ def _name_axes(model: onnx.ModelProto, capture: CaptureResult) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
-def _name_outputs(model: onnx.ModelProto) -> None:
+def _name_inputs(model: onnx.ModelProto, names: list[str]) -> None:
+    inputs = list(model.graph.input)
+    if len(inputs) != len(names):
+        raise ValueError(f"the ONNX graph has {len(inputs)} inputs, the program names {len(names)}")
+    rename = {i.name: new for i, new in zip(inputs, names, strict=True) if i.name != new}
+    for node in _all_nodes(model.graph):
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    for info in [*model.graph.output, *model.graph.value_info]:
+        info.name = rename.get(info.name, info.name)
+    for i in inputs:
+        i.name = rename.get(i.name, i.name)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and those of its subgraphs (an If's branches read outer names)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                nodes += _all_nodes(sub)
+    return nodes
+
+
+def _name_outputs(model: onnx.ModelProto, given: list[str] | None = None) -> None:
     outputs = list(model.graph.output)
     names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    if given is not None:
+        if len(given) != len(outputs):
+            raise ValueError(
+                f"the ONNX graph has {len(outputs)} outputs, the program names {len(given)}"
+            )
+        names = list(given)
     # an output that is a weight or an input (a model returning a constant buffer) is not
     # produced by a node: it gets one, an Identity, rather than a renamed initializer
     unproduced = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
@@ -125,7 +158,7 @@ def _name_outputs(model: onnx.ModelProto) -> None:
         if old in unproduced:
             model.graph.node.append(helper.make_node("Identity", [old], [new], name=new))
         else:
-            for node in model.graph.node:
+            for node in _all_nodes(model.graph):
                 node.output[:] = [new if o == old else o for o in node.output]
                 node.input[:] = [new if i == old else i for i in node.input]
         out.name = new

@@ -1,0 +1,1 @@
+"""Text generation: prefill and decode programs, their export, parity and timing."""

@@ -1,0 +1,222 @@
+"""Greedy generation through each backend's prefill and decode, against ``generate``.
+
+The reference is ``transformers``' own ``generate`` on the original model (greedy, its
+default dynamic cache, stopping at the checkpoint's end-of-sequence tokens), recorded with
+the same dispatch mode as every parity run, so the slots each memory layer selected at
+each step are known. A backend is the pair of parity stages of one name (``onnxruntime-cpu``
+of both programs): prefill the prompt, then decode one token at a time, feeding each step
+the cache the one before returned, with the same stopping rule.
+
+Per prompt: the generated tokens must equal the reference's exactly; each step's logits
+(of the last position) are compared with the usual tolerances, and each memory layer's
+selections per step, up to the first differing token (after it the contexts differ).
+Prompts run one per call (batch 1): sequences of a batch share one cache position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import first_line
+from ..parity.compare import (
+    OutputComparison,
+    SelectionComparison,
+    Tolerance,
+    compare_outputs,
+    compare_selections,
+)
+from ..parity.selections import SitePlan, SiteRecord, layer_selections, run_recording_sites
+from ..parity.stages import Stage
+
+NEW_TOKENS = 8
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    logits: list[Tensor]  # per step, the last position's [1, vocab]
+    records: list[list[SiteRecord]]  # per step, the sites it ran
+
+
+@dataclass
+class PromptResult:
+    prompt_tokens: int
+    reference: list[int]
+    generated: list[int]
+
+    @property
+    def exact(self) -> bool:
+        return self.reference == self.generated
+
+
+@dataclass
+class BackendReport:
+    stage: str
+    executed: bool = True
+    reason: str = ""
+    prompts: list[PromptResult] = field(default_factory=list)
+    logits: list[OutputComparison] = field(default_factory=list)
+    selections: list[SelectionComparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool | None:
+        if not self.executed:
+            return None
+        checks = self.logits + self.selections
+        return (
+            bool(self.prompts)
+            and all(p.exact for p in self.prompts)
+            and all(c.passed for c in checks)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        for entry, prompt in zip(out["prompts"], self.prompts, strict=True):
+            entry["exact"] = prompt.exact
+        return out
+
+    def summary_line(self) -> str:
+        if not self.executed:
+            return f"SKIPPED | generation {self.stage} | {self.reason}"
+        exact = sum(p.exact for p in self.prompts)
+        worst = max((c.max_abs for c in self.logits), default=0.0)
+        differing = sum(c.differing for c in self.selections)
+        rows = sum(c.rows for c in self.selections)
+        return (
+            f"{'PASSED' if self.passed else 'FAILED'} | generation {self.stage} | "
+            f"{exact}/{len(self.prompts)} prompts token-exact, {len(self.logits)} steps' "
+            f"logits max_abs={worst:.3g} | selections: {differing}/{rows} differ"
+        )
+
+
+def prompts_for(max_cache_len: int, vocab: int, seed: int = 0) -> list[tuple[Tensor, int]]:
+    """(prompt [1, T], new tokens): one token, a short prompt, and one that fills the cache."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for length in sorted({1, min(5, max_cache_len - 1), max(1, max_cache_len - 4)}):
+        new = min(NEW_TOKENS, max_cache_len - length)
+        out.append((torch.randint(0, vocab, (1, length), generator=gen), new))
+    return out
+
+
+def reference_generation(
+    model: torch.nn.Module, prompt: Tensor, new_tokens: int, eos: Collection[int],
+    sites: tuple[int, int],
+) -> Generated:  # fmt: skip
+    """``generate`` (greedy) on the original model; ``sites`` = sites per prefill and per
+    decode step, to split its recorded sites by step."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=sorted(eos) or None,
+        pad_token_id=min(eos) if eos else 0,
+    )
+
+    def run() -> Any:
+        with torch.no_grad():
+            return model.generate(
+                prompt, generation_config=config, output_logits=True, return_dict_in_generate=True
+            )
+
+    out, records = run_recording_sites(run, ())
+    tokens = out.sequences[0, prompt.shape[1] :].tolist()
+    steps, start = [], 0
+    for step in range(len(tokens)):
+        count = sites[0] if step == 0 else sites[1]
+        steps.append(records[start : start + count])
+        start += count
+    if start != len(records):
+        steps = [[] for _ in tokens]  # not aligned: say so at comparison
+    return Generated(tokens, [x.float() for x in out.logits], steps)
+
+
+def backend_generation(
+    prefill: Stage, decode: Stage, prompt: Tensor, new_tokens: int, eos: Collection[int]
+) -> Generated:
+    assert prefill.run is not None and decode.run is not None
+    outputs, records = prefill.run((prompt,), [])
+    result = Generated([], [outputs[0][:, -1].float()], [records])
+    cache = outputs[1:]
+    while True:
+        token = int(result.logits[-1].argmax(-1)[0])
+        result.tokens.append(token)
+        if token in eos or len(result.tokens) == new_tokens:
+            return result
+        position = prompt.shape[1] + len(result.tokens) - 1
+        inputs = (torch.tensor([[token]]), torch.tensor([[position]]), *cache)
+        outputs, records = decode.run(inputs, [])
+        result.logits.append(outputs[0][:, -1].float())
+        result.records.append(records)
+        cache = outputs[1:]
+
+
+def _compare_steps(
+    report: BackendReport, index: int, reference: Generated, candidate: Generated,
+    plans: tuple[SitePlan, SitePlan], stage_plans: tuple[SitePlan, SitePlan], tol: Tolerance,
+) -> None:  # fmt: skip
+    steps = min(len(reference.tokens), len(candidate.tokens))
+    for step in range(steps):
+        tag = f"prompt {index} step {step}"
+        report.logits.append(
+            compare_outputs(f"logits @ {tag}", reference.logits[step], candidate.logits[step], tol)
+        )
+        program = 0 if step == 0 else 1
+        ref = layer_selections(reference.records[step], plans[program])
+        cand = layer_selections(candidate.records[step], stage_plans[program])
+        problem = next((x for x in (ref, cand) if isinstance(x, str)), None)
+        if problem is None and len(ref) != len(cand):
+            problem = f"{len(cand)} memory lookups selected slots vs {len(ref)} in the reference"
+        if problem is None and not ref and plans[program].names:
+            problem = "the reference's selections could not be split into steps"
+        if problem is not None:
+            report.selections.append(SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem))
+        else:
+            for name, r, c in zip(plans[program].names, ref, cand, strict=True):
+                report.selections.append(compare_selections(f"{name} @ {tag}", r, c, tol))  # type: ignore[arg-type]
+        if reference.tokens[step] != candidate.tokens[step]:
+            break  # the contexts differ from here on
+
+
+def run_generation_parity(
+    model: torch.nn.Module,
+    backends: Sequence[tuple[Stage, Stage]],
+    prompts: list[tuple[Tensor, int]],
+    eos: Collection[int],
+    plans: tuple[SitePlan, SitePlan],
+    tol: Tolerance,
+) -> list[BackendReport]:
+    """Each backend's greedy generation of every prompt against ``generate``'s; ``plans``
+    are the reference's sites per prefill and per decode step."""
+    sites = (len(plans[0].sites), len(plans[1].sites))
+    references = [reference_generation(model, p, n, eos, sites) for p, n in prompts]
+    reports = []
+    for prefill, decode in backends:
+        report = BackendReport(prefill.name)
+        missing = next((s for s in (prefill, decode) if s.run is None), None)
+        if missing is not None:
+            report.executed, report.reason = False, missing.reason
+            reports.append(report)
+            continue
+        stage_plans = (prefill.plan or plans[0], decode.plan or plans[1])
+        for index, ((prompt, new), reference) in enumerate(zip(prompts, references, strict=True)):
+            try:
+                candidate = backend_generation(prefill, decode, prompt, new, eos)
+            except Exception as exc:  # a runtime's own error: this backend fails
+                message = f"generation raised {type(exc).__name__}: {first_line(exc, 300)}"
+                inf = float("inf")
+                report.logits.append(
+                    OutputComparison(f"prompt {index}", [], inf, inf, 0.0, 0, inf, False, message)
+                )
+                break
+            report.prompts.append(PromptResult(prompt.shape[1], reference.tokens, candidate.tokens))
+            _compare_steps(report, index, reference, candidate, plans, stage_plans, tol)
+        reports.append(report)
+    return reports
