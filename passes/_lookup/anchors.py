@@ -79,7 +79,12 @@ def _side_dim(candidate: Node) -> int | None:
     """The dim of size 2 a joint top-k's input holds its two sides in: the one its outputs
     are split along (``unbind``, ``chunk``, ``select``...), else the only such dim."""
     shape = candidate.args[0].meta["val"].shape
-    sizes2 = [d for d, s in enumerate(shape) if s == 2 and d != topk_dim(candidate)]
+    # a static 2 only: a symbolic batch whose example was 2 is no pair of sides (an MoE
+    # router's [batch, experts] with experts = k², as OLMoE's 64 experts, top 8, would
+    # otherwise read as a joint lookup over the previous layer's router)
+    sizes2 = [
+        d for d, s in enumerate(shape) if type(s) is int and s == 2 and d != topk_dim(candidate)
+    ]
     users = [u for out in candidate.users for u in out.users]
     while users:
         user = users.pop(0)
