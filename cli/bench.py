@@ -16,6 +16,8 @@ from ..compiler.bench.report import markdown, write_reports
 from ..compiler.bench.run import ALL_BACKENDS, BENCH_SCHEMA, make_backends, run_bench
 from ..compiler.capture import CaptureResult
 from ..compiler.formats import manifest_formats
+from ..compiler.generation.programs import PROGRAMS
+from ..compiler.generation.programs import TASK as GENERATION
 from ..compiler.pipeline import check_same_model, compile_model
 from .options import (
     InputError,
@@ -133,7 +135,19 @@ def bench(
         if artifacts is not None:
             manifest = read_manifest(artifacts)
             verify_artifacts(artifacts, manifest)
-            formats = manifest_formats(manifest, artifacts)
+            if manifest.get("task") == GENERATION:
+                if compare is not None:
+                    raise ArtifactError("--compare applies to --task forward exports")
+                programs = tuple(f"{p}/" for p in PROGRAMS)
+                formats = manifest_formats(manifest, artifacts, programs)
+            else:
+                formats = manifest_formats(manifest, artifacts)
+    if artifacts is not None and manifest.get("task") == GENERATION:
+        _bench_generation(
+            model, weights, allow_unsafe_pickle, allow_native_code, artifacts, manifest,
+            token_list, batch, wanted, budget, thread_count, out,
+        )  # fmt: skip
+        return
     loaded = load(model, weights, allow_unsafe_pickle)
     with bad_input():
         if artifacts is not None:
@@ -155,3 +169,60 @@ def bench(
     report = run_bench(compiled, chosen, token_list, batch, budget, progress, thread_count)
     write_reports(report, out, old)
     click.echo(markdown(report, old))
+
+
+def _bench_generation(
+    model: str,
+    weights: Path | None,
+    allow_unsafe_pickle: bool,
+    native_code: bool,
+    artifacts: Path,
+    manifest: dict[str, Any],
+    prompt_lengths: list[int],
+    batch: int,
+    wanted: list[str],
+    budget: float,
+    threads: int,
+    out: Path,
+) -> None:
+    """Prefill and per-token decode of a text-generation export against eager transformers."""
+    from ..compiler.artifacts import json_text
+    from ..compiler.bench.generation import (
+        GENERATION_BACKENDS,
+        generation_markdown,
+        run_generation_bench,
+    )
+    from ..compiler.generation.export import recorded_cache_len
+    from ..compiler.generation.programs import build_programs
+    from ..files import atomic_write
+
+    loaded = load(model, weights, allow_unsafe_pickle)
+    with bad_input():
+        check_same_model(loaded, manifest, artifacts)
+        length = recorded_cache_len(manifest, artifacts)
+        lengths = [t for t in prompt_lengths if t <= length]
+        if len(lengths) < len(prompt_lengths):
+            progress(f"note: prompts longer than the cache ({length}) left out")
+        if not lengths:
+            raise ArtifactError(f"no --tokens size fits the export's cache of {length} tokens")
+        if batch > 64:
+            raise ArtifactError(f"--batch {batch}: the programs admit 1..64")
+        programs = build_programs(loaded, length)
+        compiled = {name: compile_model(programs.loaded(name), progress) for name in PROGRAMS}
+    chosen = [b for b in wanted if b in GENERATION_BACKENDS]
+    left = [b for b in wanted if b not in GENERATION_BACKENDS]
+    if left:
+        progress(f"note: {', '.join(left)} not benched for text-generation")
+    report = run_generation_bench(
+        programs, compiled, artifacts, chosen, formats_of(manifest), native_code,
+        lengths, batch, budget, progress, threads,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    text = generation_markdown(report)
+    atomic_write(out / "bench.json", json_text(report))
+    atomic_write(out / "bench.md", text)
+    click.echo(text)
+
+
+def formats_of(manifest: dict[str, Any]) -> list[str]:
+    return [f for f in manifest.get("formats", []) if isinstance(f, str)]

@@ -130,6 +130,15 @@ def load_hf(
             f"hf:{directory} does not load as a causal LM: {type(exc).__name__}: {text}"
         ) from None
     model.eval()
+    notes = []
+    if getattr(model.config, "_experts_implementation", None) == "grouped_mm":
+        # grouped_mm is a transformers custom op torch.onnx cannot translate; batched_mm
+        # is the same experts' maths in stock operators
+        try:
+            model.set_experts_implementation("batched_mm")
+            notes.append("mixture-of-experts layers run transformers' batched_mm experts")
+        except Exception as exc:  # an implementation transformers refuses for this model
+            notes.append(f"kept grouped_mm experts ({first_line(exc, 120)})")
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab < 1:
         raise HFLoadError(f"hf:{directory}: its config has no vocab_size")
@@ -137,7 +146,10 @@ def load_hf(
         0, vocab, (2, EXAMPLE_TOKENS), generator=torch.Generator().manual_seed(0)
     )
     limit = getattr(model.config, "max_position_embeddings", None)
-    metadata: dict[str, Any] = {"hf": {"architectures": config.get("architectures")}}
+    metadata: dict[str, Any] = {
+        "hf": {"architectures": config.get("architectures")},
+        "notes": notes,
+    }
     if isinstance(limit, int) and limit > 0:
         metadata["max_tokens"] = limit
     source = f"{PREFIX}{directory.resolve()}"

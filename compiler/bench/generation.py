@@ -1,0 +1,284 @@
+"""``ultramem bench`` of a text-generation export: prefill, and decode one token at a time.
+
+Baseline: eager ``transformers`` as ``generate`` runs it (the model's forward with its
+default dynamic cache). Prefill is timed at each prompt length; decode per token at
+several cache fills (the eager cache is cropped back to the fill after each call, so every
+call decodes at the same fill; the static-cache programs take the same cache as input).
+Each backend's logits are first checked against eager's on the same tokens (a wrong
+backend is not timed); then the backends are timed together, interleaved round by round,
+with the same thread count (``run.torch_threads``, ONNX Runtime's session options).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import first_line
+from ..aoti import AOTI_FILE, load_aoti
+from ..artifacts import versions
+from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
+from ..generation.programs import GenerationPrograms
+from ..onnx.runner import OnnxRunner
+from ..parity.compare import compare_outputs, tolerance_for
+from ..pipeline import Compiled
+from .run import TORCH_BACKENDS, _device, _machine, torch_threads
+from .timing import interleave, too_noisy
+
+GENERATION_BENCH_SCHEMA = "ultramem-bench-generation/1"
+GENERATION_BACKENDS = ("eager", "fused-ops", "onnxruntime-cpu", "aotinductor", "tensorrt")
+
+StepFn = Callable[[tuple[Any, ...]], list[Tensor]]
+
+
+def cache_fills(max_cache_len: int) -> list[int]:
+    return sorted({1, max_cache_len // 4, max_cache_len // 2, max_cache_len - 1} - {0})
+
+
+def _program_backends(
+    compiled: dict[str, Compiled],
+    artifacts: Path,
+    wanted: Collection[str],
+    formats: Collection[str],
+    native_code: bool,
+    threads: int,
+) -> dict[str, tuple[StepFn, StepFn] | str]:
+    """name -> (prefill, decode) callables on flat inputs, or why the backend cannot run."""
+    out: dict[str, tuple[StepFn, StepFn] | str] = {}
+
+    def pair(make: Callable[[str], StepFn]) -> tuple[StepFn, StepFn] | str:
+        try:
+            return make("prefill"), make("decode")
+        except Exception as exc:  # an artifact its runtime cannot load
+            return f"cannot load: {type(exc).__name__}: {first_line(exc, 200)}"
+
+    if "fused-ops" in wanted:
+
+        def fused(name: str) -> StepFn:
+            module = compiled[name].rewrite.program.module()
+            return lambda inputs: list(module(*inputs))
+
+        out["fused-ops"] = pair(fused)
+    if "onnxruntime-cpu" in wanted:
+        if "onnx" not in formats:
+            out["onnxruntime-cpu"] = "the export has no onnx format"
+        else:
+
+            def onnx(name: str) -> StepFn:
+                runner = OnnxRunner(artifacts / name / ONNX_FILE, probe_selections=False,
+                                    threads=threads)  # fmt: skip
+                return lambda inputs: runner(inputs)[0]
+
+            out["onnxruntime-cpu"] = pair(onnx)
+    if "aotinductor" in wanted:
+        if "aoti" not in formats:
+            out["aotinductor"] = "the export has no aoti format"
+        elif not native_code:
+            out["aotinductor"] = native_code_refusal(artifacts / "prefill" / AOTI_FILE)
+        else:
+
+            def aoti(name: str) -> StepFn:
+                module = load_aoti(artifacts / name / AOTI_FILE)
+                return lambda inputs: list(module(*inputs))
+
+            out["aotinductor"] = pair(aoti)
+    if "tensorrt" in wanted:
+        if "tensorrt" not in formats:
+            out["tensorrt"] = "the export has no tensorrt format"
+        else:
+            stages = [
+                engine_stage(artifacts / n / ENGINE_FILE, None) for n in ("prefill", "decode")
+            ]
+            runs = [s.run for s in stages]
+            if runs[0] is None or runs[1] is None:
+                out["tensorrt"] = stages[0].reason
+            else:
+                prefill_run, decode_run = runs
+                out["tensorrt"] = (
+                    lambda inputs: prefill_run(inputs, [])[0],
+                    lambda inputs: decode_run(inputs, [])[0],
+                )
+    return out
+
+
+def run_generation_bench(
+    programs: GenerationPrograms,
+    compiled: dict[str, Compiled],
+    artifacts: Path,
+    wanted: Collection[str],
+    formats: Collection[str],
+    native_code: bool,
+    prompt_lengths: list[int],
+    batch: int,
+    budget_s: float,
+    progress: ProgressFn,
+    threads: int,
+) -> dict[str, Any]:
+    with torch_threads(threads) as applied, torch.no_grad():
+        backends = _program_backends(compiled, artifacts, wanted, formats, native_code, applied)
+        return _bench(
+            programs, backends, wanted, (prompt_lengths, batch), budget_s, progress, applied
+        )
+
+
+def _bench(
+    programs: GenerationPrograms,
+    backends: dict[str, tuple[StepFn, StepFn] | str],
+    wanted: Collection[str],
+    sizes: tuple[list[int], int],
+    budget_s: float,
+    progress: ProgressFn,
+    threads: int,
+) -> dict[str, Any]:
+    from transformers import DynamicCache
+
+    prompt_lengths, batch = sizes
+    device = _device()
+    model = programs.model
+    vocab = int(model.config.get_text_config().vocab_size)
+    tol = tolerance_for(next(model.parameters()).dtype)
+    gen = torch.Generator().manual_seed(0)
+    names = [n for n in GENERATION_BACKENDS if n in wanted]
+    rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    reasons = {n: r for n, r in backends.items() if isinstance(r, str)}
+    points: list[tuple[str, int]] = [("prefill", t) for t in prompt_lengths]
+    points += [("decode", f) for f in cache_fills(programs.max_cache_len)]
+    progress(f"threads: {threads} for every backend")
+    for phase, size in points:
+        prompt = torch.randint(0, vocab, (batch, size), generator=gen)
+        token = torch.randint(0, vocab, (batch, 1), generator=gen)
+        fns: dict[str, Callable[[], Any]] = {}
+        if phase == "prefill":
+            inputs: tuple[Any, ...] = (prompt,)
+            reference = model(input_ids=prompt, use_cache=True).logits[:, -1]
+            if "eager" in names:
+                fns["eager"] = lambda prompt=prompt: model(input_ids=prompt, use_cache=True)
+        else:
+            cache = DynamicCache(config=model.config)
+            model(input_ids=prompt, cache=cache, use_cache=True)
+            reference = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            _crop(cache, size)
+            present = programs.prefill.model(prompt)[1:]
+            positions = torch.full((batch, 1), size, dtype=torch.long)
+            inputs = (token, positions, *present)
+
+            def eager_step(token: Tensor = token, cache: Any = cache, size: int = size) -> Any:
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                _crop(cache, size)
+                return out
+
+            if "eager" in names:
+                fns["eager"] = eager_step
+        for name in names:
+            entry = backends.get(name)
+            if name == "eager" or not isinstance(entry, tuple):
+                continue
+            run = entry[0] if phase == "prefill" else entry[1]
+            logits = run(inputs)[0][:, -1]
+            check = compare_outputs("logits", reference, logits.to(reference.dtype).cpu(), tol)
+            if not check.passed:
+                rows[name].append({"phase": phase, "tokens": size, "status": "wrong",
+                                   "parity": check.message})  # fmt: skip
+                progress(f"WRONG | {name} | {phase} {size} | {check.message}")
+                continue
+            fns[name] = lambda run=run, inputs=inputs: run(inputs)
+        progress(f"{phase} at {size} tokens: timing {', '.join(fns)} interleaved")
+        timed = interleave(fns, device, budget_s)
+        for name, timing in timed.timings.items():
+            p10, p50, p90 = timing.p10, timing.p50, timing.p90
+            new_tokens = batch * (size if phase == "prefill" else 1)
+            rows[name].append({
+                "phase": phase, "tokens": size, "batch": batch, "status": "ok",
+                "p10_ms": p10, "p50_ms": p50, "p90_ms": p90, "reps": len(timing.samples_ms),
+                "tokens_per_s": new_tokens / (p50 / 1e3), "noisy": too_noisy(p10, p50, p90),
+            })  # fmt: skip
+    eager = {(r["phase"], r["tokens"]): r for r in rows.get("eager", []) if r["status"] == "ok"}
+    for results in rows.values():
+        for row in results:
+            base = eager.get((row["phase"], row["tokens"]))
+            if row["status"] == "ok" and base is not None:
+                row["speedup_vs_eager"] = base["p50_ms"] / row["p50_ms"]
+    return {
+        "schema": GENERATION_BENCH_SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": programs.prefill.source,
+        "device": device,
+        "machine": _machine(device),
+        "versions": versions(),
+        "threads": threads,
+        "batch": batch,
+        "max_cache_len": programs.max_cache_len,
+        "budget_s": budget_s,
+        "backends": [
+            {
+                "name": name,
+                "available": name == "eager" or isinstance(backends.get(name), tuple),
+                "reason": reasons.get(name, ""),
+                "settings": {"torch_threads": threads}
+                if name in TORCH_BACKENDS
+                else {"intra_op_num_threads": threads},
+                "results": rows[name],
+            }
+            for name in names
+        ],
+    }
+
+
+def _crop(cache: Any, size: int) -> None:
+    """Back to ``size`` tokens (``crop`` takes how many to remove, as a negative count)."""
+    extra = int(cache.get_seq_length()) - size
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def generation_markdown(report: dict[str, Any]) -> str:
+    backends = [b for b in report["backends"] if b["available"]]
+    head = "| phase | tokens | " + " | ".join(b["name"] for b in backends) + " |"
+    lines = [
+        f"# ultramem bench (text-generation): {report['model']}",
+        "",
+        f"{report['device']}, {report['threads']} threads, batch {report['batch']}, cache of "
+        f"{report['max_cache_len']}. p50 ms (p10-p90), speedup over eager transformers; "
+        "prefill: the prompt's tokens; decode: one token per sequence at that cache fill.",
+        "",
+        head,
+        "|" + "---|" * (2 + len(backends)),
+    ]
+    keys = [(r["phase"], r["tokens"]) for r in backends[0]["results"]] if backends else []
+    for phase, tokens in keys:
+        cells = []
+        for b in backends:
+            row = next(
+                (r for r in b["results"] if (r["phase"], r["tokens"]) == (phase, tokens)), None
+            )
+            if row is None:
+                cells.append("-")
+            elif row["status"] != "ok":
+                cells.append("wrong")
+            else:
+                speed = f", {row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else ""
+                noisy = " (noisy)" if row["noisy"] else ""
+                cells.append(
+                    f"{row['p50_ms']:.3g} ({row['p10_ms']:.3g}-{row['p90_ms']:.3g}){speed}{noisy}"
+                )
+        label = "decode at fill" if phase == "decode" else "prefill"
+        lines.append(f"| {label} | {tokens} | " + " | ".join(cells) + " |")
+    for b in report["backends"]:
+        if not b["available"]:
+            lines.append(f"\n- {b['name']}: not run: {b['reason']}")
+    decode = [
+        (b["name"], r["tokens_per_s"]) for b in backends for r in b["results"]
+        if r["phase"] == "decode" and r["status"] == "ok" and r["tokens"] == keys[-1][1]
+    ] if keys else []  # fmt: skip
+    if decode:
+        lines.append("")
+        lines.append(
+            "decode tokens/s at the fullest cache: "
+            + ", ".join(f"{name} {rate:.0f}" for name, rate in decode)
+        )
+    return "\n".join(lines) + "\n"
