@@ -8,20 +8,14 @@ downloaded; parity is against the checkpoint's own model in ``transformers``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ultramem.cli.main import cli
-from ultramem.tests.foreign.hf_llama_memory import tiny_llama_config
-
-FORK = Path(__file__).with_name("hf") / "modeling_memllama.py"
+from ultramem.tests.cli.hf import checkpoints
 
 
 def _run(*args: str) -> tuple[int, str]:
@@ -31,40 +25,12 @@ def _run(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    return directory
+    return checkpoints.llama(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
 def fork(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("memllama")
-    spec = importlib.util.spec_from_file_location("modeling_memllama", FORK)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    config = module.MemLlamaConfig(**tiny_llama_config().to_dict())
-    config.memory_layers = [1, 3]
-    torch.manual_seed(0)
-    model = module.MemLlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("sub_keys"):  # torch.empty in the fork's layer
-                p.normal_(0, p.shape[-1] ** -0.5)
-    model.save_pretrained(directory)
-    shutil.copy(FORK, directory / FORK.name)
-    config_path = directory / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["auto_map"] = {
-        "AutoConfig": "modeling_memllama.MemLlamaConfig",
-        "AutoModelForCausalLM": "modeling_memllama.MemLlamaForCausalLM",
-    }
-    config_path.write_text(json.dumps(saved))
-    return directory
+    return checkpoints.memory_fork(tmp_path_factory.mktemp("memllama"))
 
 
 def test_a_llama_checkpoint_exports_and_checks(llama: Path, tmp_path: Path) -> None:

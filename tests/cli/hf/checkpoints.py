@@ -1,0 +1,69 @@
+"""Tiny ``transformers`` checkpoints written with ``save_pretrained`` (nothing downloaded).
+
+- ``llama``: a plain ``LlamaForCausalLM``;
+- ``memory_fork``: a research fork's Llama with product-key memories in two MLP slots,
+  shipped as remote code (its modeling file beside the weights, ``auto_map`` in config);
+- ``olmoe``: an ``OlmoeForCausalLM`` (the paper authors' code is an OLMoE fork), with
+  experts = top-k² as the real OLMoE's 64 experts, top 8.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ultramem.tests.foreign.hf_llama_memory import tiny_llama_config
+
+FORK = Path(__file__).with_name("modeling_memllama.py")
+
+
+def llama(directory: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+def memory_fork(directory: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("modeling_memllama", FORK)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    config = module.MemLlamaConfig(**tiny_llama_config().to_dict())
+    config.memory_layers = [1, 3]
+    torch.manual_seed(0)
+    model = module.MemLlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sub_keys"):  # torch.empty in the fork's layer
+                p.normal_(0, p.shape[-1] ** -0.5)
+    model.save_pretrained(directory)
+    shutil.copy(FORK, directory / FORK.name)
+    config_path = directory / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["auto_map"] = {
+        "AutoConfig": "modeling_memllama.MemLlamaConfig",
+        "AutoModelForCausalLM": "modeling_memllama.MemLlamaForCausalLM",
+    }
+    config_path.write_text(json.dumps(saved))
+    return directory
+
+
+def olmoe(directory: Path) -> Path:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    config = OlmoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_experts=4, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1,
+    )  # fmt: skip
+    OlmoeForCausalLM(config).eval().save_pretrained(directory)
+    return directory

@@ -1,0 +1,205 @@
+"""``export hf:DIR --task text-generation``: prefill and decode with a static KV cache.
+
+Checkpoints are made here with ``save_pretrained`` (``hf/checkpoints.py``). For each: both
+programs exported (every memory layer fused in both), ONNX tensors named as Optimum and
+ONNX Runtime GenAI name them, greedy generation token-exact against ``transformers``'
+``generate``: in the export's own parity, and here, independently, by a loop written
+against ``onnxruntime`` alone. TensorRT engines are built where ``tensorrt_rtx`` is
+installed (it builds on a CPU; running them needs a GPU, so their stages are not executed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from ultramem.cli.main import cli
+from ultramem.tests.cli.hf import checkpoints
+
+CACHE = 24
+HAS_TRT_BUILDER = bool(
+    importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt")
+)
+FORMATS = "onnx,tensorrt" if HAS_TRT_BUILDER else "onnx"
+LAYERS = {"fork": 4, "llama": 2, "olmoe": 2}
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def _export(directory: Path, out: Path, *extra: str) -> dict:
+    code, output = _run(
+        "export", f"hf:{directory}", *extra, "--task", "text-generation",
+        "--max-cache-len", str(CACHE), "--format", FORMATS, "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, output
+    assert "parity PASSED" in output, output
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fork_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    directory = checkpoints.memory_fork(tmp_path_factory.mktemp("memllama"))
+    out = tmp_path_factory.mktemp("fork-generation") / "out"
+    return directory, out, _export(directory, out, "--trust-remote-code")
+
+
+def _onnx_greedy(folder: Path, prompt: torch.Tensor, new_tokens: int, layers: int) -> list[int]:
+    """Greedy decoding with onnxruntime alone, by the tensor names (no ultramem code)."""
+    prefill = ort.InferenceSession(str(folder / "prefill" / "model.onnx"))
+    decode = ort.InferenceSession(str(folder / "decode" / "model.onnx"))
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    outputs = prefill.run(["logits", *present], {"input_ids": prompt.numpy()})
+    tokens: list[int] = []
+    while True:
+        token = int(outputs[0][0, -1].argmax())
+        tokens.append(token)
+        if len(tokens) == new_tokens:
+            return tokens
+        feeds = {
+            "input_ids": np.array([[token]], dtype=np.int64),
+            "position_ids": np.array([[prompt.shape[1] + len(tokens) - 1]], dtype=np.int64),
+        }
+        for i in range(layers):
+            for j, kv in enumerate(("key", "value")):
+                feeds[f"past_key_values.{i}.{kv}"] = outputs[1 + 2 * i + j]
+        outputs = decode.run(["logits", *present], feeds)
+
+
+def _generate(directory: Path, prompt: torch.Tensor, new_tokens: int, remote: bool) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote).eval()
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, prompt.shape[1] :].tolist()
+
+
+def _assert_generation_export(directory: Path, out: Path, manifest: dict, name: str) -> None:
+    layers = LAYERS[name]
+    assert manifest["task"] == "text-generation"
+    assert manifest["generation"]["max_cache_len"] == CACHE
+    assert manifest["generation"]["cache_layers"] == layers
+    for program in ("prefill", "decode"):
+        model = onnx.load(str(out / program / "model.onnx"), load_external_data=False)
+        inputs = [i.name for i in model.graph.input]
+        outputs = [o.name for o in model.graph.output]
+        assert outputs == ["logits"] + [
+            f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
+        ]
+        if program == "decode":
+            assert inputs[:2] == ["input_ids", "position_ids"]
+            assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+            dims = [
+                d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim
+            ]
+            assert dims[0] == "batch" and dims[2] == CACHE
+        else:
+            assert inputs == ["input_ids"]
+        if HAS_TRT_BUILDER:
+            assert (out / program / "model.engine").stat().st_size > 0
+    parity = json.loads((out / "parity.json").read_text())
+    by_stage = {b["stage"]: b for b in parity["generation"]}
+    ran = by_stage["onnxruntime-cpu"]
+    assert ran["executed"] and ran["passed"], ran
+    assert ran["prompts"] and all(p["exact"] for p in ran["prompts"])
+    assert max(c["max_abs"] for c in ran["logits"]) <= 1e-4
+    for program in parity["programs"].values():
+        assert program["passed"]
+
+
+def test_a_memory_fork_exports_prefill_and_decode_fused_and_token_exact(
+    fork_export: tuple[Path, Path, dict],
+) -> None:
+    directory, out, manifest = fork_export
+    _assert_generation_export(directory, out, manifest, "fork")
+    for program in ("prefill", "decode"):
+        layers = manifest["programs"][program]["memory_layers"]
+        assert len(layers) == 2 and all(
+            layer["fused"] == ["selection", "aggregation"] for layer in layers
+        ), layers
+        after = manifest["programs"][program]["ops"]["after"]
+        assert after.get("ultramem.retrieve") == 2 and after.get("ultramem.aggregate") == 2
+    parity = json.loads((out / "parity.json").read_text())
+    onnx = next(b for b in parity["generation"] if b["stage"] == "onnxruntime-cpu")
+    compared = sum(c["rows"] for c in onnx["selections"])
+    assert compared > 0 and not sum(c["differing"] for c in onnx["selections"])
+    # independently: onnxruntime alone against generate on the checkpoint, 10 tokens
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 8]])
+    assert _onnx_greedy(out, prompt, 10, LAYERS["fork"]) == _generate(directory, prompt, 10, True)
+
+
+def test_check_reruns_generation_parity_and_refuses_another_model(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    directory, out, _ = fork_export
+    code, output = _run("check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(out))
+    assert code == 0 and "parity PASSED (prefill, decode and greedy generation" in output, output
+    other = checkpoints.llama(tmp_path / "llama")
+    code, output = _run("check", f"hf:{other}", "--artifacts", str(out))
+    assert code == 2 and "not the model" in output, output
+
+
+@pytest.mark.parametrize("name", ["llama", "olmoe"])
+def test_plain_and_moe_checkpoints_generate_token_exact(name: str, tmp_path: Path) -> None:
+    if name == "olmoe" and not importlib.util.find_spec("transformers.models.olmoe"):
+        pytest.skip("this transformers has no OlmoeForCausalLM")
+    directory = getattr(checkpoints, name)(tmp_path / name)
+    out = tmp_path / "out"
+    manifest = _export(directory, out)
+    _assert_generation_export(directory, out, manifest, name)
+    # OLMoE's routers (4 experts, top 2: experts = k², as the real 64/8) are no memory layer
+    assert manifest["programs"]["decode"]["memory_layers"] == []
+    prompt = torch.tensor([[7, 1, 30]])
+    assert _onnx_greedy(out, prompt, 8, LAYERS[name]) == _generate(directory, prompt, 8, False)
+
+
+def test_bench_times_prefill_and_decode_against_eager(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    directory, out, _ = fork_export
+    code, output = _run(
+        "bench", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(out),
+        "--tokens", "1,8,100", "--budget", "0.05", "--out", str(tmp_path / "bench"),
+    )  # fmt: skip
+    assert code == 0, output
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert report["schema"] == "ultramem-bench-generation/1"
+    rows = {b["name"]: b["results"] for b in report["backends"]}
+    for name in ("eager", "fused-ops", "onnxruntime-cpu"):
+        phases = {(r["phase"], r["tokens"]) for r in rows[name] if r["status"] == "ok"}
+        assert {("prefill", 1), ("prefill", 8), ("decode", CACHE - 1)} <= phases, rows[name]
+        assert ("prefill", 100) not in phases  # longer than the cache: left out
+    onnx = next(r for r in rows["onnxruntime-cpu"] if r["phase"] == "decode")
+    assert onnx["p10_ms"] <= onnx["p50_ms"] <= onnx["p90_ms"] and onnx["speedup_vs_eager"] > 0
+    assert "decode at fill" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["builtin:facts", "--task", "text-generation"], "takes an hf:DIR"),
+        (["builtin:facts", "--max-cache-len", "8"], "applies to --task text-generation"),
+        (["HF", "--task", "text-generation", "--max-cache-len", "1"], "at least 2"),
+        (["HF", "--task", "text-generation", "--max-cache-len", "65"], "max_position_embeddings"),
+    ],
+    ids=["not-hf", "cache-without-task", "cache-too-short", "cache-past-positions"],
+)
+def test_generation_options_are_one_line_errors(args: list[str], says: str, tmp_path: Path) -> None:
+    directory = checkpoints.llama(tmp_path / "llama")
+    args = [f"hf:{directory}" if a == "HF" else a for a in args]
+    code, output = _run("export", *args, "--out", str(tmp_path / "out"))
+    assert code == 2 and says in output and "Traceback" not in output, output
+    assert not (tmp_path / "out" / "manifest.json").exists()

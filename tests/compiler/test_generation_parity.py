@@ -1,0 +1,63 @@
+"""Generation parity: a backend whose decode is off by a little is caught, an exact one
+passes, and the reference's selections are split per step (compared, not skipped).
+
+The programs run eagerly here (torch stages of the prefill/decode modules), against
+``transformers``' ``generate`` on the checkpoint's model; the wrong backend is the same
+decode program over a copy of the model with its output head nudged by 1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultramem.compiler.capture import capture
+from ultramem.compiler.generation.decoding import prompts_for, run_generation_parity
+from ultramem.compiler.generation.programs import build_programs
+from ultramem.compiler.loading import load_model
+from ultramem.compiler.parity.compare import tolerance_for
+from ultramem.compiler.parity.selections import site_plan
+from ultramem.compiler.parity.stages import torch_stage
+from ultramem.tests.cli.hf import checkpoints
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    directory = checkpoints.memory_fork(tmp_path_factory.mktemp("fork"))
+    loaded = load_model(f"hf:{Path(directory)}", trust_remote_code=True)
+    return build_programs(loaded, 16)
+
+
+def _plan(program):  # type: ignore[no-untyped-def]
+    spec = program.metadata["program_spec"]
+    return site_plan(capture(program.model, program.example_inputs, spec=spec).program.graph)
+
+
+def test_an_exact_backend_passes_and_a_nudged_one_fails(programs) -> None:  # type: ignore[no-untyped-def]
+    plans = (_plan(programs.prefill), _plan(programs.decode))
+    assert plans[0].names and len(plans[0].names) == len(plans[1].names) == 2
+    nudged = copy.deepcopy(programs.decode.model)
+    with torch.no_grad():
+        nudged.model.lm_head.weight.add_(1e-3)
+    backends = [
+        (torch_stage("exact", programs.prefill.model), torch_stage("exact", programs.decode.model)),
+        (torch_stage("nudged", programs.prefill.model), torch_stage("nudged", nudged)),
+    ]
+    prompts = prompts_for(programs.max_cache_len, 128)
+    assert [p.shape[1] for p, _ in prompts] == [1, 5, 12]
+    assert all(p.shape[1] + n <= programs.max_cache_len for p, n in prompts)
+    exact, wrong = run_generation_parity(
+        programs.model, backends, prompts, programs.eos, plans, tolerance_for(torch.float32)
+    )
+    assert exact.passed, exact.summary_line()
+    assert all(p.exact for p in exact.prompts)
+    steps = sum(len(p.generated) for p in exact.prompts)
+    assert len(exact.logits) == steps and max(c.max_abs for c in exact.logits) <= 1e-4
+    # every step's selections compared, per memory layer: two layers per step
+    assert len(exact.selections) == 2 * steps and all(c.rows > 0 for c in exact.selections)
+    assert not wrong.passed
+    failed = [c for c in wrong.logits if not c.passed]
+    assert failed and all("step 0" not in c.name for c in failed)  # its prefill is exact
