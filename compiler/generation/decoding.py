@@ -126,7 +126,13 @@ def reference_generation(
                 prompt, generation_config=config, output_logits=True, return_dict_in_generate=True
             )
 
-    out, records = run_recording_sites(run, ())
+    # generate fills what a given config leaves at its defaults from the checkpoint's
+    # (a repetition penalty, sampling): plain greedy needs none there
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out, records = run_recording_sites(run, ())
+    finally:
+        model.generation_config = saved
     tokens = out.sequences[0, prompt.shape[1] :].tolist()
     steps, start = [], 0
     for step in range(len(tokens)):

@@ -1,5 +1,6 @@
 """Generation parity: a backend whose decode is off by a little is caught, an exact one
-passes, and the reference's selections are split per step (compared, not skipped).
+passes, and the reference's selections are split per step (compared, not skipped), and the
+checkpoint's own sampling defaults (a repetition penalty) stay out of the greedy reference.
 
 The programs run eagerly here (torch stages of the prefill/decode modules), against
 ``transformers``' ``generate`` on the checkpoint's model; the wrong backend is the same
@@ -47,6 +48,9 @@ def test_an_exact_backend_passes_and_a_nudged_one_fails(programs) -> None:  # ty
         (torch_stage("nudged", programs.prefill.model), torch_stage("nudged", nudged)),
     ]
     prompts = prompts_for(programs.max_cache_len, 128)
+    # a checkpoint's sampling defaults must not leak into the greedy reference
+    config = programs.model.generation_config
+    config.do_sample, config.repetition_penalty, config.top_k = True, 3.0, 4
     assert [p.shape[1] for p, _ in prompts] == [1, 5, 12]
     assert all(p.shape[1] + n <= programs.max_cache_len for p, n in prompts)
     exact, wrong = run_generation_parity(

@@ -32,12 +32,16 @@ def llama(directory: Path) -> Path:
     return directory
 
 
-def memory_fork(directory: Path) -> Path:
+def memory_fork(
+    directory: Path, config: LlamaConfig | None = None, memory_layers: tuple[int, ...] = (1, 3)
+) -> Path:
+    """``config``: a ``LlamaConfig`` with the ``memory_*`` attributes of
+    ``tiny_llama_config`` (the default)."""
     spec = importlib.util.spec_from_file_location("modeling_memllama", FORK)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    config = module.MemLlamaConfig(**tiny_llama_config().to_dict())
-    config.memory_layers = [1, 3]
+    config = module.MemLlamaConfig(**(config or tiny_llama_config()).to_dict())
+    config.memory_layers = list(memory_layers)
     torch.manual_seed(0)
     model = module.MemLlamaForCausalLM(config).eval()
     with torch.no_grad():
