@@ -112,11 +112,23 @@ def _widened(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _export(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> ExportedProgram:
+def _export(
+    model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any, strict: bool = False
+) -> ExportedProgram:
     # Inference capture: research code writes into preallocated buffers with out=, which
     # autograd refuses, so no grad mode at all.
     with torch.no_grad():
-        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+# Non-strict tracing runs the model's Python as it is, so ``bs = len(x)`` (XLM's and
+# lingua's habit) turns a dynamic size into a constant; strict tracing (dynamo) keeps it
+# symbolic. Non-strict first: it traces more code; strict where it pinned a dim.
+ATTEMPTS = (("named", False), ("named", True), ("auto", False), ("static", False))
+STRICT_NOTE = (
+    "captured with torch.export's strict (dynamo) tracing: the model's Python pins a size "
+    "when run as it is (len(x) of a dynamic dim, say)"
+)
 
 
 @dataclass(frozen=True)
@@ -143,29 +155,32 @@ def capture(
     if spec is not None:
         return _capture_specified(model, example_inputs, spec)
     notes: list[str] = []
-    modes = ("named", "auto", "static") if dynamic else ("static",)
+    attempts = ATTEMPTS if dynamic else (("static", False),)
     last_error: Exception | None = None
     # torch.export specialises any dimension whose example size is 0 or 1, so a batch-1
     # or one-token example would pin that axis: capture with such axes widened to 2.
     capture_inputs = _widened(example_inputs) if dynamic else example_inputs
-    for mode in modes:
+    for mode, strict in attempts:
         inputs = example_inputs if mode == "static" else capture_inputs
         specs, axes = _dims_for(inputs, max_batch, max_tokens, mode)
+        how = f"{mode} batch/tokens dims" + (" (strict tracing)" if strict else "")
         try:
-            program = _export(model, inputs, specs)
+            program = _export(model, inputs, specs, strict)
         except Exception as exc:  # torch.export raises several types for refused dims
             reason = first_line(exc) or type(exc).__name__
-            notes.append(f"capture with {mode} batch/tokens dims refused: {reason}")
-            log.info("capture with %s dims refused: %s", mode, reason)
+            notes.append(f"capture with {how} refused: {reason}")
+            log.info("capture with %s refused: %s", how, reason)
             last_error = exc
             continue
         if mode == "auto":
             axes = _resolve_auto_axes(program, inputs, axes)
         rejected = _rejected_size(program, example_inputs, CaptureResult(program, axes))
         if rejected is not None:
-            notes.append(f"capture with {mode} batch/tokens dims admits {rejected}")
-            log.info("capture with %s dims: %s", mode, rejected)
+            notes.append(f"capture with {how} admits {rejected}: falling back")
+            log.info("capture with %s: %s", how, rejected)
             continue
+        if strict:
+            notes.append(STRICT_NOTE)
         for a in axes:
             if mode != "named":
                 notes.append(
@@ -184,21 +199,29 @@ def capture(
 def _capture_specified(
     model: torch.nn.Module, example_inputs: tuple[Any, ...], spec: ProgramSpec
 ) -> CaptureResult:
-    try:
-        program = _export(model, example_inputs, _specs_from_axes(example_inputs, spec.axes))
-    except Exception as exc:  # torch.export raises many types
-        log.info("torch.export's refusal in full", exc_info=exc)
-        raise CaptureError(
-            f"torch.export cannot capture the model: {type(exc).__name__}: "
-            f"{first_line(exc)[:300]} (run with -v for torch's full report)"
-        ) from exc
-    captured = CaptureResult(
-        program, list(spec.axes), [], list(spec.inputs), spec.input_names, spec.output_names
+    """The program's own axes, as named dims only: non-strict, else strict tracing."""
+    dims = _specs_from_axes(example_inputs, spec.axes)
+    problem = ""
+    for strict in (False, True):
+        try:
+            program = _export(model, example_inputs, dims, strict)
+        except Exception as exc:  # torch.export raises many types
+            log.info("torch.export's refusal in full", exc_info=exc)
+            problem = f"torch.export cannot capture it: {type(exc).__name__}: {first_line(exc)}"
+            continue
+        notes = [STRICT_NOTE] if strict else []
+        captured = CaptureResult(
+            program, list(spec.axes), notes, list(spec.inputs), spec.input_names, spec.output_names
+        )
+        rejected = _rejected_size(program, example_inputs, captured)
+        if rejected is None:
+            return captured
+        problem = f"the capture admits {rejected}"
+    names = ", ".join(sorted({a.name for a in spec.axes}))
+    raise CaptureError(
+        f"the model cannot be captured with dynamic {names}: {problem[:300]} "
+        "(run with -v for torch's full report)"
     )
-    rejected = _rejected_size(program, example_inputs, captured)
-    if rejected is not None:
-        raise CaptureError(f"the captured program does not run its own parity inputs: {rejected}")
-    return captured
 
 
 def _specs_from_axes(
@@ -234,7 +257,7 @@ def _rejected_size(
         except Exception as exc:  # guards raise several types
             shape = "x".join(str(s) for s in next(x for x in inputs if isinstance(x, Tensor)).shape)
             reason = first_line(exc) or type(exc).__name__
-            return f"inputs of shape {shape} that its program refuses ({reason}): falling back"
+            return f"inputs of shape {shape} that its program refuses ({reason})"
     return None
 
 

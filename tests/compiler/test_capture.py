@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ultramem.compiler.capture import capture
+from ultramem.compiler.capture import STRICT_NOTE, DynamicAxis, ProgramSpec, capture
 from ultramem.compiler.parity.selections import (
     layer_selections,
     memory_layer_names,
@@ -57,3 +57,43 @@ def test_pinned_token_dim_falls_back_and_says_why() -> None:
     assert batch is not None and batch.dynamic  # batch stayed free under Dim.AUTO
     x = torch.randn(5, 16, 8)
     assert torch.equal(result.program.module()(x), model(x))
+
+
+class LenOfFlattened(nn.Module):
+    """XLM's and lingua's memory code: ``bs = len(query)`` of the flattened tokens, used
+    in views. Run as Python (non-strict tracing) that ``len`` is a constant, pinning
+    batch × tokens to the example's; strict tracing keeps it symbolic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.proj(x).reshape(-1, 8)
+        bs = len(query)
+        halves = query.view(bs, 2, 4).topk(2, dim=-1).values.reshape(bs, 4)
+        return halves.view(*x.shape[:-1], 4)
+
+
+def test_len_of_a_dynamic_dim_is_captured_dynamic_by_strict_tracing() -> None:
+    model = LenOfFlattened().eval()
+    result = capture(model, (torch.randn(2, 16, 8),))
+    assert STRICT_NOTE in result.notes, result.notes
+    for name in ("batch", "tokens"):
+        axis = result.axis(0, name)
+        assert axis is not None and axis.mode == "named", result.notes
+    for shape in ((1, 1, 8), (3, 5, 8)):
+        x = torch.randn(shape)
+        assert torch.equal(result.program.module()(x), model(x))
+
+
+def test_a_programs_own_axes_fall_back_to_strict_tracing_too() -> None:
+    model = LenOfFlattened().eval()
+    inputs = [(torch.randn(2, 6, 8),), (torch.randn(1, 1, 8),), (torch.randn(3, 4, 8),)]
+    axes = [DynamicAxis(0, 0, "batch", 1, 8, "named"), DynamicAxis(0, 1, "tokens", 1, 32, "named")]
+    spec = ProgramSpec(axes, inputs, ["x"], ["y"])
+    result = capture(model, inputs[0], spec=spec)
+    assert result.notes == [STRICT_NOTE] and result.inputs == inputs
+    for (x,) in inputs:
+        assert torch.equal(result.program.module()(x), model(x))
