@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ultramem.compiler.capture import capture
 from ultramem.compiler.rewrite import op_counts
@@ -58,3 +59,46 @@ def test_nothing_that_reads_an_input_is_folded() -> None:
     assert counts.get("mul.Tensor", 0) == 0 and counts.get("sum", counts.get("sum.default", 0)) == 1
     x2 = torch.randn(4, 5, 8)
     assert torch.allclose(gm(x2), model(x2), atol=1e-6)
+
+
+class PowerIterationFromOnes(nn.Module):
+    """A core's top singular pair by power iteration in forward, started from
+    ``torch.ones`` (a factory with no input): weight-only, so folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.core = nn.Parameter(torch.randn(2, 3, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = torch.ones(2, 3)
+        for _ in range(4):
+            u = F.normalize(torch.einsum("hab,hb->ha", self.core, v), dim=-1)
+            v = F.normalize(torch.einsum("hab,ha->hb", self.core, u), dim=-1)
+        return torch.einsum("xth,ha,hc->xtac", x, u, v)
+
+
+class CounterAdvancedInPlace(nn.Module):
+    """A static ``zeros(())`` advanced in place: state of the call, never a constant."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        counter = torch.zeros((), dtype=torch.long)
+        counter.add_(x.shape[1])
+        return x * counter
+
+
+def test_a_power_iteration_from_ones_folds_and_in_place_state_does_not() -> None:
+    model = PowerIterationFromOnes().eval()
+    x = torch.randn(2, 5, 2)
+    gm = capture(model, (x,)).program.module()
+    result = fold_constants(gm, PassContext((x,)))
+    assert result.changed and not any("ones" in c for c in result.changed)
+    counts = op_counts(capture(gm, (x,)).program)
+    assert counts.get("einsum", 0) == 1, counts  # only the one that reads x is left
+    assert torch.equal(gm(x), model(x))
+    model2 = CounterAdvancedInPlace().eval()
+    gm2 = capture(model2, (x,)).program.module()
+    fold_constants(gm2, PassContext((x,)))
+    for tokens in (5, 3, 5):
+        x = torch.randn(2, tokens, 2)
+        assert torch.equal(gm2(x), model2(x))
