@@ -8,6 +8,7 @@ downloaded; parity is against the checkpoint's own model in ``transformers``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def test_a_llama_checkpoint_exports_and_checks(llama: Path, tmp_path: Path) -> N
     assert onnx["passed"] and onnx["max_abs"] <= 1e-4
     code, output = _run("check", f"hf:{llama}", "--artifacts", str(out))
     assert code == 0 and "parity PASSED" in output, output
+
+
+def test_an_olmoe_checkpoint_exports_its_forward_with_stock_operators(tmp_path: Path) -> None:
+    """transformers' default grouped_mm experts are a custom op torch.onnx cannot
+    translate; the load switches to batched_mm (the same maths) and says so."""
+    if not importlib.util.find_spec("transformers.models.olmoe"):
+        pytest.skip("this transformers has no OlmoeForCausalLM")
+    directory = checkpoints.olmoe(tmp_path / "olmoe")
+    out = tmp_path / "out"
+    code, output = _run("export", f"hf:{directory}", "--out", str(out))
+    assert code == 0, output
+    assert "batched_mm experts" in output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["memory_layers"] == []  # the routers' top-ks are no memory lookup
+    onnx = manifest["parity"]["stages"]["onnxruntime-cpu"]
+    assert onnx["passed"] and onnx["max_abs"] <= 1e-4
 
 
 def test_remote_code_needs_the_flag_and_is_never_imported_without_it(
