@@ -18,6 +18,7 @@ from ..compiler.capture import CaptureError
 from ..compiler.formats import OptionError
 from ..compiler.generation.programs import GenerationError
 from ..compiler.loading import DEFAULT_MODEL, ModelLoadError, load_model
+from ..compiler.onnx.export import OpsetError
 from ..compiler.tensorrt.package import TensorRTError
 from ..compiler.tensorrt.prepare import TensorRTLimitError
 from ..models.builtin import LoadedModel
@@ -31,6 +32,7 @@ INPUT_ERRORS = (
     CaptureError,
     OptionError,
     GenerationError,
+    OpsetError,
     TensorRTError,
     TensorRTLimitError,
 )

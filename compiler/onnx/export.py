@@ -40,6 +40,10 @@ ONNX_OPSETS = range(17, 26)
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
+class OpsetError(ValueError):
+    """An opset torch.onnx cannot write the model in; the message names one it can."""
+
+
 def weight_bytes(program: ExportedProgram) -> int:
     tensors = [*program.state_dict.values(), *program.constants.values()]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
@@ -74,7 +78,11 @@ def export_onnx(
     model = onnx.load(str(path), load_external_data=False)
     written = {i.version for i in model.opset_import if i.domain in ("", "ai.onnx")}
     if written != {opset}:
-        raise ValueError(f"torch.onnx wrote opset {sorted(written)} when asked for {opset}")
+        raise OpsetError(
+            f"--opset {opset}: torch.onnx could not write this model at opset {opset} (its "
+            f"version converter failed; it wrote {sorted(written)}): use --opset "
+            f"{max(written)} or later"
+        )
     _name_axes(model, capture)
     if capture.input_names:
         _name_inputs(model, capture.input_names)

@@ -116,3 +116,14 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path: Path, make: object, sa
     code, output = _run("inspect", f"hf:{directory}")
     assert code == 2 and says in output, output
     assert "Traceback" not in output
+
+
+def test_an_opset_torch_onnx_cannot_write_is_one_line_naming_one_it_can(
+    llama: Path, tmp_path: Path
+) -> None:
+    """torch.onnx's version converter cannot take Llama's graph down to opset 17 (it
+    writes 18); that is the user's option to change, not an internal error."""
+    out = tmp_path / "out"
+    code, output = _run("export", f"hf:{llama}", "--opset", "17", "--out", str(out))
+    assert code == 2 and "use --opset 18 or later" in output, output
+    assert "Traceback" not in output and not (out / "manifest.json").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from ultramem.cli.main import cli
+from ultramem.compiler.artifacts import sha256_file
 from ultramem.tests.cli.hf import checkpoints
 
 CACHE = 24
@@ -203,3 +205,31 @@ def test_generation_options_are_one_line_errors(args: list[str], says: str, tmp_
     code, output = _run("export", *args, "--out", str(tmp_path / "out"))
     assert code == 2 and says in output and "Traceback" not in output, output
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    """prefill/ and decode/ ONNX files swapped, the manifest's hashes made to match: the
+    bench says the backend is wrong, it does not crash (and times the others)."""
+    directory, out, _ = fork_export
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    prefill, decode = swapped / "prefill" / "model.onnx", swapped / "decode" / "model.onnx"
+    data = prefill.read_bytes()
+    prefill.write_bytes(decode.read_bytes())
+    decode.write_bytes(data)
+    manifest = json.loads((swapped / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        artifact["sha256"] = sha256_file(swapped / artifact["path"])
+    (swapped / "manifest.json").write_text(json.dumps(manifest))
+    code, output = _run(
+        "bench", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(swapped),
+        "--tokens", "4", "--budget", "0.02", "--backends", "eager,onnxruntime-cpu",
+        "--out", str(tmp_path / "bench"),
+    )  # fmt: skip
+    assert code == 0 and "Traceback" not in output, output
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {b["name"]: b["results"] for b in report["backends"]}
+    assert rows["onnxruntime-cpu"] and all(r["status"] == "wrong" for r in rows["onnxruntime-cpu"])
+    assert all(r["status"] == "ok" for r in rows["eager"])
