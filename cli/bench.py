@@ -18,7 +18,9 @@ from ..compiler.capture import CaptureResult
 from ..compiler.formats import manifest_formats
 from ..compiler.generation.programs import PROGRAMS
 from ..compiler.generation.programs import TASK as GENERATION
+from ..compiler.loading import DEFAULT_MODEL
 from ..compiler.pipeline import check_same_model, compile_model
+from .check import check_task, model_named_by
 from .options import (
     InputError,
     bad_input,
@@ -66,14 +68,15 @@ def admitted(capture: CaptureResult, name: str, wanted: list[int]) -> tuple[list
 
 
 @click.command("bench")
-@model_options()
+@model_options(default=None)
 @native_code_option
 @click.option("--artifacts", type=click.Path(path_type=Path), help="An `ultramem export` folder.")
 @click.option(
     "--tokens",
     default="1,16,64,256",
     show_default=True,
-    help="Sequence lengths; those the model does not admit are left out, with a note.",
+    help="Sequence lengths (a text-generation export: prompt lengths; decode is timed at "
+    "cache fills 1, 1/4, 1/2 and full); those the model does not admit are left out.",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True)
@@ -94,7 +97,7 @@ def admitted(capture: CaptureResult, name: str, wanted: list[int]) -> tuple[list
     "--compare", type=click.Path(path_type=Path, dir_okay=False), help="An older bench.json."
 )
 def bench(
-    model: str,
+    model: str | None,
     weights: Path | None,
     allow_unsafe_pickle: bool,
     allow_native_code: bool,
@@ -134,14 +137,21 @@ def bench(
         formats: list[str] = []
         if artifacts is not None:
             manifest = read_manifest(artifacts)
+            check_task(manifest, artifacts)
             verify_artifacts(artifacts, manifest)
             if manifest.get("task") == GENERATION:
                 if compare is not None:
-                    raise ArtifactError("--compare applies to --task forward exports")
+                    raise ArtifactError(
+                        f"--compare: {artifacts} is a text-generation export, whose bench "
+                        "reports are not compared yet"
+                    )
                 programs = tuple(f"{p}/" for p in PROGRAMS)
                 formats = manifest_formats(manifest, artifacts, programs)
             else:
                 formats = manifest_formats(manifest, artifacts)
+    if model is None:  # a folder names no model to load: only a bundled one
+        with bad_input():
+            model = DEFAULT_MODEL if artifacts is None else model_named_by(manifest, artifacts)
     if artifacts is not None and manifest.get("task") == GENERATION:
         _bench_generation(
             model, weights, allow_unsafe_pickle, allow_native_code, artifacts, manifest,
@@ -213,10 +223,14 @@ def _bench_generation(
     left = [b for b in wanted if b not in GENERATION_BACKENDS]
     if left:
         progress(f"note: {', '.join(left)} not benched for text-generation")
-    report = run_generation_bench(
-        programs, compiled, artifacts, chosen, formats_of(manifest), native_code,
-        lengths, batch, budget, progress, threads,
-    )  # fmt: skip
+    with bad_input():
+        report = run_generation_bench(
+            programs, compiled, artifacts, chosen, formats_of(manifest), native_code,
+            lengths, batch, budget, progress, threads,
+        )  # fmt: skip
+    for name in left:
+        reason = "not benched for text-generation exports"
+        report["backends"].append({"name": name, "available": False, "reason": reason})
     out.mkdir(parents=True, exist_ok=True)
     text = generation_markdown(report)
     atomic_write(out / "bench.json", json_text(report))

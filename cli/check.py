@@ -32,6 +32,12 @@ def model_named_by(manifest: dict[str, Any], artifacts: Path) -> str:
     )
 
 
+def check_task(manifest: dict[str, Any], artifacts: Path) -> None:
+    task = manifest.get("task")
+    if task not in (None, GENERATION):
+        raise ArtifactError(f"{artifacts}: its manifest names task {task!r}; export again")
+
+
 @click.command("check")
 @model_options(default=None)
 @native_code_option
@@ -61,6 +67,7 @@ def check(
     """
     with bad_input():
         manifest = read_manifest(artifacts)
+        check_task(manifest, artifacts)
         if model is None:
             if weights is not None:
                 raise ArtifactError("--weights needs the MODEL it belongs to")

@@ -228,6 +228,11 @@ class ArtifactWriter:
         for entry in self.out.iterdir():
             if not _ours(entry.name) and entry.name not in keep:
                 _remove(entry)  # the previous export's, not written this time
+        # a folder this export writes into (kernels/, prefill/) holds only what it writes:
+        # a format written there before and not now must not outlive the manifest
+        for top in keep - {MANIFEST}:
+            if any(len(Path(n).parts) > 1 for n in names if Path(n).parts[0] == top):
+                _remove(self.out / top)
         for name in names:
             target = self.out / name
             if target.is_dir() and not target.is_symlink():

@@ -97,6 +97,7 @@ class Format:
     stages: Callable[[Path, StageContext], list[Stage]]
     needs: tuple[str, ...] = ()
     marker: str = ""  # the file whose manifest entry says the format was written
+    stage: str = ""  # its parity stage's name, for a failure to load it (default: name)
 
     @property
     def listed_as(self) -> str:
@@ -126,12 +127,19 @@ def _write_onnx(job: ExportJob) -> dict[str, Any]:
 
 
 def onnx_stage(path: Path, provider: str = "CPUExecutionProvider") -> Stage:
-    runner = OnnxRunner(path, providers=[provider])
+    name = "onnxruntime-cpu" if provider == "CPUExecutionProvider" else "onnxruntime-cuda"
+    try:
+        runner = OnnxRunner(path, providers=[provider])
+    except Exception as exc:
+        # the provider has no kernel for an operator in this dtype (ONNX Runtime's CPU
+        # provider runs no bfloat16 Mul): this runtime cannot run it, which is no verdict
+        if type(exc).__name__ != "NotImplemented":
+            raise
+        return Stage(name, None, f"not executed: {provider} cannot run it: {first_line(exc, 200)}")
 
     def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> Any:
         return runner(inputs)
 
-    name = "onnxruntime-cpu" if provider == "CPUExecutionProvider" else "onnxruntime-cuda"
     return Stage(name, run)
 
 
@@ -263,15 +271,16 @@ def _tensorrt_stages(folder: Path, ctx: StageContext) -> list[Stage]:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages),
+        Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages, stage="onnxruntime-cpu"),
         Format(
             "kernels",
             f"{KERNELS_DIR}/",
             _write_kernels,
             _kernel_stages,
             marker=f"{KERNELS_DIR}/bundle.json",
+            stage="plugin-kernels",
         ),
-        Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages),
+        Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages, stage="aotinductor"),
         Format("tensorrt", ENGINE_FILE, _write_tensorrt, _tensorrt_stages, needs=("onnx",)),
     )
 }
@@ -356,7 +365,7 @@ def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> 
             try:
                 stages += fmt.stages(folder, ctx)
             except Exception as exc:  # an artifact its runtime cannot load: that stage fails
-                stages.append(_failing_stage(fmt.name, exc))
+                stages.append(_failing_stage(fmt, exc))
     for stage in stages:
         stage.plan = stage.plan or ctx.plan
     return stages
@@ -385,10 +394,10 @@ def manifest_formats(
     return formats
 
 
-def _failing_stage(name: str, exc: Exception) -> Stage:
+def _failing_stage(fmt: Format, exc: Exception) -> Stage:
     text = first_line(exc, 300)
 
     def run(inputs: tuple[Any, ...], _: list[SiteRecord]) -> Any:
-        raise RuntimeError(f"cannot load the {name} artifact: {type(exc).__name__}: {text}")
+        raise RuntimeError(f"cannot load the {fmt.name} artifact: {type(exc).__name__}: {text}")
 
-    return Stage(name, run)
+    return Stage(fmt.stage or fmt.name, run)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import first_line
 from ..aoti import AOTI_FILE, load_aoti
-from ..artifacts import versions
+from ..artifacts import ArtifactError, versions
 from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
 from ..generation.programs import GenerationPrograms
 from ..onnx.runner import OnnxRunner
@@ -121,6 +121,10 @@ def run_generation_bench(
 ) -> dict[str, Any]:
     with torch_threads(threads) as applied, torch.no_grad():
         backends = _program_backends(compiled, artifacts, wanted, formats, native_code, applied)
+        runnable = [n for n in wanted if n == "eager" or isinstance(backends.get(n), tuple)]
+        if not runnable:
+            why = "; ".join(f"{n}: {r}" for n, r in backends.items() if isinstance(r, str))
+            raise ArtifactError(f"no backend of --backends can run here ({why or 'none given'})")
         return _bench(
             programs, backends, wanted, (prompt_lengths, batch), budget_s, progress, applied
         )

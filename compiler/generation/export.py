@@ -184,20 +184,12 @@ def export_generation(
             programs, compiled, writer.staging, names, progress, options.trt.package, True
         )
         writer.path(PARITY_FILE).write_text(json_text(report.to_json()))
-        past, present = cache_names(programs.layers)
+        if "tensorrt" in sections["decode"]:  # one token: decode's engine has no tokens axis
+            sections["decode"]["tensorrt"].get("profile", {}).pop("tokens", None)
         manifest = {
             "task": TASK,
             "source": source_record(loaded),
-            "generation": {
-                "max_cache_len": programs.max_cache_len,
-                "cache_layers": programs.layers,
-                "eos_token_ids": sorted(programs.eos),
-                "inputs": {
-                    "prefill": ["input_ids"],
-                    "decode": ["input_ids", "position_ids", *past],
-                },
-                "outputs": ["logits", *present],
-            },
+            "generation": generation_section(programs),
             "programs": sections,
             "formats": names,
             "parity": {
@@ -211,6 +203,19 @@ def export_generation(
         manifest = writer.publish(manifest, extra_files=(PARITY_FILE,))
         progress(f"wrote {out}")
     return manifest, report
+
+
+def generation_section(programs: GenerationPrograms) -> dict[str, Any]:
+    """What a runtime reads from the manifest to drive the loop (``check`` holds a
+    folder's to what the model gives, so a runtime is never fed edited values)."""
+    past, present = cache_names(programs.layers)
+    return {
+        "max_cache_len": programs.max_cache_len,
+        "cache_layers": programs.layers,
+        "eos_token_ids": sorted(programs.eos),
+        "inputs": {"prefill": ["input_ids"], "decode": ["input_ids", "position_ids", *past]},
+        "outputs": ["logits", *present],
+    }
 
 
 def program_record(compiled: Compiled) -> dict[str, Any]:
@@ -253,6 +258,13 @@ def check_generation(
         programs = build_programs(loaded, recorded_cache_len(manifest, directory))
     except GenerationError as exc:
         raise ArtifactError(f"{directory}: {exc}") from None
+    if manifest.get("generation") != generation_section(programs):
+        raise ArtifactError(
+            f"{directory}: its manifest's generation section (cache, end tokens, tensor "
+            "names) is not what this model gives; export again"
+        )
+    if not isinstance(manifest.get("programs"), dict) or set(manifest["programs"]) != set(PROGRAMS):
+        raise ArtifactError(f"{directory}: its manifest does not list prefill and decode")
     compiled = {}
     for name in PROGRAMS:
         progress(f"{name} program:")

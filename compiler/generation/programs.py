@@ -53,7 +53,7 @@ def _static_cache(model: torch.nn.Module, max_cache_len: int) -> Any:
     cache = StaticCache(config=model.config.get_text_config(), max_cache_len=max_cache_len)
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, StaticSlidingWindowLayer):
-            window = int(getattr(layer, "sliding_window", 0) or 0)
+            window = int(layer.max_cache_len)  # min(window, max_cache_len), as it sizes itself
             if window < max_cache_len:
                 raise GenerationError(
                     f"layer {i} attends to a sliding window of {window} tokens; export with "
@@ -131,6 +131,24 @@ def _decode_program(model: torch.nn.Module, max_cache_len: int, layers: int) -> 
     return cls(model, max_cache_len)
 
 
+def _check_rope(model: torch.nn.Module, length: int) -> None:
+    """Rotary embeddings that switch their frequencies past a length (longrope, dynamic NTK)
+    did not reproduce generate's numbers past it (Phi-3 longrope: logits off by 1e-3 once
+    positions pass ``original_max_position_embeddings``); refuse a cache that reaches it."""
+    config = model.config.get_text_config()
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, dict):
+        return
+    kind = parameters.get("rope_type") or parameters.get("type")
+    original = parameters.get("original_max_position_embeddings")
+    if kind in ("longrope", "dynamic") and isinstance(original, int) and length > original:
+        raise GenerationError(
+            f"its {kind} rotary embeddings change past {original} positions, which the "
+            f"exported programs do not follow: use a KV cache of at most {original} tokens "
+            f"(--max-cache-len {original})"
+        )
+
+
 @dataclass
 class GenerationPrograms:
     model: torch.nn.Module  # the transformers model, as loaded
@@ -161,11 +179,14 @@ def build_programs(hf: LoadedModel, max_cache_len: int | None = None) -> Generat
         raise GenerationError(f"--task {TASK} applies to hf:DIR causal LMs, not {hf.source}")
     limit = max_cache_limit(model)
     length = max_cache_len or default_max_cache_len(model)
+    if limit is not None and limit < 2:
+        raise GenerationError(f"the checkpoint's max_position_embeddings is {limit}: too short")
     if length < 2 or (limit is not None and length > limit):
         raise GenerationError(
-            f"--max-cache-len {length}: choose 2..{limit or 'any'} (the checkpoint's "
+            f"a KV cache of {length} tokens: the checkpoint admits 2..{limit or 'any'} (its "
             "max_position_embeddings)"
         )
+    _check_rope(model, length)
     vocab = int(model.config.get_text_config().vocab_size)
     gen = torch.Generator().manual_seed(0)
 

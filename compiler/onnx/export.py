@@ -66,13 +66,21 @@ def export_onnx(
         raise ValueError(f"ONNX form must be one of {', '.join(FORMS)}, got {form!r}")
     program = program if program is not None else capture.program
     external = weight_bytes(program) > EXTERNAL_DATA_BYTES
-    onnx_program = torch.onnx.export(
-        program,
-        dynamo=True,
-        opset_version=opset,
-        verbose=False,
-        custom_translation_table=translation_table(),
-    )
+    # its version converter logs a traceback when it cannot reach the opset; whether it
+    # did is checked below and said in one line
+    converter_log = logging.getLogger("onnxscript.version_converter")
+    level = converter_log.level
+    converter_log.setLevel(logging.ERROR + 1)
+    try:
+        onnx_program = torch.onnx.export(
+            program,
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            custom_translation_table=translation_table(),
+        )
+    finally:
+        converter_log.setLevel(level)
     onnx_program.save(str(path), external_data=external)
     del onnx_program
     model = onnx.load(str(path), load_external_data=False)

@@ -233,3 +233,89 @@ def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     rows = {b["name"]: b["results"] for b in report["backends"]}
     assert rows["onnxruntime-cpu"] and all(r["status"] == "wrong" for r in rows["onnxruntime-cpu"])
     assert all(r["status"] == "ok" for r in rows["eager"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda m: m["generation"].update(eos_token_ids=[99]), "generation section"),
+        (lambda m: m["generation"].update(cache_layers=1), "generation section"),
+        (lambda m: m["programs"].pop("decode"), "does not list prefill and decode"),
+        (lambda m: m.update(task="translation"), "names task 'translation'"),
+    ],
+    ids=["eos", "cache-layers", "no-decode", "unknown-task"],
+)
+def test_check_refuses_a_manifest_whose_generation_metadata_was_edited(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path, edit: object, says: str
+) -> None:
+    """A runtime drives its loop from these values: check holds them to the model's."""
+    directory, out, _ = fork_export
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    edit(manifest)  # type: ignore[operator]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    code, output = _run(
+        "check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(edited)
+    )
+    assert code == 2 and says in output and "Traceback" not in output, output
+
+
+def test_bench_with_no_backend_that_can_run_is_exit_2(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    directory, out, _ = fork_export
+    code, output = _run(
+        "bench", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(out),
+        "--backends", "aotinductor", "--out", str(tmp_path / "bench"),
+    )  # fmt: skip
+    assert code == 2 and "no backend of --backends can run here" in output, output
+
+
+def _save(model_class: str, config_class: str, directory: Path, **config: object) -> Path:
+    import transformers
+
+    base = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # within the vocabulary
+    made = getattr(transformers, config_class)(**{**base, **ids, **config})
+    getattr(transformers, model_class)(made).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("model", "config", "settings", "cache", "says"),
+    [
+        ("MistralForCausalLM", "MistralConfig", {"sliding_window": 4}, 16,
+         "sliding window of 4 tokens; export with --max-cache-len 4 or less"),
+        ("Phi3ForCausalLM", "Phi3Config", {"original_max_position_embeddings": 8,
+         "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                             "long_factor": [2.0] * 4}}, 16,
+         "longrope rotary embeddings change past 8 positions"),
+    ],
+    ids=["sliding-window-shorter-than-the-cache", "longrope-past-its-original-length"],
+)  # fmt: skip
+def test_attention_the_static_programs_cannot_follow_is_refused_up_front(
+    tmp_path: Path, model: str, config: str, settings: dict, cache: int, says: str
+) -> None:
+    directory = _save(model, config, tmp_path / "ckpt", **settings)
+    code, output = _run(
+        "export", f"hf:{directory}", "--task", "text-generation", "--max-cache-len", str(cache),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 2 and says in output and "Traceback" not in output, output
+    assert "capturing" not in output  # before any long work
+
+
+def test_a_window_that_holds_the_whole_cache_is_full_attention(tmp_path: Path) -> None:
+    from transformers.cache_utils import StaticLayer
+
+    from ultramem.compiler.generation.programs import _static_cache
+    from ultramem.compiler.loading import load_model
+
+    directory = _save("MistralForCausalLM", "MistralConfig", tmp_path / "ckpt", sliding_window=64)
+    model = load_model(f"hf:{directory}").model.model
+    cache = _static_cache(model, 16)
+    assert all(type(layer) is StaticLayer and layer.max_cache_len == 16 for layer in cache.layers)
