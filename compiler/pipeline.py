@@ -40,7 +40,8 @@ from .tensorrt.package import TensorRTError, import_tensorrt, package_name
 PARITY_FILE = "parity.json"
 
 
-def _quiet(_: str) -> None:
+def no_progress(_: str) -> None:
+    """The default progress callback: says nothing."""
     pass
 
 
@@ -64,7 +65,7 @@ class Compiled:
         return fused_layer_table(self.rewrite)
 
 
-def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compiled:
+def compile_model(loaded: LoadedModel, progress: ProgressFn = no_progress) -> Compiled:
     max_tokens = int(loaded.metadata.get("max_tokens", DEFAULT_MAX_TOKENS))
     spec = loaded.metadata.get("program_spec")  # a program that names its own axes
     axes = ", ".join(sorted({a.name for a in spec.axes})) if spec else "batch and tokens"
@@ -87,7 +88,7 @@ def compile_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Compile
     return Compiled(loaded, captured, list(rewritten.plan.names), rewritten)
 
 
-def inspect_model(loaded: LoadedModel, progress: ProgressFn = _quiet) -> Inspection:
+def inspect_model(loaded: LoadedModel, progress: ProgressFn = no_progress) -> Inspection:
     compiled = compile_model(loaded, progress)
     return Inspection(
         loaded.source,
@@ -165,7 +166,7 @@ def run_checks(
 def export_model(
     loaded: LoadedModel,
     out: Path,
-    progress: ProgressFn = _quiet,
+    progress: ProgressFn = no_progress,
     formats: tuple[str, ...] = ("onnx",),
     options: ExportOptions | None = None,
     compiled: Compiled | None = None,
@@ -236,7 +237,7 @@ def check_same_model(loaded: LoadedModel, manifest: dict[str, Any], directory: P
 def check_artifacts(
     loaded: LoadedModel,
     directory: Path,
-    progress: ProgressFn = _quiet,
+    progress: ProgressFn = no_progress,
     native_code: bool = False,
 ) -> ParityReport:
     """Re-run parity of the artifacts in ``directory`` against ``loaded`` (which must be

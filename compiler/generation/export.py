@@ -31,6 +31,7 @@ from ..pipeline import (
     Compiled,
     check_same_model,
     compile_model,
+    no_progress,
     op_counts,
     parity_stages,
     parity_summary,
@@ -47,10 +48,6 @@ from .programs import (
     build_programs,
     cache_names,
 )
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 class ProgramWriter:
@@ -147,11 +144,13 @@ def _check_all(
 def export_generation(
     loaded: LoadedModel,
     out: Path,
-    progress: ProgressFn = _quiet,
+    progress: ProgressFn = no_progress,
     formats: tuple[str, ...] = ("onnx",),
     options: ExportOptions | None = None,
     max_cache_len: int | None = None,
 ) -> tuple[dict[str, Any], GenerationReport]:
+    """Both programs of ``loaded`` (an ``hf:DIR`` causal LM) through compile and every
+    format into ``out``, then parity of each and of generation; published only whole."""
     options = options or ExportOptions()
     chosen = resolve(formats, options)
     if options.trt.mode == "plugin" and any(f.name == "tensorrt" for f in chosen):
@@ -246,7 +245,7 @@ def recorded_cache_len(manifest: dict[str, Any], directory: Path) -> int:
 def check_generation(
     loaded: LoadedModel,
     directory: Path,
-    progress: ProgressFn = _quiet,
+    progress: ProgressFn = no_progress,
     native_code: bool = False,
 ) -> GenerationReport:
     """Re-run parity of a generation export in ``directory`` against ``loaded``."""
