@@ -230,7 +230,9 @@ def _bench_generation(
         )  # fmt: skip
     for name in left:
         reason = "not benched for text-generation exports"
-        report["backends"].append({"name": name, "available": False, "reason": reason})
+        report["backends"].append(
+            {"name": name, "available": False, "reason": reason, "settings": {}, "results": []}
+        )
     out.mkdir(parents=True, exist_ok=True)
     text = generation_markdown(report)
     atomic_write(out / "bench.json", json_text(report))

@@ -10,18 +10,31 @@ import click
 from ..compiler.artifacts import ArtifactError, json_text, read_manifest
 from ..compiler.generation.export import check_generation
 from ..compiler.generation.programs import TASK as GENERATION
+from ..compiler.hf import PREFIX as HF_PREFIX
 from ..compiler.pipeline import check_artifacts
 from ..files import atomic_write
 from .options import bad_input, load, model_options, native_code_option, progress
 
 
 def model_named_by(manifest: dict[str, Any], artifacts: Path) -> str:
-    """The MODEL to re-check with when none is given: only a bundled one. An artifacts
-    folder is data from elsewhere; importing the factory or loading the ``.pt2`` its
-    manifest names would run whatever code that names."""
+    """The MODEL to re-check with when none is given: a bundled one, or an ``hf:DIR``
+    checkpoint, which loads as data (config JSON, safetensors) and never with its own
+    code: ``--trust-remote-code`` applies only to a MODEL named on the command line. An
+    artifacts folder is data from elsewhere; importing the factory or loading the
+    ``.pt2`` its manifest names would run whatever code that names."""
     source = manifest.get("source", {})
     model = str(source.get("model", ""))
     if model.startswith("builtin:") and not source.get("weights"):
+        return model
+    if model.startswith(HF_PREFIX) and not source.get("weights"):
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.meta.get("ultramem.trust_remote_code"):
+            raise ArtifactError(
+                f"--trust-remote-code runs a checkpoint's own code: name the checkpoint "
+                f"yourself, e.g. `ultramem check {model} --trust-remote-code --artifacts "
+                f"{artifacts}` (never the one a folder names)"
+            )
+        progress(f"the model {artifacts} was exported from: {model} (loaded as data)")
         return model
     weights = source.get("weights")
     again = f"ultramem check {model}" + (f" --weights {weights}" if weights else "")

@@ -143,6 +143,16 @@ def test_a_memory_fork_exports_prefill_and_decode_fused_and_token_exact(
     assert _onnx_greedy(out, prompt, 10, LAYERS["fork"]) == _generate(directory, prompt, 10, True)
 
 
+def test_check_never_trusts_the_code_of_a_checkpoint_a_folder_names(
+    fork_export: tuple[Path, Path, dict],
+) -> None:
+    _, out, _ = fork_export
+    code, output = _run("check", "--artifacts", str(out))
+    assert code == 2 and "ships its own modeling code" in output, output
+    code, output = _run("check", "--trust-remote-code", "--artifacts", str(out))
+    assert code == 2 and "name the checkpoint yourself" in output, output
+
+
 def test_check_reruns_generation_parity_and_refuses_another_model(
     fork_export: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
@@ -166,6 +176,9 @@ def test_plain_and_moe_checkpoints_generate_token_exact(name: str, tmp_path: Pat
     assert manifest["programs"]["decode"]["memory_layers"] == []
     prompt = torch.tensor([[7, 1, 30]])
     assert _onnx_greedy(out, prompt, 8, LAYERS[name]) == _generate(directory, prompt, 8, False)
+    if name == "llama":  # an hf:DIR without code of its own loads as data: MODEL may go
+        code, output = _run("check", "--artifacts", str(out))
+        assert code == 0 and "parity PASSED (prefill, decode" in output, output
 
 
 def test_bench_times_prefill_and_decode_against_eager(
