@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ...models.builtin import LoadedModel
+from .. import first_line
 from ..capture import DEFAULT_MAX_BATCH, DynamicAxis, ProgramSpec
 
 TASK = "text-generation"
@@ -196,8 +197,16 @@ def build_programs(hf: LoadedModel, max_cache_len: int | None = None) -> Generat
     prefill = PrefillProgram(model, length).eval()
     sizes = [(EXAMPLE_BATCH, min(EXAMPLE_TOKENS, length)), (1, 1), (3, 5), (1, length)]
     prompts = [tokens(b, min(t, length)) for b, t in sizes]
-    with torch.no_grad():
-        filled = [prefill(p) for p in prompts]
+    try:
+        with torch.no_grad():
+            filled = [prefill(p) for p in prompts]
+    except GenerationError:
+        raise
+    except Exception as exc:  # an architecture whose forward takes no static cache
+        raise GenerationError(
+            f"{hf.source} does not run with transformers' StaticCache: "
+            f"{type(exc).__name__}: {first_line(exc, 200)}"
+        ) from None
     layers = (len(filled[0]) - 1) // 2
     past, present = cache_names(layers)
     batch = [DynamicAxis(0, 0, "batch", 1, DEFAULT_MAX_BATCH, "named")]
