@@ -14,7 +14,7 @@ import torch
 from ..compiler.artifacts import ArtifactError, read_manifest, verify_artifacts
 from ..compiler.bench.report import markdown, write_reports
 from ..compiler.bench.run import ALL_BACKENDS, BENCH_SCHEMA, make_backends, run_bench
-from ..compiler.capture import CaptureResult
+from ..compiler.capture import DEFAULT_MAX_BATCH, CaptureResult
 from ..compiler.formats import manifest_formats
 from ..compiler.generation.programs import PROGRAMS
 from ..compiler.generation.programs import TASK as GENERATION
@@ -155,7 +155,7 @@ def bench(
     if artifacts is not None and manifest.get("task") == GENERATION:
         _bench_generation(
             model, weights, allow_unsafe_pickle, allow_native_code, artifacts, manifest,
-            token_list, batch, wanted, budget, thread_count, out,
+            formats, token_list, batch, wanted, budget, thread_count, out,
         )  # fmt: skip
         return
     loaded = load(model, weights, allow_unsafe_pickle)
@@ -188,6 +188,7 @@ def _bench_generation(
     native_code: bool,
     artifacts: Path,
     manifest: dict[str, Any],
+    formats: list[str],
     prompt_lengths: list[int],
     batch: int,
     wanted: list[str],
@@ -215,8 +216,8 @@ def _bench_generation(
             progress(f"note: prompts longer than the cache ({length}) left out")
         if not lengths:
             raise ArtifactError(f"no --tokens size fits the export's cache of {length} tokens")
-        if batch > 64:
-            raise ArtifactError(f"--batch {batch}: the programs admit 1..64")
+        if batch > DEFAULT_MAX_BATCH:
+            raise ArtifactError(f"--batch {batch}: the programs admit 1..{DEFAULT_MAX_BATCH}")
         programs = build_programs(loaded, length)
         compiled = {name: compile_model(programs.loaded(name), progress) for name in PROGRAMS}
     chosen = [b for b in wanted if b in GENERATION_BACKENDS]
@@ -225,7 +226,7 @@ def _bench_generation(
         progress(f"note: {', '.join(left)} not benched for text-generation")
     with bad_input():
         report = run_generation_bench(
-            programs, compiled, artifacts, chosen, formats_of(manifest), native_code,
+            programs, compiled, artifacts, chosen, formats, native_code,
             lengths, batch, budget, progress, threads,
         )  # fmt: skip
     for name in left:
@@ -238,7 +239,3 @@ def _bench_generation(
     atomic_write(out / "bench.json", json_text(report))
     atomic_write(out / "bench.md", text)
     click.echo(text)
-
-
-def formats_of(manifest: dict[str, Any]) -> list[str]:
-    return [f for f in manifest.get("formats", []) if isinstance(f, str)]

@@ -28,10 +28,9 @@ from ..parity.compare import (
     SelectionComparison,
     Tolerance,
     compare_outputs,
-    compare_selections,
 )
-from ..parity.selections import SitePlan, SiteRecord, layer_selections, run_recording_sites
-from ..parity.stages import Stage
+from ..parity.selections import SitePlan, SiteRecord, run_recording_sites
+from ..parity.stages import Stage, compare_lookups
 
 NEW_TOKENS = 8
 
@@ -175,18 +174,14 @@ def _compare_steps(
             compare_outputs(f"logits @ {tag}", reference.logits[step], candidate.logits[step], tol)
         )
         program = 0 if step == 0 else 1
-        ref = layer_selections(reference.records[step], plans[program])
-        cand = layer_selections(candidate.records[step], stage_plans[program])
-        problem = next((x for x in (ref, cand) if isinstance(x, str)), None)
-        if problem is None and len(ref) != len(cand):
-            problem = f"{len(cand)} memory lookups selected slots vs {len(ref)} in the reference"
-        if problem is None and not ref and plans[program].names:
+        if not reference.records[step] and plans[program].names:
             problem = "the reference's selections could not be split into steps"
-        if problem is not None:
             report.selections.append(SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem))
         else:
-            for name, r, c in zip(plans[program].names, ref, cand, strict=True):
-                report.selections.append(compare_selections(f"{name} @ {tag}", r, c, tol))  # type: ignore[arg-type]
+            report.selections += compare_lookups(
+                tag, reference.records[step], plans[program], candidate.records[step],
+                stage_plans[program], tol,
+            )  # fmt: skip
         if reference.tokens[step] != candidate.tokens[step]:
             break  # the contexts differ from here on
 

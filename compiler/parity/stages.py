@@ -85,24 +85,37 @@ def run_parity(
                 continue
             for j, (r, c) in enumerate(zip(ref_outs, outs, strict=True)):
                 report.outputs.append(compare_outputs(f"output {j} @ {tag}", r, c, tolerance))
-            ref_sels = layer_selections(ref_records, plan)
-            cand_sels = layer_selections(records, stage.plan or plan)
-            problem = next((x for x in (ref_sels, cand_sels) if isinstance(x, str)), None)
-            if problem is None and len(ref_sels) != len(cand_sels):
-                problem = (
-                    f"{len(cand_sels)} memory lookups selected slots vs {len(ref_sels)} in the "
-                    "reference: selections cannot be aligned"
-                )
-            if problem is not None:
-                comparison = SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem)
-                report.selections.append(comparison)
-                continue
-            for name, ref_sel, cand_sel in zip(plan.names, ref_sels, cand_sels, strict=True):
-                report.selections.append(
-                    compare_selections(f"{name} @ {tag}", ref_sel, cand_sel, tolerance)  # type: ignore[arg-type]
-                )
+            report.selections += compare_lookups(
+                tag, ref_records, plan, records, stage.plan or plan, tolerance
+            )
         reports.append(report)
     return ParityReport(reports, [[list(_shape_of(x))] for x in inputs_list], tolerance)
+
+
+def compare_lookups(
+    tag: str,
+    ref_records: list[SiteRecord],
+    ref_plan: SitePlan,
+    records: list[SiteRecord],
+    plan: SitePlan,
+    tolerance: Tolerance,
+) -> list[SelectionComparison]:
+    """Per lookup of ``ref_plan``, the reference's selected slots against a stage's (its
+    sites read with ``plan``); one failed comparison when they cannot be aligned."""
+    ref_sels = layer_selections(ref_records, ref_plan)
+    cand_sels = layer_selections(records, plan)
+    problem = next((x for x in (ref_sels, cand_sels) if isinstance(x, str)), None)
+    if problem is None and len(ref_sels) != len(cand_sels):
+        problem = (
+            f"{len(cand_sels)} memory lookups selected slots vs {len(ref_sels)} in the "
+            "reference: selections cannot be aligned"
+        )
+    if problem is not None:
+        return [SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem)]
+    return [
+        compare_selections(f"{name} @ {tag}", ref_sel, cand_sel, tolerance)  # type: ignore[arg-type]
+        for name, ref_sel, cand_sel in zip(ref_plan.names, ref_sels, cand_sels, strict=True)
+    ]
 
 
 def _failed_output(name: str, message: str) -> OutputComparison:
