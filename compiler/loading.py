@@ -256,7 +256,9 @@ def load_weights(path: Path, allow_unsafe_pickle: bool = False) -> dict[str, Any
             "convert it to safetensors, or pass --allow-unsafe-pickle if you trust its author"
         ) from None
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelLoadError(f"cannot read weights {path} (truncated?): {described(exc)}") from None
+        raise ModelLoadError(
+            f"cannot read weights {path} (corrupt, or truncated?): {described(exc)}"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a training checkpoint's usual wrapping
     if not isinstance(state, dict):
