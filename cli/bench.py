@@ -6,20 +6,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
-from ..compiler.artifacts import ArtifactError, read_manifest, verify_artifacts
-from ..compiler.bench.report import markdown, write_reports
-from ..compiler.bench.run import ALL_BACKENDS, BENCH_SCHEMA, make_backends, run_bench
-from ..compiler.capture import DEFAULT_MAX_BATCH, CaptureResult
-from ..compiler.formats import manifest_formats
-from ..compiler.generation.programs import PROGRAMS
-from ..compiler.generation.programs import TASK as GENERATION
-from ..compiler.loading import DEFAULT_MODEL
-from ..compiler.pipeline import check_same_model, compile_model
+from ..compiler.artifacts import ArtifactError, manifest_formats, read_manifest, verify_artifacts
+from ..compiler.inputs.options import BENCH_BACKENDS as ALL_BACKENDS
+from ..compiler.inputs.options import BENCH_SCHEMA
+from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
+from ..compiler.inputs.options import GENERATION_TASK as GENERATION
+from ..compiler.inputs.sources import DEFAULT_MODEL
 from .check import check_task, model_named_by
 from .options import (
     InputError,
@@ -27,8 +23,12 @@ from .options import (
     load,
     model_options,
     native_code_option,
+    preflight,
     progress,
 )
+
+if TYPE_CHECKING:
+    from ..compiler.capture import CaptureResult
 
 
 def _int_list(text: str) -> list[int]:
@@ -111,15 +111,13 @@ def bench(
     compare: Path | None,
 ) -> None:
     """Time every available backend of MODEL on the same inputs, with parity checked first."""
-    # the count the command started with: a user's factory may change torch's on loading
-    thread_count = threads if threads is not None else torch.get_num_threads()
     cores = os.cpu_count() or 1
     # oversubscribing a little is a choice; thousands of threads crash the runtimes' pools
     most = max(4 * cores, 16)
-    if thread_count > most:
-        raise InputError(f"--threads {thread_count}: at most {most} on these {cores} cores")
-    if thread_count > cores:
-        progress(f"note: --threads {thread_count} is more than the {cores} cores here")
+    if threads is not None and threads > most:
+        raise InputError(f"--threads {threads}: at most {most} on these {cores} cores")
+    if threads is not None and threads > cores:
+        progress(f"note: --threads {threads} is more than the {cores} cores here")
     token_list = _int_list(tokens)
     if not math.isfinite(budget) or not 0 < budget <= 3600:
         raise InputError(f"--budget {budget}: give seconds per point, above 0 and at most 3600")
@@ -152,6 +150,15 @@ def bench(
     if model is None:  # a folder names no model to load: only a bundled one
         with bad_input():
             model = DEFAULT_MODEL if artifacts is None else model_named_by(manifest, artifacts)
+    preflight(model, weights)
+    if threads is None:
+        # the count the command started with (torch's own default is the machine's cores
+        # unless the environment says otherwise): a user's factory may change it on loading
+        import torch
+
+        thread_count = torch.get_num_threads()
+    else:
+        thread_count = threads
     if artifacts is not None and manifest.get("task") == GENERATION:
         _bench_generation(
             model, weights, allow_unsafe_pickle, allow_native_code, artifacts, manifest,
@@ -159,6 +166,10 @@ def bench(
         )  # fmt: skip
         return
     loaded = load(model, weights, allow_unsafe_pickle)
+    from ..compiler.bench.report import markdown, write_reports
+    from ..compiler.bench.run import make_backends, run_bench
+    from ..compiler.pipeline import check_same_model, compile_model
+
     with bad_input():
         if artifacts is not None:
             check_same_model(loaded, manifest, artifacts)
@@ -203,8 +214,10 @@ def _bench_generation(
         generation_markdown,
         run_generation_bench,
     )
+    from ..compiler.capture import DEFAULT_MAX_BATCH
     from ..compiler.generation.export import recorded_cache_len
     from ..compiler.generation.programs import build_programs
+    from ..compiler.pipeline import check_same_model, compile_model
     from ..files import atomic_write
 
     loaded = load(model, weights, allow_unsafe_pickle)

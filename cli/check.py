@@ -8,10 +8,8 @@ from typing import Any
 import click
 
 from ..compiler.artifacts import ArtifactError, json_text, read_manifest
-from ..compiler.generation.export import check_generation
-from ..compiler.generation.programs import TASK as GENERATION
-from ..compiler.hf import PREFIX as HF_PREFIX
-from ..compiler.pipeline import check_artifacts
+from ..compiler.inputs.options import GENERATION_TASK as GENERATION
+from ..compiler.inputs.sources import HF_PREFIX
 from ..files import atomic_write
 from .options import bad_input, load, model_options, native_code_option, progress
 
@@ -88,6 +86,9 @@ def check(
         if report is not None and report.is_dir():
             raise ArtifactError(f"--report {report} is a folder; give a file name")
     loaded = load(model, weights, allow_unsafe_pickle)
+    from ..compiler.generation.export import check_generation
+    from ..compiler.pipeline import check_artifacts
+
     with bad_input():
         if manifest.get("task") == GENERATION:
             result: Any = check_generation(loaded, artifacts, progress, allow_native_code)

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import click
 
-from ..compiler.formats import FORMATS, ExportOptions, TensorRTOptions, resolve
-from ..compiler.generation.programs import TASK as GENERATION
-from ..compiler.onnx.domain import FORMS as ONNX_FORMS
-from ..compiler.pipeline import export_model
-from ..plugins.bundle import DEFAULT_SMS
-from .options import InputError, bad_input, load, model_options, progress
+from ..compiler.artifacts import check_out_folder
+from ..compiler.inputs.options import (
+    DEFAULT_SMS,
+    FORMAT_NEEDS,
+    ONNX_FORMS,
+    ExportOptions,
+    TensorRTOptions,
+    plan_formats,
+)
+from ..compiler.inputs.options import FORWARD_TASK as FORWARD
+from ..compiler.inputs.options import GENERATION_TASK as GENERATION
+from .options import InputError, bad_input, load, model_options, preflight, progress
 
 
 @click.command("export")
@@ -27,7 +33,7 @@ from .options import InputError, bad_input, load, model_options, progress
     "formats",
     default="onnx",
     show_default=True,
-    help=f"Comma-separated artifact formats: {', '.join(FORMATS)}.",
+    help=f"Comma-separated artifact formats: {', '.join(FORMAT_NEEDS)}.",
 )
 @click.option("--opset", default=20, show_default=True, help="ONNX opset of the exported graph.")
 @click.option(
@@ -62,8 +68,8 @@ from .options import InputError, bad_input, load, model_options, progress
 )
 @click.option(
     "--task",
-    type=click.Choice(["forward", GENERATION]),
-    default="forward",
+    type=click.Choice([FORWARD, GENERATION]),
+    default=FORWARD,
     show_default=True,
     help=f"forward: one program over whole sequences; {GENERATION} (hf:DIR): prefill and "
     "decode programs with a static KV cache.",
@@ -102,7 +108,9 @@ def export(
     trt = TensorRTOptions(trt_mode, trt_package, precision, profile_batch, profile_tokens, sms)
     options = ExportOptions(opset, onnx_form, trt)
     with bad_input():
-        resolve(tuple(names), options)  # every option checked before the model loads
+        plan_formats(tuple(names), options)  # every option checked before the model loads
+        check_out_folder(out)
+    preflight(model, weights)
     if task == GENERATION:
         _export_generation(
             model, weights, allow_unsafe_pickle, out, tuple(names), options, max_cache_len
@@ -111,6 +119,8 @@ def export(
     if max_cache_len is not None:
         raise InputError(f"--max-cache-len applies to --task {GENERATION}")
     loaded = load(model, weights, allow_unsafe_pickle)
+    from ..compiler.pipeline import export_model
+
     with bad_input():
         _, report = export_model(loaded, out, progress, formats=tuple(names), options=options)
     click.echo(f"exported {loaded.source} to {out}: parity {report.verdict()}")

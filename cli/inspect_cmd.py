@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from ..compiler.artifacts import json_text
-from ..compiler.pipeline import inspect_model
 from .options import bad_input, load, model_options, progress
 
 
@@ -17,6 +16,8 @@ from .options import bad_input, load, model_options, progress
 def inspect(model: str, weights: Path | None, allow_unsafe_pickle: bool, as_json: bool) -> None:
     """Show what the passes find and change in MODEL (default: the bundled trained model)."""
     loaded = load(model, weights, allow_unsafe_pickle)
+    from ..compiler.pipeline import inspect_model
+
     with bad_input():
         report = inspect_model(loaded, progress)
     if as_json:

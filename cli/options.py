@@ -9,33 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..compiler.artifacts import ArtifactError
-from ..compiler.capture import CaptureError
-from ..compiler.formats import OptionError
-from ..compiler.generation.programs import GenerationError
-from ..compiler.loading import DEFAULT_MODEL, ModelLoadError, load_model
-from ..compiler.onnx.export import OpsetError
-from ..compiler.tensorrt.package import TensorRTError
-from ..compiler.tensorrt.prepare import TensorRTLimitError
-from ..models.builtin import LoadedModel
+from ..compiler.inputs.errors import INPUT_ERRORS
+from ..compiler.inputs.sources import DEFAULT_MODEL, preflight_model
+
+if TYPE_CHECKING:
+    from ..models.builtin import LoadedModel
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# what a user's input can be wrong in: each carries a one-line message saying what to do
-INPUT_ERRORS = (
-    ModelLoadError,
-    ArtifactError,
-    CaptureError,
-    OptionError,
-    GenerationError,
-    OpsetError,
-    TensorRTError,
-    TensorRTLimitError,
-)
 
 
 class InputError(click.ClickException):
@@ -97,8 +81,17 @@ def progress(message: str) -> None:
     click.echo(f"[ultramem] {message}", err=True)
 
 
+def preflight(model: str, weights: Path | None) -> None:
+    """Refuse a MODEL that can never load, before any long import or work."""
+    with bad_input():
+        preflight_model(model, weights)
+
+
 def load(model: str, weights: Path | None, allow_unsafe_pickle: bool) -> LoadedModel:
+    preflight(model, weights)
     progress(f"loading {model}")
+    from ..compiler.loading import load_model  # torch and the model's code: seconds
+
     with bad_input():
         ctx = click.get_current_context(silent=True)
         trust = bool(ctx and ctx.meta.get("ultramem.trust_remote_code"))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-AOTI_FILE = "model.aoti.pt2"
+from .inputs.options import AOTI_FILE as AOTI_FILE
 
 
 def export_aoti(program: ExportedProgram, path: Path) -> Path:

@@ -21,14 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .inputs.errors import ArtifactError
+from .inputs.options import FORMAT_MARKERS, FORMAT_NEEDS
+
 MANIFEST = "manifest.json"
 MANIFEST_KIND = "ultramem-artifacts"
 # 2: source records --weights and the weights' fingerprint; stages not run have no verdict
 MANIFEST_SCHEMA = 2
-
-
-class ArtifactError(ValueError):
-    """An output folder or artifact that cannot be used; the message says what to do."""
 
 
 def sha256_file(path: Path) -> str:
@@ -105,6 +104,46 @@ def _ours(name: str) -> bool:
     return name.startswith(STAGING_PREFIX) or name == LOCK_FILE
 
 
+def check_out_folder(out: Path) -> bool:
+    """Whether ``out`` exists; ``ArtifactError`` unless it is a folder an export may write:
+    new, empty, or an earlier export of ours. Writes nothing, imports nothing heavy: the
+    CLI calls it before the model loads, the writer again when it takes the folder."""
+    try:
+        exists = out.exists()
+    except OSError as exc:  # a name too long, a loop of links
+        raise ArtifactError(f"--out {out}: {exc.strerror}") from None
+    if not exists:
+        return False
+    if not out.is_dir():
+        raise ArtifactError(f"--out {out} exists and is not a folder")
+    try:
+        entries = [p for p in out.iterdir() if not _ours(p.name)]
+    except OSError as exc:
+        raise ArtifactError(f"cannot read --out {out}: {exc.strerror}") from None
+    if not entries:
+        return True
+    path = out / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"--out {out} is not empty and holds no ultramem manifest; choose a new or empty folder"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        raise ArtifactError(
+            f"--out {out} holds a {MANIFEST} that ultramem did not write; it is left "
+            "alone: choose a new or empty folder"
+        )
+    if not isinstance(manifest.get("schema"), int) or manifest["schema"] > MANIFEST_SCHEMA:
+        raise ArtifactError(
+            f"--out {out} was written by a newer ultramem (manifest schema "
+            f"{manifest.get('schema')!r}); choose another folder"
+        )
+    return True
+
+
 class ArtifactWriter:
     """Stage files under ``out`` and publish them together, or not at all.
 
@@ -120,20 +159,7 @@ class ArtifactWriter:
         self._created = False
         self._lock: int | None = None
         self._lock_created = False
-        try:
-            exists = out.exists()
-        except OSError as exc:  # a name too long, a loop of links
-            raise ArtifactError(f"--out {out}: {exc.strerror}") from None
-        if exists:
-            if not out.is_dir():
-                raise ArtifactError(f"--out {out} exists and is not a folder")
-            try:
-                entries = [p for p in out.iterdir() if not _ours(p.name)]
-            except OSError as exc:
-                raise ArtifactError(f"cannot read --out {out}: {exc.strerror}") from None
-            if entries:
-                self._check_ours(out)
-        else:
+        if not check_out_folder(out):
             try:
                 out.mkdir(parents=True)
             except OSError as exc:
@@ -151,29 +177,6 @@ class ArtifactWriter:
             self.abort()
             raise ArtifactError(f"cannot write into --out {out}: {exc.strerror}") from None
         self.artifacts: list[dict[str, Any]] = []
-
-    @staticmethod
-    def _check_ours(out: Path) -> None:
-        path = out / MANIFEST
-        if not path.is_file():
-            raise ArtifactError(
-                f"--out {out} is not empty and holds no ultramem manifest; "
-                "choose a new or empty folder"
-            )
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            manifest = None
-        if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
-            raise ArtifactError(
-                f"--out {out} holds a {MANIFEST} that ultramem did not write; it is left "
-                "alone: choose a new or empty folder"
-            )
-        if not isinstance(manifest.get("schema"), int) or manifest["schema"] > MANIFEST_SCHEMA:
-            raise ArtifactError(
-                f"--out {out} was written by a newer ultramem (manifest schema "
-                f"{manifest.get('schema')!r}); choose another folder"
-            )
 
     def _take_lock(self) -> None:
         path = self.out / LOCK_FILE
@@ -296,3 +299,28 @@ def json_safe(value: Any) -> Any:
 def json_text(value: Any) -> str:
     """Strict JSON (``allow_nan=False``) of ``value``, non-finite floats as null."""
     return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def manifest_formats(
+    manifest: dict[str, Any], folder: Path, programs: tuple[str, ...] = ("",)
+) -> list[str]:
+    """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``.
+    ``programs``: the subfolders each format was written into (a generation export's
+    ``prefill/`` and ``decode/``)."""
+    formats = manifest.get("formats")
+    known = isinstance(formats, list) and all(
+        isinstance(f, str) and f in FORMAT_NEEDS for f in formats
+    )
+    if not known or not formats or len(set(formats)) != len(formats):
+        raise ArtifactError(f"{folder / MANIFEST} lists formats {formats!r}; export again")
+    # each format's file must be a hashed entry: a format whose entry was removed would
+    # be checked (and run) without its hash
+    hashed = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict)}
+    expected = {f: [f"{p}{FORMAT_MARKERS[f]}" for p in programs] for f in formats}
+    unlisted = [path for f in formats for path in expected[f] if path not in hashed]
+    if unlisted:
+        raise ArtifactError(
+            f"{folder / MANIFEST} lists formats without {', '.join(unlisted)} among its "
+            "artifacts; export again"
+        )
+    return formats

@@ -24,15 +24,12 @@ from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
 from . import first_line
+from .inputs.errors import CaptureError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_TOKENS = 4096
-
-
-class CaptureError(ValueError):
-    """A model that ``torch.export`` cannot capture in any mode; the message says why."""
 
 
 @dataclass

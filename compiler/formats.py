@@ -13,9 +13,8 @@ AOTInductor package is a shared library) runs only when the caller trusts the fo
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,46 +22,33 @@ import onnx
 import torch
 
 from ..kernels import DOMAIN, DOMAIN_VERSION
-from ..plugins.bundle import DEFAULT_SMS, SUPPORTED_SMS, build_bundle
+from ..plugins.bundle import build_bundle
 from ..plugins.specs import specs_for_program
 from . import first_line
-from .aoti import AOTI_FILE, export_aoti, load_aoti
-from .artifacts import MANIFEST, ArtifactError, ArtifactWriter
-from .onnx.export import DEFAULT_OPSET, ONNX_OPSETS, count_nodes, export_onnx
+from .aoti import export_aoti, load_aoti
+from .artifacts import ArtifactError, ArtifactWriter
+from .inputs.errors import OptionError
+from .inputs.options import (
+    AOTI_FILE,
+    ENGINE_FILE,
+    FORMAT_NEEDS,
+    KERNELS_DIR,
+    ONNX_FILE,
+    ExportOptions,
+    TensorRTOptions,
+    plan_formats,
+)
+from .onnx.export import count_nodes, export_onnx
 from .onnx.runner import OnnxRunner
 from .parity.plugin_kernels import plugin_kernels_stage
 from .parity.selections import SitePlan, SiteRecord, inlined
 from .parity.stages import Stage, torch_stage
 from .tensorrt.build import EngineInfo, build_engine
-from .tensorrt.package import PACKAGES as TRT_PACKAGES
-from .tensorrt.package import PIP_NAMES as TRT_PIP_NAMES
 from .tensorrt.package import TensorRTError, can_run_engine, import_tensorrt, package_name
-from .tensorrt.profile import ShapeProfile, parse_range
+from .tensorrt.profile import ShapeProfile
 from .tensorrt.runner import EngineRunner
 
-ONNX_FILE = "model.onnx"
-ENGINE_FILE = "model.engine"
-KERNELS_DIR = "kernels"
-
 ProgressFn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    mode: str = "native"
-    package: str | None = None
-    precision: str = "fp32"
-    profile_batch: str | None = None  # "min,opt,max"; default 1,1,8
-    profile_tokens: str | None = None  # default: up to what the capture admits (≤ 256)
-    sms: tuple[int, ...] = DEFAULT_SMS
-    build_sm: int | None = None  # plugin mode: the GPU the engine is built on
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    opset: int = DEFAULT_OPSET
-    onnx_form: str = "custom"
-    trt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
 
 @dataclass
@@ -96,12 +82,7 @@ class Format:
     write: Callable[[ExportJob], dict[str, Any]]
     stages: Callable[[Path, StageContext], list[Stage]]
     needs: tuple[str, ...] = ()
-    marker: str = ""  # the file whose manifest entry says the format was written
     stage: str = ""  # its parity stage's name, for a failure to load it (default: name)
-
-    @property
-    def listed_as(self) -> str:
-        return self.marker or self.files
 
 
 # ---- onnx ------------------------------------------------------------------------------
@@ -277,84 +258,22 @@ FORMATS: dict[str, Format] = {
             f"{KERNELS_DIR}/",
             _write_kernels,
             _kernel_stages,
-            marker=f"{KERNELS_DIR}/bundle.json",
             stage="plugin-kernels",
         ),
         Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages, stage="aotinductor"),
         Format("tensorrt", ENGINE_FILE, _write_tensorrt, _tensorrt_stages, needs=("onnx",)),
     )
 }
-
-
-class OptionError(ValueError):
-    """An export option that cannot be honoured; the message names the flag."""
+if tuple(FORMATS) != tuple(FORMAT_NEEDS) or any(
+    FORMATS[name].needs != needs for name, needs in FORMAT_NEEDS.items()
+):
+    raise ImportError("compiler/formats.py and options.FORMAT_NEEDS disagree on the formats")
 
 
 def resolve(formats: tuple[str, ...], options: ExportOptions) -> list[Format]:
-    """The formats to write, each after those it needs, in the table's order; every
-    option checked against them first (``OptionError``), so nothing is silently ignored."""
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise OptionError(
-            f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
-        )
-    if not formats:
-        raise OptionError(f"--format is empty; choose from {', '.join(FORMATS)}")
-    check_options(set(formats), options)
-    wanted = set(formats)
-    if "tensorrt" in wanted and options.trt.mode == "plugin":
-        wanted.add("kernels")  # the plugins' kernels are the bundle's
-    for name in list(wanted):
-        wanted.update(FORMATS[name].needs)
-    return [f for name, f in FORMATS.items() if name in wanted]
-
-
-def check_options(formats: set[str], options: ExportOptions) -> None:
-    if not ONNX_OPSETS[0] <= options.opset <= ONNX_OPSETS[-1]:
-        raise OptionError(
-            f"--opset {options.opset} is outside {ONNX_OPSETS[0]}..{ONNX_OPSETS[-1]}, the "
-            "opsets torch.onnx writes as asked and ONNX Runtime runs"
-        )
-    trt, default = options.trt, TensorRTOptions()
-    if "tensorrt" not in formats:
-        given = [
-            flag
-            for flag, value, unset in (
-                ("--precision", trt.precision, default.precision),
-                ("--trt-mode", trt.mode, default.mode),
-                ("--trt-package", trt.package, default.package),
-                ("--profile-batch", trt.profile_batch, None),
-                ("--profile-tokens", trt.profile_tokens, None),
-            )
-            if value != unset
-        ]
-        if given:
-            raise OptionError(
-                f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to TensorRT "
-                "engines: add tensorrt to --format"
-            )
-    if "tensorrt" in formats:
-        wanted = [trt.package] if trt.package else list(TRT_PACKAGES)
-        if not any(importlib.util.find_spec(name) for name in wanted):
-            pips = " or ".join(f"`pip install {TRT_PIP_NAMES[n]}`" for n in wanted)
-            raise OptionError(f"--format tensorrt: {' / '.join(wanted)} is not installed; {pips}")
-    if not trt.sms:
-        raise OptionError("--sm is empty; give the GPUs' SMs, such as 80,90")
-    unsupported = [sm for sm in trt.sms if sm not in SUPPORTED_SMS]
-    if unsupported:
-        raise OptionError(
-            f"--sm {','.join(map(str, unsupported))}: not an SM the kernels compile for; "
-            f"choose from {','.join(map(str, SUPPORTED_SMS))}"
-        )
-    for flag, text in (
-        ("--profile-batch", trt.profile_batch),
-        ("--profile-tokens", trt.profile_tokens),
-    ):
-        if text is not None:
-            try:
-                parse_range(text)
-            except ValueError as exc:
-                raise OptionError(f"{flag}: {exc}") from None
+    """The formats to write, each after those it needs (``options.plan_formats``: every
+    option checked first, so nothing is silently ignored)."""
+    return [FORMATS[name] for name in plan_formats(formats, options)]
 
 
 def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> list[Stage]:
@@ -369,29 +288,6 @@ def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> 
     for stage in stages:
         stage.plan = stage.plan or ctx.plan
     return stages
-
-
-def manifest_formats(
-    manifest: dict[str, Any], folder: Path, programs: tuple[str, ...] = ("",)
-) -> list[str]:
-    """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``.
-    ``programs``: the subfolders each format was written into (a generation export's
-    ``prefill/`` and ``decode/``)."""
-    formats = manifest.get("formats")
-    known = isinstance(formats, list) and all(isinstance(f, str) and f in FORMATS for f in formats)
-    if not known or not formats or len(set(formats)) != len(formats):
-        raise ArtifactError(f"{folder / MANIFEST} lists formats {formats!r}; export again")
-    # each format's file must be a hashed entry: a format whose entry was removed would
-    # be checked (and run) without its hash
-    hashed = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict)}
-    expected = {f: [f"{p}{FORMATS[f].listed_as}" for p in programs] for f in formats}
-    unlisted = [path for f in formats for path in expected[f] if path not in hashed]
-    if unlisted:
-        raise ArtifactError(
-            f"{folder / MANIFEST} lists formats without {', '.join(unlisted)} among its "
-            "artifacts; export again"
-        )
-    return formats
 
 
 def _failing_stage(fmt: Format, exc: Exception) -> Stage:

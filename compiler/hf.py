@@ -23,8 +23,8 @@ import torch
 
 from ..models.builtin import LoadedModel
 from . import first_line
+from .inputs.sources import HF_PREFIX as PREFIX
 
-PREFIX = "hf:"
 EXAMPLE_TOKENS = 16
 
 

@@ -25,16 +25,13 @@ from typing import Any
 
 import torch
 
-from ..models.builtin import DEFAULT_BUILTIN, LoadedModel, load_builtin
+from ..models.builtin import LoadedModel, load_builtin
 from . import described, first_line
-from .hf import PREFIX, HFLoadError, load_hf
+from .hf import HFLoadError, load_hf
+from .inputs.errors import ModelLoadError
+from .inputs.sources import BUILTIN_PREFIX, HF_PREFIX, preflight_model
+from .inputs.sources import DEFAULT_MODEL as DEFAULT_MODEL
 from .safe_pt2 import UnsafeArchive, load_untrusted_pt2, pickle_refusal
-
-DEFAULT_MODEL = f"builtin:{DEFAULT_BUILTIN}"
-
-
-class ModelLoadError(ValueError):
-    """A MODEL or weights argument that cannot be used; the message says what to do."""
 
 
 def load_model(
@@ -43,32 +40,23 @@ def load_model(
     allow_unsafe_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    if spec.startswith("builtin:"):
-        if weights is not None:
-            raise ModelLoadError("--weights applies to package.module:factory models only")
+    kind = preflight_model(spec, weights)
+    if kind == "builtin":
         try:
-            return load_builtin(spec.removeprefix("builtin:"))
+            return load_builtin(spec.removeprefix(BUILTIN_PREFIX))
         except KeyError as exc:
             raise ModelLoadError(str(exc.args[0])) from None
-    if spec.startswith(PREFIX):
-        if weights is not None:
-            raise ModelLoadError("--weights does not apply to hf:DIR (its weights are in DIR)")
+    if kind == "hf":
         try:
             loaded = load_hf(
-                Path(spec.removeprefix(PREFIX)), trust_remote_code, allow_unsafe_pickle
+                Path(spec.removeprefix(HF_PREFIX)), trust_remote_code, allow_unsafe_pickle
             )
         except HFLoadError as exc:
             raise ModelLoadError(str(exc)) from None
         return _runs(loaded)
-    if spec.endswith(".pt2"):
-        if weights is not None:
-            raise ModelLoadError("--weights applies to package.module:factory models only")
+    if kind == "pt2":
         return _load_pt2(Path(spec), allow_unsafe_pickle)
-    if ":" in spec:
-        return _load_factory(spec, weights, allow_unsafe_pickle)
-    raise ModelLoadError(
-        f"unknown MODEL {spec!r}: use builtin:NAME, a .pt2 file, package.module:factory or hf:DIR"
-    )
+    return _load_factory(spec, weights, allow_unsafe_pickle)
 
 
 def _load_pt2(path: Path, allow_unsafe_pickle: bool) -> LoadedModel:
@@ -97,8 +85,6 @@ def _load_pt2(path: Path, allow_unsafe_pickle: bool) -> LoadedModel:
 
 def _load_factory(spec: str, weights: Path | None, allow_unsafe_pickle: bool) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelLoadError(f"MODEL {spec!r} must read package.module:factory")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

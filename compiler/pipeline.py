@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from ..models.builtin import LoadedModel
-from .artifacts import ArtifactError, ArtifactWriter, json_text, read_manifest, verify_artifacts
+from .artifacts import (
+    ArtifactError,
+    ArtifactWriter,
+    json_text,
+    manifest_formats,
+    read_manifest,
+    verify_artifacts,
+)
 from .capture import DEFAULT_MAX_TOKENS, CaptureResult, capture, parity_inputs
 from .formats import (
     ExportJob,
@@ -26,7 +33,6 @@ from .formats import (
     StageContext,
     engine_profile,
     folder_stages,
-    manifest_formats,
     resolve,
 )
 from .inspection import Inspection, fused_layer_table

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .catalog import BUILTIN_DIR, DEFAULT_BUILTIN
+from .catalog import list_builtins as list_builtins
 from .config import LMConfig, UltraMemConfig
 from .lm import UltraMemLM
 from .ultramem import UltraMemLayer
-
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-DEFAULT_BUILTIN = "facts"
 
 
 @dataclass
@@ -34,10 +33,6 @@ class LoadedModel:
     example_inputs: tuple[torch.Tensor, ...]
     source: str
     metadata: dict[str, Any]
-
-
-def list_builtins() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
 
 
 def example_tokens(cfg: LMConfig, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -60,7 +55,7 @@ def save_builtin(
 
 
 def load_builtin(name: str = DEFAULT_BUILTIN, directory: Path = BUILTIN_DIR) -> LoadedModel:
-    known = sorted(p.stem for p in directory.glob("*.json"))
+    known = list_builtins(directory)
     # only a name from the listing: "../x" must not reach outside the folder
     if name not in known:
         raise KeyError(f"unknown builtin model {name!r}; known: {', '.join(known) or 'none'}")

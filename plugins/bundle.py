@@ -44,15 +44,11 @@ import triton
 from ..files import atomic_write
 from ..kernels import triton_kernels
 from .metadata import ArgInfo, BundleManifest, KernelMetadata
+from .sms import DEFAULT_SMS
 from .specs import KernelSpec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SMS = (80, 86, 89, 90, 100, 120)
-# SMs this Triton compiles the kernels for (each tried on 2026-12-01, Triton 3.x on CPU);
-# sm_101 aborts inside LLVM ("Cannot select: intrinsic redux.sync.fmax"), and a size
-# that is no SM at all (7, 999) aborts the process: both are refused before compiling
-SUPPORTED_SMS = (60, 70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
 WARP_SIZE = 32
 POINTER_ALIGN = 16  # bytes; the JIT's tt.divisibility hint for torch's allocations
 SCRATCH_NAMES = ("global_scratch", "profile_scratch")  # the order Triton appends them in

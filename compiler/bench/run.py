@@ -31,6 +31,8 @@ from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
 from ..capture import like_inputs
 from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
+from ..inputs.options import BENCH_BACKENDS as ALL_BACKENDS
+from ..inputs.options import BENCH_SCHEMA as BENCH_SCHEMA
 from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
 from ..parity.stages import tensor_leaves
@@ -53,18 +55,6 @@ from .timing import (
     too_busy,
     too_noisy,
     within_noise,
-)
-
-BENCH_SCHEMA = "ultramem-bench/1"
-ALL_BACKENDS = (
-    "eager",
-    "torch.compile",
-    "fused-ops",
-    "onnxruntime-cpu",
-    "onnxruntime-cuda",
-    "plugin-kernels",
-    "aotinductor",
-    "tensorrt",
 )
 
 # the backends whose CPU work runs on torch's intra-op pool (``torch_threads``)

@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from ...models.builtin import LoadedModel
-from ..artifacts import ArtifactError, ArtifactWriter, json_text, read_manifest, verify_artifacts
+from ..artifacts import (
+    ArtifactError,
+    ArtifactWriter,
+    json_text,
+    manifest_formats,
+    read_manifest,
+    verify_artifacts,
+)
 from ..formats import (
     ExportJob,
     ExportOptions,
     ProgressFn,
     engine_profile,
-    manifest_formats,
     resolve,
 )
 from ..parity.compare import ParityReport, tolerance_for

@@ -29,16 +29,14 @@ from torch import Tensor
 from ...models.builtin import LoadedModel
 from .. import first_line
 from ..capture import DEFAULT_MAX_BATCH, DynamicAxis, ProgramSpec
+from ..inputs.errors import GenerationError
+from ..inputs.options import GENERATION_PROGRAMS, GENERATION_TASK
 
-TASK = "text-generation"
-PROGRAMS = ("prefill", "decode")
+TASK = GENERATION_TASK
+PROGRAMS = GENERATION_PROGRAMS
 DEFAULT_MAX_CACHE_LEN = 256
 EXAMPLE_BATCH = 2  # not 1: torch.export would pin a size-1 batch
 EXAMPLE_TOKENS = 8
-
-
-class GenerationError(ValueError):
-    """A model or option the generation task cannot honour; one line saying why."""
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:

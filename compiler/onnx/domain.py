@@ -25,8 +25,6 @@ from onnxscript.values import Opset
 from ...kernels import DOMAIN, DOMAIN_VERSION, OPS, OpSpec, op_overload, op_spec
 from .bodies import BODIES
 
-FORMS = ("custom", "portable")
-
 _TYPES = {
     "float": ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
     "index": ["tensor(int64)", "tensor(int32)"],

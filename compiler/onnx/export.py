@@ -27,21 +27,15 @@ from onnx import helper
 from torch.export import ExportedProgram
 
 from ..capture import CaptureResult
-from .domain import FORMS, attach_functions, inline_functions, translation_table
+from ..inputs.errors import OpsetError
+from ..inputs.options import DEFAULT_OPSET
+from ..inputs.options import ONNX_FORMS as FORMS
+from .domain import attach_functions, inline_functions, translation_table
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 20
-# what torch.onnx writes as asked (below 17 it writes 18 instead) and ONNX Runtime 1.32
-# loads (26 and up: its checker rejects the attention nodes torch.onnx writes there)
-ONNX_OPSETS = range(17, 26)
-
 
 EXTERNAL_DATA_BYTES = 1 << 30
-
-
-class OpsetError(ValueError):
-    """An opset torch.onnx cannot write the model in; the message names one it can."""
 
 
 def weight_bytes(program: ExportedProgram) -> int:

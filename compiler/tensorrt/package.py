@@ -10,14 +10,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..inputs.errors import TensorRTError
+
 PACKAGES = ("tensorrt", "tensorrt_rtx")
 PIP_NAMES = {"tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx"}
 # TensorRT-RTX 1.7 engines run on these only (its runtime's message on sm_90, PLATFORMS.md).
 RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
-
-
-class TensorRTError(RuntimeError):
-    """Parsing or building failed; the message carries every error TensorRT reported."""
 
 
 def import_tensorrt(package: str | None = None) -> ModuleType:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..inputs.errors import TensorRTLimitError
 from ..onnx.domain import node_attributes
 
 TOPK_MAX_K = 3840  # ITopKLayer; tensorrt_rtx 1.7 builds K = 3840 and refuses 3841
@@ -30,10 +31,6 @@ EINSUM_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
 Precision = Literal["fp32", "fp16", "bf16"]
 _LOW = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
-
-
-class TensorRTLimitError(ValueError):
-    """The ONNX graph breaks a known TensorRT limit; the message names the node and limit."""
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
