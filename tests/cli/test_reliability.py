@@ -475,12 +475,12 @@ def test_bench_leaves_out_token_counts_the_model_cannot_take(
 def test_an_internal_error_is_one_line_with_exit_3(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ultramem.cli.export as export_cmd
+    import ultramem.compiler.pipeline as pipeline  # the command imports it when it runs
 
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("simulated bug\nwith a second line")
 
-    monkeypatch.setattr(export_cmd, "export_model", broken)
+    monkeypatch.setattr(pipeline, "export_model", broken)
     outcome = cli(capsys, "export", "--out", str(tmp_path / "o"))
     assert outcome.code == 3
     assert "internal error: RuntimeError: simulated bug (a bug" in outcome.error_line()
