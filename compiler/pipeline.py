@@ -37,7 +37,7 @@ from .formats import (
 )
 from .inspection import Inspection, fused_layer_table
 from .loading import model_fingerprint
-from .parity.compare import ParityReport
+from .parity.compare import ParityReport, StageReport
 from .parity.selections import memory_layer_names, site_plan
 from .parity.stages import Stage, run_parity, torch_stage
 from .rewrite import RewriteResult, op_counts, rewrite
@@ -259,16 +259,21 @@ def check_artifacts(
 
 
 def parity_summary(report: ParityReport) -> dict[str, Any]:
-    return {
-        "passed": report.passed,
-        "stages": {
-            s.stage: {
-                "executed": s.executed,
-                "passed": s.passed,
-                "max_abs": max((c.max_abs for c in s.outputs), default=None),
-                "selections_differing": sum(c.differing for c in s.selections),
-                "selections_compared": sum(c.rows for c in s.selections),
-            }
-            for s in report.stages
-        },
+    return {"passed": report.passed, "stages": {s.stage: _stage_summary(s) for s in report.stages}}
+
+
+def _stage_summary(stage: StageReport) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "executed": stage.executed,
+        "passed": stage.passed,
+        "max_abs": max((c.max_abs for c in stage.outputs), default=None),
+        "selections_differing": sum(c.differing for c in stage.selections),
+        "selections_compared": sum(c.rows for c in stage.selections),
+        "near_ties": sum(c.near_ties for c in stage.selections),
     }
+    if not stage.executed:
+        summary["reason"] = stage.reason
+    distances = stage.fp32_distances()
+    if distances is not None:  # half precision: how far from the fp32 maths
+        summary["fp32_distance"], summary["model_fp32_distance"] = distances
+    return summary

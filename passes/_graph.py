@@ -93,11 +93,56 @@ def is_symint(node: Node) -> bool:
     return isinstance(node.meta.get("val"), torch.SymInt)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def widened(value: Any) -> Any:
+    """``value`` in fp32 if it is a half-precision tensor or dtype; else itself."""
+    if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
+        return value.float()
+    if isinstance(value, torch.dtype) and value in HALF_DTYPES:
+        return torch.float32
+    return value
+
+
+class WidenedInterpreter(Interpreter):
+    """Runs a graph with every half-precision tensor, and every dtype argument that would
+    make one, in fp32 (an fp32 graph runs as it is).
+
+    The binders prove that a sub-graph computes an op's maths by evaluating both. In the
+    model's own half precision, rounding decides near-ties and adds errors no two
+    backends share, so no hypothesis would reproduce the model exactly; the maths is the
+    same in every dtype, so it is proven where rounding is negligible, and the fused
+    model is then held to the dtype's near-tie rule by parity (``compiler/rewrite.py``).
+    A weight written in place is widened once per run, so later reads see the writes.
+    """
+
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__(module)
+        self._weights: dict[str, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = tree_map(widened, self.fetch_args_kwargs_from_env(n))
+            if n.op == "get_attr":
+                if n.target not in self._weights:
+                    self._weights[str(n.target)] = widened(self.get_attr(n.target, args, kwargs))
+                return self._weights[str(n.target)]
+            return widened(getattr(self, n.op)(n.target, args, kwargs))
+
+
+def run_widened(gm: GraphModule, *inputs: Any) -> Any:
+    """``gm(*inputs)`` evaluated by :class:`WidenedInterpreter`."""
+    with torch.no_grad():
+        return WidenedInterpreter(gm).run(*inputs)
+
+
 def record_values(gm: GraphModule, inputs: tuple[Any, ...], wanted: set[Node]) -> dict[Node, Any]:
-    """Run ``gm`` once and keep the values of ``wanted`` nodes."""
+    """Run ``gm`` once, widened to fp32 (:class:`WidenedInterpreter`), and keep the values
+    of ``wanted`` nodes."""
     values: dict[Node, Any] = {}
 
-    class _Recorder(Interpreter):
+    class _Recorder(WidenedInterpreter):
         def run_node(self, n: Node) -> Any:
             out = super().run_node(n)
             if n in wanted:

@@ -19,7 +19,7 @@ from onnx import helper
 from ...kernels import DOMAIN, RETRIEVE
 from ..parity.selections import RetrieveRecord, SiteRecord, TopkRecord
 
-_RANKED_FROM = ("row_scores", "col_scores", "cores")
+_RANKED_FROM = ("row_scores", "col_scores", "cores", "row_weight", "col_weight")
 
 
 @dataclass
@@ -45,7 +45,9 @@ def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
             shape = f"{node.output[1]}__probe_shape"
             model.graph.node.append(helper.make_node("Shape", [node.input[0]], [shape]))
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-            sites.append(_Site("topk", (node.output[0], node.output[1]), shape, axis))
+            # what it ranked too: a half-precision near-tie reads the candidates' scores
+            outputs = (node.output[0], node.output[1], node.input[0])
+            sites.append(_Site("topk", outputs, shape, axis))
         elif node.op_type == "Retrieve" and node.domain == DOMAIN:
             # what it ranked from too: the near-tie verdict recomputes the grid scores
             inputs = [node.input[RETRIEVE.input_names.index(n)] for n in _RANKED_FROM]
@@ -132,6 +134,8 @@ class OnnxRunner:
             if site.kind == "retrieve":
                 records.append(RetrieveRecord(*tensors))
             else:
-                size = int(results[site.axis_shape][site.axis])
-                records.append(TopkRecord(tensors[0], tensors[1], size))
+                shape = results[site.axis_shape]
+                axis = site.axis % len(shape)
+                size = int(shape[axis])
+                records.append(TopkRecord(tensors[0], tensors[1], size, axis, tensors[2]))
         return outputs, records

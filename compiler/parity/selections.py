@@ -40,6 +40,7 @@ class TopkRecord:
     indices: Tensor
     input_size: int  # length of the dimension top-k ran over
     dim: int = -1  # that dimension, non-negative
+    ranked: Tensor | None = None  # what it ranked (a candidate stage's near-ties read it)
 
     def ranked_last(self) -> tuple[Tensor, Tensor]:
         return ranked_last(self.values, self.dim), ranked_last(self.indices, self.dim)
@@ -54,6 +55,8 @@ class RetrieveRecord:
     row_scores: Tensor
     col_scores: Tensor
     cores: Tensor
+    row_weight: Tensor | None = None
+    col_weight: Tensor | None = None
 
 
 SiteRecord = TopkRecord | RetrieveRecord
@@ -89,10 +92,16 @@ class SitePlan:
 
 @dataclass
 class Selection:
-    """Selected slot ids [rows, k] and the scores that ranked them (same order)."""
+    """Selected slot ids [rows, k] and the scores that ranked them (same order); for a
+    model's own top-ks also the scores its candidate top-ks ranked ([rows, n] per side),
+    so that a flip decided at the candidate stage can be judged there."""
 
     slots: Tensor
     values: Tensor
+    n: int = 0  # keys per side: slot = row · n + column
+    topm: int = 0
+    row_ranked: Tensor | None = None
+    col_ranked: Tensor | None = None
 
 
 class SiteRecorder(TorchDispatchMode):
@@ -112,7 +121,9 @@ class SiteRecorder(TorchDispatchMode):
             dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
             values, indices = out
             dim = int(dim) % max(x.dim(), 1)
-            self.records.append(TopkRecord(values.detach(), indices.detach(), x.shape[dim], dim))
+            self.records.append(
+                TopkRecord(values.detach(), indices.detach(), x.shape[dim], dim, x.detach())
+            )
         elif func is RETRIEVE_OP:
             bound = RETRIEVE.bind(*args, **(kwargs or {}))
             scores, slots = out
@@ -123,6 +134,8 @@ class SiteRecorder(TorchDispatchMode):
                     bound["row_scores"].detach(),
                     bound["col_scores"].detach(),
                     bound["cores"].detach(),
+                    bound["row_weight"].detach(),
+                    bound["col_weight"].detach(),
                 )
             )
         return out
@@ -236,11 +249,22 @@ def _selection(part: dict[str, Any]) -> Selection | str:
         rec: RetrieveRecord = part["retrieve"][0]
         k = rec.slots.shape[-1]
         ranking = ranking_scores(rec.row_scores, rec.col_scores, rec.cores, rec.slots)
-        return Selection(rec.slots.reshape(-1, k), ranking.reshape(-1, k))
+        n, topm = rec.row_scores.shape[2], 0
+        merged: list[Tensor | None] = [None, None]
+        if rec.row_weight is not None and rec.col_weight is not None:
+            merged = [
+                (scores.float() * weight.float()[None, :, None, :]).sum(-1).reshape(-1, n)
+                for scores, weight in (
+                    (rec.row_scores, rec.row_weight),
+                    (rec.col_scores, rec.col_weight),
+                )
+            ]
+        return Selection(rec.slots.reshape(-1, k), ranking.reshape(-1, k), n, topm, *merged)
     if "final" not in part:
         return "its final top-k was not recorded"
     final: TopkRecord = part["final"][0]
     final_site: Site = part["final"][1]
+    ranked: tuple[Tensor | None, Tensor | None] = (None, None)
     if "joint" in part:
         joint, site = part["joint"]
         indices = (
@@ -250,9 +274,15 @@ def _selection(part: dict[str, Any]) -> Selection | str:
         dim = joint.dim - (1 if site.side_dim < joint.dim else 0)
         rows, cols = (ranked_last(i, dim) for i in indices)
         n = joint.input_size
+        if joint.ranked is not None:
+            sides = (site.row_side, 1 - site.row_side)
+            ranked = tuple(ranked_last(joint.ranked.select(site.side_dim, s), dim) for s in sides)  # type: ignore[assignment]
     elif "row" in part and "col" in part:
-        rows, cols = part["row"][0].ranked_last()[1], part["col"][0].ranked_last()[1]
-        n = part["col"][0].input_size
+        row, col = part["row"][0], part["col"][0]
+        rows, cols = row.ranked_last()[1], col.ranked_last()[1]
+        n = col.input_size
+        if row.ranked is not None and col.ranked is not None:
+            ranked = (ranked_last(row.ranked, row.dim), ranked_last(col.ranked, col.dim))
     else:
         return "its candidate top-ks were not recorded"
     values, pos = final.ranked_last()
@@ -263,7 +293,16 @@ def _selection(part: dict[str, Any]) -> Selection | str:
             f"candidates {tuple(rows.shape)} x {tuple(cols.shape)}"
         )
     k = pos.shape[-1]
-    return Selection(slots.reshape(-1, k), values.reshape(-1, k).float())
+    row_ranked, col_ranked = (
+        r.reshape(-1, r.shape[-1]).float() if r is not None and r.shape[-1] == n else None
+        for r in ranked
+    )
+    if any(r is None or r.shape[0] != slots.numel() // k for r in (row_ranked, col_ranked)):
+        row_ranked = col_ranked = None  # the rows do not line up: judge the grid alone
+    return Selection(
+        slots.reshape(-1, k), values.reshape(-1, k).float(), n, int(rows.shape[-1]),
+        row_ranked, col_ranked,
+    )  # fmt: skip
 
 
 def ranking_scores(row_scores: Tensor, col_scores: Tensor, cores: Tensor, slots: Tensor) -> Tensor:

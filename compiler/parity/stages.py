@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .. import first_line
 from .compare import (
@@ -19,6 +20,7 @@ from .compare import (
     Tolerance,
     compare_outputs,
     compare_selections,
+    judge_by_fp32_distance,
     tolerance_for,
 )
 from .selections import SitePlan, SiteRecord, layer_selections, run_recording_sites
@@ -57,10 +59,11 @@ def run_parity(
     """Every stage against ``reference`` on every input: outputs, and per lookup of
     ``plan`` (the reference's sites) the selected slots."""
     ref_runs = [run_recording_sites(reference, inputs) for inputs in inputs_list]
+    first_out = tensor_leaves(ref_runs[0][0])[0] if ref_runs else None
+    dtype = first_out.dtype if first_out is not None else torch.float32
     if tolerance is None:
-        first_out = tensor_leaves(ref_runs[0][0])[0] if ref_runs else None
-        dtype = first_out.dtype if first_out is not None else torch.float32
         tolerance = tolerance_for(dtype)
+    refs32 = _fp32_outputs(reference, inputs_list) if dtype in HALF_DTYPES else None
     reports = []
     for stage in stages:
         report = StageReport(stage.name)
@@ -83,13 +86,44 @@ def run_parity(
                 msg = f"{len(outs)} outputs != reference {len(ref_outs)}"
                 report.outputs.append(_failed_output(f"input {i} @ {tag}", msg))
                 continue
-            for j, (r, c) in enumerate(zip(ref_outs, outs, strict=True)):
-                report.outputs.append(compare_outputs(f"output {j} @ {tag}", r, c, tolerance))
+            refs32_i = refs32[i] if refs32 is not None else [None] * len(outs)
+            for j, (r, c, r32) in enumerate(zip(ref_outs, outs, refs32_i, strict=True)):
+                report.outputs.append(compare_outputs(f"output {j} @ {tag}", r, c, tolerance, r32))
             report.selections += compare_lookups(
                 tag, ref_records, plan, records, stage.plan or plan, tolerance
             )
+        judge_by_fp32_distance(report.outputs, tolerance)
         reports.append(report)
     return ParityReport(reports, [[list(_shape_of(x))] for x in inputs_list], tolerance)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fp32_outputs(
+    reference: Callable[..., Any], inputs_list: list[tuple[Any, ...]]
+) -> list[list[Tensor | None]] | None:
+    """The reference's outputs with its weights and inputs in fp32: the maths a
+    half-precision model approximates, which its stages are measured against when
+    near-tie flips move an output (``compare.py``). None where it cannot be had."""
+    if not isinstance(reference, torch.nn.Module):
+        return None
+    try:
+        wide = copy.deepcopy(reference).float()
+        outs = []
+        with torch.no_grad():
+            for inputs in inputs_list:
+                leaves = tensor_leaves(wide(*tree_map(_fp32, inputs)))
+                outs.append([x if x.is_floating_point() else None for x in leaves])
+    except Exception:  # a model that cannot run in fp32 is judged against itself alone
+        return None
+    return outs
+
+
+def _fp32(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.dtype in HALF_DTYPES:
+        return value.float()
+    return value
 
 
 def compare_lookups(
@@ -112,10 +146,13 @@ def compare_lookups(
         )
     if problem is not None:
         return [SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem)]
-    return [
-        compare_selections(f"{name} @ {tag}", ref_sel, cand_sel, tolerance)  # type: ignore[arg-type]
-        for name, ref_sel, cand_sel in zip(ref_plan.names, ref_sels, cand_sels, strict=True)
-    ]
+    out: list[SelectionComparison] = []
+    for name, ref_sel, cand_sel in zip(ref_plan.names, ref_sels, cand_sels, strict=True):
+        after_flip = any(c.differing for c in out)
+        out.append(
+            compare_selections(f"{name} @ {tag}", ref_sel, cand_sel, tolerance, after_flip)  # type: ignore[arg-type]
+        )
+    return out
 
 
 def _failed_output(name: str, message: str) -> OutputComparison:

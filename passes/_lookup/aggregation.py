@@ -41,7 +41,9 @@ from .._graph import (
     is_symint,
     mutations,
     record_values,
+    run_widened,
     view_base,
+    widened,
 )
 from .coordinates import Tracer, split_dims
 from .index_maps import tabulate
@@ -374,7 +376,8 @@ def _bind_at(ctx: _Context, pooled: Node) -> tuple[AggregationBinding, Region]:
             if per_core is not reads:
                 binding.values = _concat_tables(gm, per_core)
                 binding.table = None
-            error = _verify(binding, probes, table_value if per_core is reads else binding.values)
+            proof_table = table_value if per_core is reads else binding.values
+            error = _verify(binding, probes, widened(proof_table))  # proven in fp32 too
             if error is not None:
                 binding.verified_max_abs = error
                 return binding, region
@@ -510,7 +513,7 @@ def _tabulate_nodes(
 
     def evaluate(synthetic: list[Tensor]) -> Tensor:
         with torch.no_grad():
-            outs = dict(zip(carried, module(*synthetic, *extra), strict=True))
+            outs = dict(zip(carried, run_widened(module, *synthetic, *extra), strict=True))
         flat = torch.zeros(lead, dtype=torch.int64)
         for index, stride in zip(indices, strides, strict=True):
             value = outs[index] if index in outs else real[index]
@@ -585,7 +588,7 @@ def _probes(
             xs = [torch.randint(0, slot_count, v.shape, generator=gen) for v in real_slots]
             fs = real_factors
         with torch.no_grad():
-            (expected,) = module(*xs, *fs, *extras)
+            (expected,) = run_widened(module, *xs, *fs, *extras)
         probes.append((xs, fs, expected))
     return probes
 

@@ -40,6 +40,7 @@ from .._graph import (
     in_graph_order,
     is_symint,
     record_values,
+    run_widened,
     view_base,
 )
 from ..lookups import grid_slots, ranked_last, same_selections
@@ -381,7 +382,7 @@ def bind_selection(
         for _ in range(RANDOM_PROBES):
             xs = [torch.randn(real[s].shape, generator=gen).to(real[s].dtype) for s in distinct]
             with torch.no_grad():
-                ys = module(*xs, *extras)
+                ys = run_widened(module, *xs, *extras)
             probes.append((xs, list(ys)))
         sides = _sides(lookup, sources)
         for swapped, (row_side, col_side) in enumerate([sides, sides[::-1]]):
@@ -646,7 +647,7 @@ def _absorb_activation(
     for xs, _ in probes:
         values = dict(zip(distinct, xs, strict=True))
         with torch.no_grad():
-            expected = module(*xs, *extras)
+            expected = run_widened(module, *xs, *extras)
             scores, slots = b.run(values[b.rows.node], values[b.cols.node], activation)
         for i, (out, want) in enumerate(zip(floats, expected, strict=True)):
             # the activation's dims are the output's moved by the permutes between them

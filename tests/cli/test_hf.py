@@ -46,6 +46,28 @@ def test_a_llama_checkpoint_exports_and_checks(llama: Path, tmp_path: Path) -> N
     assert code == 0 and "parity PASSED" in output, output
 
 
+def test_a_bf16_checkpoint_with_memories_fuses_exports_and_checks(tmp_path: Path) -> None:
+    """What save_pretrained writes of a model trained in bf16: every memory layer fused,
+    parity by the half-precision rule, ONNX Runtime's CPU provider (no bfloat16 kernels)
+    not executed, saying why; check agrees."""
+    import torch
+
+    directory = checkpoints.memory_fork(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert json.loads((directory / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "out"
+    code, output = _run("export", f"hf:{directory}", "--trust-remote-code", "--out", str(out))
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["memory_layers"]) == 2
+    assert all(set(e["fused"]) == {"selection", "aggregation"} for e in manifest["memory_layers"])
+    stages = manifest["parity"]["stages"]
+    assert stages["fused-ops"]["passed"]
+    ort = stages["onnxruntime-cpu"]
+    assert ort["passed"] is None and "no kernel for" in ort["reason"]
+    code, output = _run("check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(out))
+    assert code == 0 and "parity PASSED" in output, output
+
+
 def test_an_olmoe_checkpoint_exports_its_forward_with_stock_operators(tmp_path: Path) -> None:
     """transformers' default grouped_mm experts are a custom op torch.onnx cannot
     translate; the load switches to batched_mm (the same maths) and says so."""

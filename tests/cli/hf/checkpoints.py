@@ -33,10 +33,14 @@ def llama(directory: Path) -> Path:
 
 
 def memory_fork(
-    directory: Path, config: LlamaConfig | None = None, memory_layers: tuple[int, ...] = (1, 3)
+    directory: Path,
+    config: LlamaConfig | None = None,
+    memory_layers: tuple[int, ...] = (1, 3),
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """``config``: a ``LlamaConfig`` with the ``memory_*`` attributes of
-    ``tiny_llama_config`` (the default)."""
+    ``tiny_llama_config`` (the default); ``dtype``: the weights' as saved (a bf16
+    checkpoint is what ``save_pretrained`` writes of a model trained in bf16)."""
     spec = importlib.util.spec_from_file_location("modeling_memllama", FORK)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -48,7 +52,7 @@ def memory_fork(
         for name, p in model.named_parameters():
             if name.endswith("sub_keys"):  # torch.empty in the fork's layer
                 p.normal_(0, p.shape[-1] ** -0.5)
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     shutil.copy(FORK, directory / FORK.name)
     config_path = directory / "config.json"
     saved = json.loads(config_path.read_text())
