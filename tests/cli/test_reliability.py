@@ -279,11 +279,23 @@ def test_check_leaves_the_folder_as_it_was(
     assert snapshot(out) == before
 
 
+def _as_a_shell_would() -> None:
+    """The signals of a command started in a terminal: the default dispositions, none
+    blocked. A child inherits ignored and blocked signals from its parent, and a pytest
+    worker that has run other tests (in CI, after the suite's in-process compiles) may
+    ignore SIGINT; an export started from it then rightly ignores Ctrl-C too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _start_export(tmp_path: Path, out: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
     args = [REPO_PYTHON, "-c", code, "export", "--format", "onnx,aoti", "--out", str(out)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_as_a_shell_would
+    )
     deadline = time.monotonic() + 120
     while not any(out.glob(".ultramem-staging-*")):  # mid-export: staging exists
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
