@@ -131,6 +131,9 @@ def _check_plugin_mode(package: str | None, precision: str) -> int:
     return major * 10 + minor
 
 
+FUSED_STAGE = "fused-ops"  # the rewritten program, which every artifact is made from
+
+
 def parity_stages(
     compiled: Compiled,
     directory: Path,
@@ -145,7 +148,7 @@ def parity_stages(
     context = StageContext(program, fused_plan, trt_package, native_code)
     return [
         torch_stage("torch.export", compiled.capture.program.module()),
-        torch_stage("fused-ops", program.module(), fused_plan),
+        torch_stage(FUSED_STAGE, program.module(), fused_plan),
         *folder_stages(directory, context, formats),
     ]
 
@@ -163,7 +166,9 @@ def run_checks(
     if stages is None:
         stages = parity_stages(compiled, directory, formats, trt_package, native_code)
     with step(progress, f"parity of {len(stages)} stages on {len(inputs)} inputs"):
-        report = run_parity(compiled.loaded.model, stages, inputs, compiled.rewrite.plan)
+        report = run_parity(
+            compiled.loaded.model, stages, inputs, compiled.rewrite.plan, source=FUSED_STAGE
+        )
     for line in report.summary_lines():
         progress(line)
     return report

@@ -18,11 +18,15 @@ resolve, since no two backends round a half-precision model alike:
   or column one stage kept among its candidates and the other did not, that row's (or
   column's) candidate score within ``8·eps·scale`` of the m-th candidate's, judged on the
   model's own candidate scores. Every flip is counted; any other fails;
-- an output passes within the dtype's tolerance of the model, or, where near-tie flips
-  moved it further (a flip swaps a whole value row's share), when it is no further from
-  the model's fp32 maths than the model itself, over all the stage's inputs:
-  ``‖stage − ref32‖ ≤ 2·max(‖model − ref32‖, eps·‖ref32‖)``, where ``ref32`` is the same
-  model and inputs evaluated in fp32.
+- an output passes within the dtype's tolerance of the model. Where near-tie flips moved
+  it further (a flip swaps a whole value row's share), in this order (``stages.py``): run
+  again with its fused retrieves selecting what the model selected (PyTorch stages and
+  AOTInductor), it is within the tolerance; or it selected exactly what the fused program
+  it was made from selected, and is within the tolerance of that program's output; or,
+  over all the stage's inputs, it is no further from the model's fp32 maths than the
+  model itself (``‖stage − ref32‖ ≤ 2·max(‖model − ref32‖, eps·‖ref32‖)``, ``ref32`` the
+  same model and inputs in fp32); or, the last resort for a runtime outside PyTorch, its
+  cosine to the model's output is at least the dtype's. Each says which in its message.
 
 Tolerances per dtype (logits of the whole model, after every memory layer):
 

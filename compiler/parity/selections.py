@@ -29,6 +29,7 @@ from torch.fx import Graph, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...kernels import RETRIEVE, RETRIEVE_OP
+from ...kernels.retrieve import apply_activation
 from ...passes.lookups import find_lookups, grid_slots, ranked_last
 
 TOPK = torch.ops.aten.topk.default
@@ -308,8 +309,55 @@ def _selection(part: dict[str, Any]) -> Selection | str:
 def ranking_scores(row_scores: Tensor, col_scores: Tensor, cores: Tensor, slots: Tensor) -> Tensor:
     """The grid score Σ_c row[s div n] · C_c · col[s mod n] of each selected slot [T, H, k]:
     what a retrieve ranked, before any activation."""
+    return core_scores(row_scores, col_scores, cores, slots).sum(-1)
+
+
+def core_scores(row_scores: Tensor, col_scores: Tensor, cores: Tensor, slots: Tensor) -> Tensor:
+    """Each core's grid score row[s div n] · C_c · col[s mod n] of slots [T, H, k], in
+    fp32: [T, H, k, M], a retrieve's scores before its activation."""
     n, rank = row_scores.shape[2], row_scores.shape[3]
     index = slots.long()
     rows = row_scores.float().gather(2, (index // n).unsqueeze(-1).expand(-1, -1, -1, rank))
     cols = col_scores.float().gather(2, (index % n).unsqueeze(-1).expand(-1, -1, -1, rank))
-    return torch.einsum("thkp,chpq,thkq->thk", rows, cores.float(), cols)
+    return torch.einsum("thkp,chpq,thkq->thkc", rows, cores.float(), cols)
+
+
+class ForcingRecorder(SiteRecorder):
+    """A :class:`SiteRecorder` whose fused retrieves select the given slots instead of
+    their own: ``forced[i]`` are the slots [T, H, k] of the i-th top-k/retrieve call, its
+    scores computed from the call's own inputs as the op would (half-precision parity
+    compares outputs with the model's selections, where near-tie flips moved them)."""
+
+    def __init__(self, forced: dict[int, Tensor]) -> None:
+        super().__init__()
+        self.forced = forced
+        self.calls = 0
+
+    def run_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        index = self.calls
+        if func is TOPK or func is RETRIEVE_OP:
+            self.calls += 1
+        if func is not RETRIEVE_OP or index not in self.forced:
+            return func(*args, **kwargs)
+        bound = RETRIEVE.bind(*args, **kwargs)
+        slots = self.forced[index].to(bound["row_scores"].device)
+        scores = core_scores(bound["row_scores"], bound["col_scores"], bound["cores"], slots)
+        scores = apply_activation(scores, bound["activation"])
+        return scores.to(bound["row_scores"].dtype), slots
+
+
+def forced_slots(
+    plan: SitePlan, selections: list[Selection], records: list[SiteRecord]
+) -> dict[int, Tensor] | None:
+    """Per retrieve call of a stage (by call index, its ``records`` read with ``plan``),
+    the reference's slots of its lookup in the call's own [T, H, k] shape; None when a
+    lookup's rows do not line up with the call's."""
+    forced = {}
+    for index, (site, record) in enumerate(zip(plan.sites, records, strict=True)):
+        if site.role != "retrieve" or site.lookup is None:
+            continue
+        wanted = selections[site.lookup].slots
+        if not isinstance(record, RetrieveRecord) or wanted.numel() != record.slots.numel():
+            return None
+        forced[index] = wanted.reshape(record.slots.shape).to(record.slots.dtype)
+    return forced

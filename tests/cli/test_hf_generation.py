@@ -181,6 +181,35 @@ def test_plain_and_moe_checkpoints_generate_token_exact(name: str, tmp_path: Pat
         assert code == 0 and "parity PASSED (prefill, decode" in output, output
 
 
+def test_a_bf16_memory_checkpoint_generates_by_the_half_precision_rule(tmp_path: Path) -> None:
+    """A bf16 save_pretrained checkpoint: every memory layer fused in both programs,
+    greedy generation agrees with generate's, tokens parting only at near-ties of its own
+    logits (counted); ONNX Runtime's CPU provider runs no bfloat16, so its backend is not
+    executed, saying why."""
+    directory = checkpoints.memory_fork(tmp_path / "ckpt", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    code, output = _run(
+        "export", f"hf:{directory}", "--trust-remote-code", "--task", "text-generation",
+        "--max-cache-len", "16", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0 and "parity PASSED" in output, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    for program in ("prefill", "decode"):
+        layers = manifest["programs"][program]["memory_layers"]
+        assert layers and all(set(e["fused"]) == {"selection", "aggregation"} for e in layers)
+    report = json.loads((out / "parity.json").read_text())["generation"]
+    backends = {b["stage"]: b for b in report}
+    fused = backends["fused-ops"]
+    assert fused["passed"] and fused["prompts"]
+    for prompt in fused["prompts"]:
+        if not prompt["exact"]:  # parted, and only where the reference's logits tied
+            assert prompt["near_tie_at"] is not None
+            step = prompt["near_tie_at"]
+            assert prompt["generated"][:step] == prompt["reference"][:step]
+    ort = backends["onnxruntime-cpu"]
+    assert ort["passed"] is None and "no kernel for" in ort["reason"]
+
+
 def test_bench_times_prefill_and_decode_against_eager(
     fork_export: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:

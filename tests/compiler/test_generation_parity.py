@@ -65,3 +65,17 @@ def test_an_exact_backend_passes_and_a_nudged_one_fails(programs) -> None:  # ty
     assert not wrong.passed
     failed = [c for c in wrong.logits if not c.passed]
     assert failed and all("step 0" not in c.name for c in failed)  # its prefill is exact
+
+
+def test_half_precision_tokens_may_part_only_at_a_near_tie_of_the_reference_logits() -> None:
+    from ultramem.compiler.generation.decoding import PromptResult, _near_tie
+    from ultramem.compiler.parity.compare import TOLERANCES
+
+    bf16, fp32 = TOLERANCES[torch.bfloat16], TOLERANCES[torch.float32]
+    logits = torch.tensor([[8.0, 7.9, 2.0, -1.0]])  # bf16 resolves 0.5 at 8.0
+    assert _near_tie(logits, 0, 1, bf16)  # 0.1 apart: a tie the dtype cannot decide
+    assert not _near_tie(logits, 0, 2, bf16)  # 6.0 apart: a wrong token
+    assert not _near_tie(logits, 0, 1, fp32)  # fp32: tokens must be equal
+    parted = PromptResult(3, [5, 6, 7], [5, 9, 9], near_tie_at=1)
+    wrong = PromptResult(3, [5, 6, 7], [5, 9, 9])
+    assert parted.agrees and not parted.exact and not wrong.agrees

@@ -115,3 +115,58 @@ def test_fp32_distances_are_reported_for_every_half_precision_output() -> None:
     assert out.stage_fp32_distance is not None and out.model_fp32_distance is not None
     assert out.stage_fp32_distance < out.model_fp32_distance  # rounded once, not per product
     assert compare_outputs("y", exact, exact, FP32, exact).fp32_squares is None
+
+
+def _retrieve_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = (torch.randn(5, 2, N, 2, generator=gen).to(dtype) for _ in range(2))
+    u, v = torch.randn(2, 2, generator=gen), torch.randn(2, 2, generator=gen)
+    return rows, cols, u, v, torch.randn(3, 2, 2, 2, generator=gen)
+
+
+def test_a_forced_retrieve_selects_the_given_slots_and_scores_them_as_the_op_does() -> None:
+    from ultramem.compiler.parity.selections import ForcingRecorder, run_recording_sites
+    from ultramem.kernels import RETRIEVE_OP
+
+    rows, cols, u, v, cores = _retrieve_inputs(torch.bfloat16)
+
+    def lookup(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return RETRIEVE_OP(*args, 4, 3, "softmax")
+
+    (own_scores, own_slots), _ = run_recording_sites(lookup, (rows, cols, u, v, cores))
+    # forced to its own choice: the same outputs
+    (scores, slots), _ = run_recording_sites(
+        lookup, (rows, cols, u, v, cores), ForcingRecorder({0: own_slots})
+    )
+    assert torch.equal(slots, own_slots)
+    torch.testing.assert_close(scores, own_scores, atol=0, rtol=0)
+    # forced elsewhere: each core's grid score of those slots, softmax over them, in plain torch
+    other = torch.randint(0, N * N, own_slots.shape)
+    (scores, slots), _ = run_recording_sites(
+        lookup, (rows, cols, u, v, cores), ForcingRecorder({0: other})
+    )
+    r = rows.float()[torch.arange(5)[:, None, None], torch.arange(2)[None, :, None], other // N]
+    c = cols.float()[torch.arange(5)[:, None, None], torch.arange(2)[None, :, None], other % N]
+    grid = torch.einsum("thkp,mhpq,thkq->thkm", r, cores, c)
+    assert torch.equal(slots, other)
+    torch.testing.assert_close(scores, grid.softmax(dim=2).bfloat16())
+
+
+def test_an_input_whose_flips_are_all_near_ties_passes_on_direction_alone() -> None:
+    from ultramem.compiler.parity.stages import _by_direction
+
+    _, model, _ = _bf16_pair()
+    nudged = model.clone()
+    nudged[0, :4] += 0.5  # a flip's share: outside the tolerance, the direction kept
+    flipped = compare_selections(
+        "L", _selection([1, 2, 3], [4.0, 2.0, 1.0]), _selection([1, 2, 9], [4.0, 2.0, 0.95]), BF16
+    )
+    out = compare_outputs("y", model, nudged, BF16)
+    assert not out.passed and out.cosine >= BF16.min_cosine
+    _by_direction([out], [flipped], BF16)
+    assert out.passed and "cosine to the model's" in out.message
+    # no flip on the input: the tolerance itself holds
+    same = compare_selections("L", _selection([1], [1.0]), _selection([1], [1.0]), BF16)
+    out = compare_outputs("y", model, nudged, BF16)
+    _by_direction([out], [same], BF16)
+    assert not out.passed
