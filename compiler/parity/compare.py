@@ -19,7 +19,7 @@ resolve, since no two backends round a half-precision model alike:
   column's) candidate score within ``8·eps·scale`` of the m-th candidate's, judged on the
   model's own candidate scores. Every flip is counted; any other fails;
 - an output passes within the dtype's tolerance of the model. Where near-tie flips moved
-  it further (a flip swaps a whole value row's share), in this order (``stages.py``): run
+  it further (a flip swaps a whole value row's share), in this order (``flips.py``): run
   again with its fused retrieves selecting what the model selected (PyTorch stages and
   AOTInductor), it is within the tolerance; or it selected exactly what the fused program
   it was made from selected, and is within the tolerance of that program's output; or,
@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .selections import Selection
+from .ties import half_near_tie, inputs_diverged
 
 
 @dataclass(frozen=True)
@@ -334,9 +335,9 @@ def _near_ties(reference: Selection, candidate: Selection, differs: Tensor, tol:
     if tol.resolution is not None:
         rows = differs.nonzero().flatten().tolist()
         return sum(
-            _half_near_tie(reference, candidate, r, tol.resolution)
+            half_near_tie(reference, candidate, r, tol.resolution)
             for r in rows
-            if not _inputs_diverged(reference, candidate, r, tol.resolution)
+            if not inputs_diverged(reference, candidate, r, tol.resolution)
         )
     near = 0
     for r in differs.nonzero().flatten().tolist():
@@ -350,85 +351,6 @@ def _near_ties(reference: Selection, candidate: Selection, differs: Tensor, tol:
         if swapped.numel() and bool(((swapped - kth).abs() <= limit).all()):
             near += 1
     return near
-
-
-def _half_near_tie(reference: Selection, candidate: Selection, r: int, resolution: float) -> bool:
-    """Whether row ``r``'s flips are near-ties at a half-precision ``resolution`` (module
-    docstring). A slot the reference kept and the candidate dropped scores within the
-    resolution of the reference's k-th, or its row or column was a boundary candidate the
-    candidate may have dropped; a slot the candidate kept instead scores within it too,
-    or comes from a boundary candidate the reference may have lacked, or scores below it
-    in place of such a dropped one (the candidate had fewer slots to choose from)."""
-    ref_values = reference.values[r].float()
-    kth = float(ref_values.min())
-    limit = resolution * float(ref_values.abs().max())
-    ref_slots, cand_slots = reference.slots[r], candidate.slots[r]
-    dropped = ~torch.isin(ref_slots, cand_slots)
-    picked = ~torch.isin(cand_slots, ref_slots)
-    if not bool(dropped.any() or picked.any()):
-        return False
-
-    def boundary(slot: int) -> bool:
-        return _boundary_candidate(reference, r, slot, resolution)
-
-    lost_candidates = 0
-    for slot, value in zip(ref_slots[dropped].tolist(), ref_values[dropped].tolist(), strict=True):
-        if boundary(slot):
-            lost_candidates += 1
-        elif abs(value - kth) > limit:
-            return False
-    cand_values = candidate.values[r].float()
-    for slot, value in zip(cand_slots[picked].tolist(), cand_values[picked].tolist(), strict=True):
-        if abs(value - kth) <= limit or boundary(slot):
-            continue
-        if value < kth and lost_candidates:
-            lost_candidates -= 1
-            continue
-        return False
-    return True
-
-
-def _inputs_diverged(reference: Selection, candidate: Selection, r: int, resolution: float) -> bool:
-    """Whether the stages ranked other numbers in row ``r``: the slots both kept, or the
-    candidates' scores, differ by more than the dtype resolves (an earlier lookup's flip
-    reached this one's inputs). Its flips are consequences to count, not ties to judge;
-    the outputs' verdict covers them."""
-    ref_values, cand_values = reference.values[r].float(), candidate.values[r].float()
-    common = torch.isin(reference.slots[r], candidate.slots[r])
-    if bool(common.any()):
-        # the same slots scored differently beyond the resolution: other numbers ranked
-        order = torch.argsort(candidate.slots[r])
-        where = torch.searchsorted(candidate.slots[r][order], reference.slots[r][common])
-        theirs = cand_values[order][where]
-        limit = resolution * float(ref_values.abs().max())
-        if float((ref_values[common] - theirs).abs().max()) > limit:
-            return True
-    pairs = (
-        (reference.row_ranked, candidate.row_ranked),
-        (reference.col_ranked, candidate.col_ranked),
-    )
-    for ref, cand in pairs:
-        if ref is None or cand is None or ref.shape != cand.shape:
-            return False
-        limit = 2 * resolution * float(ref[r].abs().max())
-        if float((ref[r] - cand[r]).abs().max()) > limit:
-            return True
-    return False
-
-
-def _boundary_candidate(reference: Selection, r: int, slot: int, resolution: float) -> bool:
-    """Whether the row or column of ``slot`` scored, in the reference's own candidate
-    top-k, within ``resolution`` of its m-th kept candidate: a stage may keep or drop it."""
-    if reference.row_ranked is None or reference.col_ranked is None or not reference.n:
-        return False
-    for ranked, index in (
-        (reference.row_ranked[r], slot // reference.n),
-        (reference.col_ranked[r], slot % reference.n),
-    ):
-        mth = float(ranked.topk(reference.topm).values.min())
-        if abs(float(ranked[index]) - mth) <= resolution * float(ranked.abs().max()):
-            return True
-    return False
 
 
 def _multiset_difference(a: Tensor, b: Tensor) -> int:
@@ -474,7 +396,7 @@ def compare_selections(
     consequential = 0
     if tol.resolution is not None:
         consequential = sum(
-            _inputs_diverged(reference, candidate, r, tol.resolution)
+            inputs_diverged(reference, candidate, r, tol.resolution)
             for r in differs.nonzero().flatten().tolist()
         )
         if after_flip:

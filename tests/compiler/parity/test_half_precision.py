@@ -153,7 +153,7 @@ def test_a_forced_retrieve_selects_the_given_slots_and_scores_them_as_the_op_doe
 
 
 def test_an_input_whose_flips_are_all_near_ties_passes_on_direction_alone() -> None:
-    from ultramem.compiler.parity.stages import _by_direction
+    from ultramem.compiler.parity.flips import by_direction
 
     _, model, _ = _bf16_pair()
     nudged = model.clone()
@@ -163,10 +163,10 @@ def test_an_input_whose_flips_are_all_near_ties_passes_on_direction_alone() -> N
     )
     out = compare_outputs("y", model, nudged, BF16)
     assert not out.passed and out.cosine >= BF16.min_cosine
-    _by_direction([out], [flipped], BF16)
+    by_direction([out], [flipped], BF16)
     assert out.passed and "cosine to the model's" in out.message
     # no flip on the input: the tolerance itself holds
     same = compare_selections("L", _selection([1], [1.0]), _selection([1], [1.0]), BF16)
     out = compare_outputs("y", model, nudged, BF16)
-    _by_direction([out], [same], BF16)
+    by_direction([out], [same], BF16)
     assert not out.passed
