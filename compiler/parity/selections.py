@@ -244,6 +244,26 @@ def layer_selections(records: list[SiteRecord], plan: SitePlan) -> list[Selectio
     return out
 
 
+def retrieve_selections(records: list[SiteRecord], plan: SitePlan) -> list[Selection | None] | str:
+    """For a runtime that compiles top-k into its own code (AOTInductor: an unfused
+    lookup's or a router's ``topk`` never reaches the dispatcher), the selections of the
+    fused lookups alone, None for the others; or why the records do not follow even that."""
+    if any(isinstance(r, TopkRecord) for r in records):
+        return "it recorded top-ks, so all of them should have been"
+    sites = [s for s in plan.sites if s.role == "retrieve"]
+    if len(records) != len(sites):
+        return (
+            f"{len(records)} retrieve calls recorded, the graph has {len(sites)}: "
+            "selections cannot be aligned"
+        )
+    out: list[Selection | None] = [None] * len(plan.names)
+    for record, site in zip(records, sites, strict=True):
+        if site.lookup is not None:
+            selection = _selection({"retrieve": (record, site)})
+            out[site.lookup] = selection if isinstance(selection, Selection) else None
+    return out
+
+
 def _selection(part: dict[str, Any]) -> Selection | str:
     """The lookup's selection from its recorded sites, or why it cannot be read."""
     if "retrieve" in part:

@@ -68,3 +68,37 @@ def test_a_router_top_k_is_not_a_memory_layer() -> None:
     assert memory_layer_names(graph) == []
     plan = site_plan(graph)
     assert [site.role for site in plan.sites] == ["other"] and plan.names == ()
+
+
+def test_a_runtime_that_compiles_top_k_away_shows_its_fused_lookups_alone() -> None:
+    """AOTInductor lowers an unfused ``topk`` into its own code (no dispatcher call), so
+    only the fused retrieves are recorded: they are compared, the rest is said to be
+    unobservable, and a model with no lookup compares outputs alone."""
+    from ultramem.compiler.parity.compare import TOLERANCES
+    from ultramem.compiler.parity.selections import RetrieveRecord, Site, SitePlan, TopkRecord
+    from ultramem.compiler.parity.stages import compare_lookups
+
+    tol = TOLERANCES[torch.float32]
+    n, k = 8, 2
+    rows, cols = torch.randn(1, 1, n, 1), torch.randn(1, 1, n, 1)
+    cores = torch.ones(1, 1, 1, 1)
+    slots = torch.tensor([[[3 * n + 1, 2 * n + 5]]])
+    retrieve = RetrieveRecord(torch.zeros(1, 1, k, 1), slots, rows, cols, cores)
+    plan = SitePlan(
+        (Site("row", 0), Site("col", 0), Site("final", 0), Site("retrieve", 1)), ("a", "b")
+    )
+    unfused = [
+        TopkRecord(torch.zeros(1, 2), torch.tensor([[3, 2]]), n),
+        TopkRecord(torch.zeros(1, 2), torch.tensor([[1, 5]]), n),
+        TopkRecord(torch.tensor([[2.0, 1.0]]), torch.tensor([[0, 3]]), 4),
+    ]
+    reference = [*unfused, retrieve]
+    out = compare_lookups("t", reference, plan, [retrieve], plan, tol)
+    assert [c.passed for c in out] == [True, True]
+    assert out[0].rows == 0 and "not observable" in out[0].message
+    assert out[1].rows == 1 and out[1].differing == 0
+    # a stage that recorded some top-ks but not all is still a misalignment
+    assert not compare_lookups("t", reference, plan, [unfused[0], retrieve], plan, tol)[0].passed
+    # no lookup at all (a router's top-k): nothing to align
+    router = SitePlan((Site("other"),), ())
+    assert compare_lookups("t", [unfused[0]], router, [], router, tol) == []
