@@ -25,8 +25,11 @@ resolve, since no two backends round a half-precision model alike:
   it was made from selected, and is within the tolerance of that program's output; or,
   over all the stage's inputs, it is no further from the model's fp32 maths than the
   model itself (``‖stage − ref32‖ ≤ 2·max(‖model − ref32‖, eps·‖ref32‖)``, ``ref32`` the
-  same model and inputs in fp32); or, the last resort for a runtime outside PyTorch, its
-  cosine to the model's output is at least the dtype's. Each says which in its message.
+  same model and inputs in fp32); or, the last resort for a stage that cannot be run with
+  the model's selections (a runtime outside PyTorch), its cosine to the model's output is
+  at least the dtype's on an input whose flips were all near-ties. A stage that could be
+  run with the model's selections is judged by that run and the fp32 distance alone. Each
+  says which in its message.
 
 Tolerances per dtype (logits of the whole model, after every memory layer):
 

@@ -79,25 +79,33 @@ def with_the_models_selections(
     compared: list[OutputComparison],
     selections: list[SelectionComparison],
     tolerance: Tolerance,
-) -> None:
+) -> bool:
     """Half precision, outputs outside the tolerance where every flip was a near-tie: run
     the stage again with its fused retrieves selecting what the model selected. Within the
     tolerance then, the outputs differed by the flips alone, which the selection rule
-    judged: they pass, saying so. Where a stage cannot be run so (a runtime outside
-    PyTorch), :func:`judge_by_fp32_distance` decides."""
+    judged: they pass, saying so. Outside it, only the fp32-distance rule may still pass
+    them (a stage that computes more exactly than a coarse model, as the fused ops do,
+    differs from it even with its selections); the rules for stages that cannot be run so
+    do not apply. True when the stage could be run so."""
     if forced is None or not selections or not all(c.passed for c in selections):
-        return
+        return False
     reference = layer_selections(ref_records, plan)
     if isinstance(reference, str):
-        return
+        return False
     slots = forced_slots(stage_plan, reference, records)
     if not slots:
-        return
+        return False
     try:
         outs = forced(inputs, slots)
-    except Exception:  # the stage cannot take these slots: the distance rule decides
-        return
+    except Exception:  # the stage cannot take these slots: the later rules decide
+        return False
+    if len(outs) != len(ref_outs):
+        return False
     _pass_within_tolerance(compared, ref_outs, outs, tolerance, "with the model's selections")
+    for out in compared:
+        if not out.passed:
+            out.message += " | with the model's selections still outside the tolerance"
+    return True
 
 
 def _pass_within_tolerance(

@@ -170,3 +170,39 @@ def test_an_input_whose_flips_are_all_near_ties_passes_on_direction_alone() -> N
     out = compare_outputs("y", model, nudged, BF16)
     by_direction([out], [same], BF16)
     assert not out.passed
+
+
+def test_with_the_models_selections_a_stage_still_off_is_left_to_the_fp32_distance() -> None:
+    """Forced to the model's selections, an output still outside the tolerance differs for
+    another reason than the flips: the cosine rule of runtimes outside PyTorch no longer
+    applies to it, only the distance from the fp32 maths may still pass it."""
+    from ultramem.compiler.parity.flips import with_the_models_selections
+    from ultramem.compiler.parity.selections import RetrieveRecord, Site, SitePlan
+    from ultramem.compiler.parity.stages import run_parity, torch_stage  # noqa: F401
+
+    exact, model, _ = _bf16_pair()
+    n, k = 8, 2
+    rows, cols = torch.randn(1, 1, n, 1), torch.randn(1, 1, n, 1)
+    record = RetrieveRecord(
+        torch.zeros(1, 1, k, 1), torch.tensor([[[1, 2]]]), rows, cols, torch.ones(1, 1, 1, 1)
+    )
+    plan = SitePlan((Site("retrieve", 0),), ("L",))
+    flipped = compare_selections(
+        "L", _selection([1, 2, 3], [4.0, 2.0, 1.0]), _selection([1, 2, 9], [4.0, 2.0, 0.95]), BF16
+    )
+    moved = model + 0.5 * exact.abs().mean()  # off everywhere: no flip explains it
+
+    def run(forced_output: torch.Tensor) -> tuple[bool, object]:
+        out = compare_outputs("output 0 @ t", model, moved, BF16, exact)
+        ran = with_the_models_selections(
+            lambda inputs, slots: [forced_output], plan, (), [model], [record], plan,
+            [record], [out], [flipped], BF16,
+        )  # fmt: skip
+        return ran, out
+
+    ran, explained = run(model.clone())  # with the model's selections: the model's output
+    assert ran and explained.passed and "with the model's selections" in explained.message
+    ran, still_off = run(moved)
+    assert ran and not still_off.passed and "still outside" in still_off.message
+    judge_by_fp32_distance([still_off], BF16)
+    assert not still_off.passed  # further from fp32 than the model: it fails
