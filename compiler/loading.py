@@ -41,11 +41,8 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     kind = preflight_model(spec, weights)
-    if kind == "builtin":
-        try:
-            return load_builtin(spec.removeprefix(BUILTIN_PREFIX))
-        except KeyError as exc:
-            raise ModelLoadError(str(exc.args[0])) from None
+    if kind == "builtin":  # a bundled name, checked by the preflight
+        return load_builtin(spec.removeprefix(BUILTIN_PREFIX))
     if kind == "hf":
         try:
             loaded = load_hf(
@@ -60,8 +57,6 @@ def load_model(
 
 
 def _load_pt2(path: Path, allow_unsafe_pickle: bool) -> LoadedModel:
-    if not path.is_file():
-        raise ModelLoadError(f"no such .pt2 file: {path}")
     try:
         program = torch.export.load(str(path)) if allow_unsafe_pickle else load_untrusted_pt2(path)
     except UnsafeArchive as exc:

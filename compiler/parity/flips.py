@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from .compare import OutputComparison, SelectionComparison, Tolerance, compare_outputs
-from .selections import SitePlan, SiteRecord, forced_slots, layer_selections
+from .selections import SitePlan, SiteRecord, forced_slots, layer_selections, tensor_leaves
 
 ForcedFn = Callable[[tuple[Any, ...], dict[int, Tensor]], list[Tensor]]
 """Runs one stage on inputs with its fused retrieves selecting the given slots."""
@@ -144,7 +144,7 @@ def fp32_outputs(
         outs = []
         with torch.no_grad():
             for inputs in inputs_list:
-                leaves = _tensor_leaves(wide(*tree_map(_fp32, inputs)))
+                leaves = tensor_leaves(wide(*tree_map(_fp32, inputs)))
                 outs.append([x if x.is_floating_point() else None for x in leaves])
     except Exception:  # a model that cannot run in fp32 is judged against itself alone
         return None
@@ -155,7 +155,3 @@ def _fp32(value: Any) -> Any:
     if isinstance(value, Tensor) and value.dtype in HALF_DTYPES:
         return value.float()
     return value
-
-
-def _tensor_leaves(out: Any) -> list[Tensor]:
-    return [x for x in tree_leaves(out) if isinstance(x, Tensor)]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, Node
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ...kernels import RETRIEVE, RETRIEVE_OP
 from ...kernels.retrieve import apply_activation
@@ -140,6 +141,11 @@ class SiteRecorder(TorchDispatchMode):
                 )
             )
         return out
+
+
+def tensor_leaves(out: Any) -> list[Tensor]:
+    """The tensors of a (nested) output, in order."""
+    return [x for x in tree_leaves(out) if isinstance(x, Tensor)]
 
 
 def run_recording_sites(

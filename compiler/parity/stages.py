@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 
 from .. import first_line
 from .compare import (
@@ -39,6 +38,7 @@ from .selections import (
     layer_selections,
     retrieve_selections,
     run_recording_sites,
+    tensor_leaves,
 )
 
 StageFn = Callable[[tuple[Any, ...], list[SiteRecord]], tuple[list[Tensor], list[SiteRecord]]]
@@ -64,10 +64,6 @@ def torch_stage(name: str, fn: Callable[..., Any], plan: SitePlan | None = None)
         return tensor_leaves(out)
 
     return Stage(name, run, plan=plan, forced=forced)
-
-
-def tensor_leaves(out: Any) -> list[Tensor]:
-    return [x for x in tree_leaves(out) if isinstance(x, Tensor)]
 
 
 def run_parity(
