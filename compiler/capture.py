@@ -2,9 +2,12 @@
 
 Every input tensor of rank >= 2 gets dim 0 as ``batch`` and dim 1 as ``tokens``. When the
 model's code pins one of them (a reshape to a constant, a guard on a size), the named
-dimension is refused by ``torch.export``; capture then retries with ``Dim.AUTO`` (which
-admits whatever the code allows), then static shapes, and records which dimension fell
-back and why. Parity and engines use only the shapes the capture admits.
+dimension is refused by ``torch.export``; capture then retries with ``Dim.AUTO`` to learn
+which dimensions the code leaves free, and captures again with those named (from 1) and
+the pinned ones static at the user's own example sizes; then static shapes. It records
+which dimension fell back and why. Every capture must run the user's example as given
+(a batch-1 example is widened to 2 for tracing, and a fallback must not keep the 2).
+Parity and engines use only the shapes the capture admits.
 
 A program whose inputs are not all (batch, tokens, ...) tensors (a decode step with its KV
 cache) names its axes itself (``axes``): those are captured as named, nothing else, and
@@ -56,6 +59,7 @@ class CaptureResult:
     inputs: list[tuple[Any, ...]] | None = None  # parity's inputs, when the model gives them
     input_names: list[str] | None = None  # what exporters name its tensors (else torch's)
     output_names: list[str] | None = None
+    strict: bool = False  # captured by dynamo tracing: a re-capture must be allowed it too
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,13 +102,19 @@ def _dims_for(
     return tuple(specs), axes
 
 
-def _widened(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+def _widened(
+    example_inputs: tuple[Any, ...], axes: list[DynamicAxis] | None = None
+) -> tuple[Any, ...]:
+    """Size-1 batch and tokens repeated to 2, so that torch.export does not specialise
+    them; only the dynamic ones among ``axes`` when given (a static axis keeps the user's)."""
+    free = None if axes is None else {(a.input_index, a.dim) for a in axes if a.dynamic}
     out = []
-    for x in example_inputs:
+    for i, x in enumerate(example_inputs):
         if isinstance(x, torch.Tensor) and x.dim() >= 2:
-            x = x.repeat(
-                2 if x.shape[0] == 1 else 1, 2 if x.shape[1] == 1 else 1, *[1] * (x.dim() - 2)
-            )
+            repeats = [
+                2 if x.shape[d] == 1 and (free is None or (i, d) in free) else 1 for d in (0, 1)
+            ]
+            x = x.repeat(*repeats, *[1] * (x.dim() - 2))
         out.append(x)
     return tuple(out)
 
@@ -170,27 +180,77 @@ def capture(
             last_error = exc
             continue
         if mode == "auto":
-            axes = _resolve_auto_axes(program, inputs, axes)
-        rejected = _rejected_size(program, example_inputs, CaptureResult(program, axes))
+            found = _resolve_auto_axes(program, inputs, axes)
+            mixed = _capture_mixed(model, example_inputs, found, max_batch, max_tokens, notes)
+            if mixed is not None:
+                return mixed
+            axes = found
+        captured = CaptureResult(program, axes, strict=strict)
+        rejected = _rejected_size(program, example_inputs, captured)
         if rejected is not None:
             notes.append(f"capture with {how} admits {rejected}: falling back")
             log.info("capture with %s: %s", how, rejected)
             continue
         if strict:
             notes.append(STRICT_NOTE)
-        for a in axes:
-            if mode != "named":
-                notes.append(
-                    f"input {a.input_index} dim {a.dim} ({a.name}) captured as {a.mode}"
-                    + (f" [{a.min}, {a.max}]" if a.min is not None else "")
-                )
-        return CaptureResult(program, axes, notes)
+        notes.extend(_fallback_notes(axes))
+        captured.notes = notes
+        return captured
     reason = first_line(last_error)
     log.info("torch.export's last refusal in full", exc_info=last_error)
     raise CaptureError(
         f"torch.export cannot capture the model: {type(last_error).__name__}: {reason[:300]} "
         "(run with -v for torch's full report)"
     ) from last_error
+
+
+def _fallback_notes(axes: list[DynamicAxis]) -> list[str]:
+    return [
+        f"input {a.input_index} dim {a.dim} ({a.name}) captured as {a.mode}"
+        + (f" [{a.min}, {a.max}]" if a.min is not None else "")
+        for a in axes
+        if a.mode != "named"
+    ]
+
+
+def _capture_mixed(
+    model: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    found: list[DynamicAxis],
+    max_batch: int,
+    max_tokens: int,
+    notes: list[str],
+) -> CaptureResult | None:
+    """Named dims (from 1) where ``Dim.AUTO`` found the code leaves a dimension free, the
+    user's own example size where it pinned one. AUTO's own result is not kept as it is:
+    its ranges start at 2 (0/1 specialisation) and a dimension it pinned is pinned at the
+    widened example's size, which the user's batch-1 example then fails."""
+    if not any(a.dynamic for a in found):
+        return None
+    axes = []
+    for a in found:
+        x = example_inputs[a.input_index]
+        if a.dynamic:
+            high = a.max if a.max is not None else (max_batch if a.name == "batch" else max_tokens)
+            axes.append(DynamicAxis(a.input_index, a.dim, a.name, 1, high, "named"))
+        else:
+            size = x.shape[a.dim]
+            axes.append(DynamicAxis(a.input_index, a.dim, a.name, size, size, "static"))
+    inputs = _widened(example_inputs, axes)
+    for strict in (False, True):
+        try:
+            program = _export(model, inputs, _specs_from_axes(inputs, axes), strict)
+        except Exception as exc:  # torch.export raises several types for refused dims
+            log.info("capture with AUTO's free dims named refused: %s", first_line(exc))
+            continue
+        captured = CaptureResult(program, axes, strict=strict)
+        rejected = _rejected_size(program, example_inputs, captured)
+        if rejected is not None:
+            log.info("capture with AUTO's free dims named admits %s", rejected)
+            continue
+        captured.notes = [*notes, *([STRICT_NOTE] if strict else []), *_fallback_notes(axes)]
+        return captured
+    return None
 
 
 def _capture_specified(
@@ -208,7 +268,13 @@ def _capture_specified(
             continue
         notes = [STRICT_NOTE] if strict else []
         captured = CaptureResult(
-            program, list(spec.axes), notes, list(spec.inputs), spec.input_names, spec.output_names
+            program,
+            list(spec.axes),
+            notes,
+            list(spec.inputs),
+            spec.input_names,
+            spec.output_names,
+            strict,
         )
         rejected = _rejected_size(program, example_inputs, captured)
         if rejected is None:
@@ -245,9 +311,10 @@ def _rejected_size(
     program: ExportedProgram, example: tuple[Any, ...], captured: CaptureResult
 ) -> str | None:
     """A size the capture claims to admit but its program refuses (the model's code pins
-    it with a hidden guard: ``len(x)`` baked into a view), or None when it runs them all."""
+    it with a hidden guard: ``len(x)`` baked into a view), or None when it runs them all.
+    The user's example is among them: the capture traced a widened copy of it."""
     module = program.module()
-    for inputs in parity_inputs(example, captured)[1:]:
+    for inputs in parity_inputs(example, captured):
         try:
             with torch.no_grad():
                 module(*inputs)
@@ -306,7 +373,14 @@ def recapture(module: torch.nn.Module, original: CaptureResult) -> ExportedProgr
     if example is None:
         raise ValueError("the original program holds no example inputs to re-capture with")
     args, _ = example
-    return _export(module, tuple(args), _specs_from_axes(tuple(args), original.axes))
+    dims = _specs_from_axes(tuple(args), original.axes)
+    # the first capture's tracing first; the other when it refuses (a rewritten graph can
+    # trace where the model's Python could not, and the other way round)
+    try:
+        return _export(module, tuple(args), dims, original.strict)
+    except Exception as exc:  # torch.export raises several types
+        log.info("re-capture (strict=%s) refused: %s", original.strict, first_line(exc))
+    return _export(module, tuple(args), dims, not original.strict)
 
 
 def parity_inputs(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ultramem.compiler.capture import STRICT_NOTE, DynamicAxis, ProgramSpec, capture
+from ultramem.compiler.capture import STRICT_NOTE, DynamicAxis, ProgramSpec, capture, recapture
 from ultramem.compiler.parity.selections import (
     layer_selections,
     memory_layer_names,
@@ -97,3 +97,45 @@ def test_a_programs_own_axes_fall_back_to_strict_tracing_too() -> None:
     assert result.notes == [STRICT_NOTE] and result.inputs == inputs
     for (x,) in inputs:
         assert torch.equal(result.program.module()(x), model(x))
+
+
+def test_a_batch_one_example_keeps_batch_free_from_one_when_tokens_are_pinned() -> None:
+    model = PinsTokens().eval()
+    example = torch.randn(1, 16, 8)
+    result = capture(model, (example,))
+    batch = result.axis(0, "batch")
+    assert batch is not None and (batch.mode, batch.min) == ("named", 1), result.axes
+    for x in (example, torch.randn(4, 16, 8)):
+        assert torch.equal(result.program.module()(x), model(x))
+
+
+class BranchesOnBatch(nn.Module):
+    """Eager code that runs at any batch but branches on it: ``Dim.AUTO`` specialises batch
+    to whatever the traced example had, and tokens are pinned by a reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x).reshape(x.shape[0], 16, 8)
+        return y * 2 if x.shape[0] == 2 else y - 1
+
+
+def test_a_fallback_keeps_the_users_batch_one_not_the_widened_two() -> None:
+    model = BranchesOnBatch().eval()
+    example = torch.randn(1, 16, 8)
+    result = capture(model, (example,))
+    assert torch.equal(result.program.module()(example), model(example))
+    batch = result.axis(0, "batch")
+    assert batch is not None and batch.min is not None and batch.min <= 1, result.axes
+
+
+def test_recapture_keeps_the_strict_tracing_the_first_capture_needed() -> None:
+    model = LenOfFlattened().eval()
+    result = capture(model, (torch.randn(2, 16, 8),))
+    assert result.strict
+    # the model's own Python again: non-strict tracing would pin batch × tokens
+    program = recapture(model, result)
+    x = torch.randn(3, 5, 8)
+    assert torch.equal(program.module()(x), model(x))
