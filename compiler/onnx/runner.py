@@ -41,7 +41,7 @@ def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
             existing.add(name)
 
     for node in list(model.graph.node):
-        if node.op_type == "TopK" and not node.domain:
+        if node.op_type == "TopK" and not node.domain and not _lowered_from_other_op(node):
             shape = f"{node.output[1]}__probe_shape"
             model.graph.node.append(helper.make_node("Shape", [node.input[0]], [shape]))
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
@@ -58,6 +58,20 @@ def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
             if name:
                 expose(name)
     return sites
+
+
+# what torch.onnx records on each node: the namespace ends with the aten op it lowered
+_SOURCE_KEY = "namespace"
+
+
+def _lowered_from_other_op(node: onnx.NodeProto) -> bool:
+    """A TopK that torch.onnx wrote for another op (``sort``, ``argsort``, ``kthvalue``:
+    ONNX has no sort) ranks nothing a lookup selects; the torch graph has no top-k for it,
+    so as a site it would misalign every lookup after it. A node without the record
+    (a file from elsewhere) counts as a top-k."""
+    source = next((p.value for p in node.metadata_props if p.key == _SOURCE_KEY), "")
+    op = source.rsplit(": ", 1)[-1].strip() if source else ""
+    return bool(op) and op.startswith("aten.") and not op.startswith("aten.topk")
 
 
 def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
