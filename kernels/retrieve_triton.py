@@ -6,6 +6,15 @@ over the summed grid and the per-core scores at the selected positions. Nothing 
 k scores and slots goes back to memory, so a lookup is one launch instead of the dozen
 kernels (and the [T, M, H, m²] grid round trip) of the eager reference.
 
+Selection: each score becomes an int64 key (``_sort_keys``: the float's bits made monotone,
+NaN above +inf, the inverted index in the low 32 bits) and ``tl.topk``, a bitonic top-k
+network, selects on the keys; every key is distinct, so the network's output is exactly
+the reference's stable descending order, ties and NaN included. Its work is
+O(n log² m) compare-exchanges in log² m + log(n/m) steps whatever m is, where k rounds
+of (max, lowest index) took 3 block reductions each: at the paper's sizes (n = 1024,
+m = k = 32, bf16, sm_90, Triton 3.6) 94 K warp-instructions a program became 26 K
+(4 warps; 113 registers became 64, no spills).
+
 Exactness: selections must equal the reference's, ties included, so the kernel repeats its
 arithmetic in fp32 in the same order:
 - ``a = Σ_p s_p · w_p`` with each product rounded before the add (the reference multiplies
@@ -18,9 +27,8 @@ arithmetic in fp32 in the same order:
 - Products are formed as ``fma(x, y, +0.0)``: the value of ``x * y``, but an op LLVM may
   not contract with the following add (Triton fuses ``a * b + c`` by default, which
   would round once where the reference rounds twice);
-- top-k as k rounds of (max, then the lowest index holding it), so ties go to the lower
-  index like the stable sort of the reference; a NaN ranks above every number, as in
-  ``torch.sort`` (NaNs among themselves by index), and relu keeps it NaN.
+- a NaN ranks above every number, as in ``torch.sort`` (NaNs among themselves by index),
+  and relu keeps it NaN.
 
 ``kernels/registry.py`` makes the op run this kernel for CUDA tensors, eagerly and under
 ``torch.compile``/AOTInductor.
@@ -76,11 +84,38 @@ def _tucker(
 
 
 @triton.jit
+def _sort_keys(x, index, valid):
+    """int64 keys, one per element of ``x`` (fp32), whose descending order is the
+    reference's: ``torch.sort(descending=True, stable=True)`` on ``x``, then ``index``.
+
+    High 32 bits: the float's bits made monotone as a signed int (negative floats have
+    their magnitude bits flipped), every NaN one key above +inf, -0.0 the key of +0.0
+    (``torch.sort`` compares them equal, so the stable order keeps their indices' order).
+    Low 32 bits: ``2³¹ - 1 - index``, so that of two equal scores the lower index ranks
+    higher. Padding (``valid`` false) takes INT32_MIN, below -inf. Every key is distinct,
+    so one ``tl.topk`` on them selects, in order, exactly what the reference selects.
+    """
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(x != x, 0x7FFFFFFF, key)
+    key = tl.where(valid, key, tl.full(key.shape, -(2**31), tl.int32))
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
+def _key_index(keys):
+    """The index packed into ``_sort_keys``' low bits."""
+    return 0x7FFFFFFF - (keys & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
 def _candidates(
-    base, weight_ptr, n, stride_n, stride_r, m, R: tl.constexpr, BLOCK_N: tl.constexpr,
+    base, weight_ptr, n, stride_n, stride_r, R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Indices [BLOCK_M] of the m largest ``Σ_p s_p · w_p`` over the n keys, ties → lower."""
+    """Indices [BLOCK_M] of the ``BLOCK_M`` largest ``Σ_p s_p · w_p`` over the n keys, in
+    the reference's order (its first m are the candidates; later ones may be padding)."""
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
     s = tl.load(base + offs_n * stride_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -88,18 +123,7 @@ def _candidates(
     for p in tl.static_range(1, R):
         s = tl.load(base + offs_n * stride_n + p * stride_r, mask=mask_n, other=0.0)
         merged = merged + _mul(s.to(tl.float32), tl.load(weight_ptr + p).to(tl.float32))
-    offs_m = tl.arange(0, BLOCK_M)
-    picked = tl.zeros([BLOCK_M], dtype=tl.int32)
-    avail = mask_n
-    for i in range(m):
-        is_nan = (merged != merged) & avail
-        any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
-        best = tl.max(tl.where(avail & ~is_nan, merged, float("-inf")), axis=0)
-        hit = tl.where(any_nan, is_nan, avail & (merged == best))
-        idx = tl.min(tl.where(hit, offs_n, BLOCK_N), axis=0)
-        picked = tl.where(offs_m == i, idx, picked)
-        avail = avail & (offs_n != idx)
-    return picked
+    return _key_index(tl.topk(_sort_keys(merged, offs_n, mask_n), BLOCK_M))
 
 
 # Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs
@@ -122,10 +146,10 @@ def _retrieve_kernel(
     col_base = col_scores_ptr + t * col_stride_t + h * col_stride_h
 
     cand_row = _candidates(
-        row_base, row_weight_ptr + h * R, n, row_stride_n, row_stride_r, m, R, BLOCK_N, BLOCK_M
+        row_base, row_weight_ptr + h * R, n, row_stride_n, row_stride_r, R, BLOCK_N, BLOCK_M
     )
     cand_col = _candidates(
-        col_base, col_weight_ptr + h * R, n, col_stride_n, col_stride_r, m, R, BLOCK_N, BLOCK_M
+        col_base, col_weight_ptr + h * R, n, col_stride_n, col_stride_r, R, BLOCK_N, BLOCK_M
     )
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -144,25 +168,17 @@ def _retrieve_kernel(
             core_base + c * core_stride, R,
         )  # fmt: skip
 
-    # top-k over the flattened grid (flat index a * m + b); NaN first, as in _candidates
-    flat = offs_m[:, None] * m + offs_m[None, :]
-    avail = mask_m[:, None] & mask_m[None, :]
+    # top-k over the flattened grid; position a * BLOCK_M + b orders as the reference's
+    # a * m + b does
+    flat = offs_m[:, None] * BLOCK_M + offs_m[None, :]
+    keys = _sort_keys(total, flat, mask_m[:, None] & mask_m[None, :])
+    picked = _key_index(tl.topk(tl.reshape(keys, [BLOCK_M * BLOCK_M]), BLOCK_K))
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < k
-    picked = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for j in range(k):
-        is_nan = (total != total) & avail
-        any_nan = tl.max(tl.max(is_nan.to(tl.int32), axis=1), axis=0) > 0
-        finite = tl.where(avail & ~is_nan, total, float("-inf"))
-        best = tl.max(tl.max(finite, axis=1), axis=0)
-        hit = tl.where(any_nan, is_nan, avail & (total == best))
-        pos = tl.min(tl.min(tl.where(hit, flat, BLOCK_M * BLOCK_M), axis=1), axis=0)
-        picked = tl.where(offs_k == j, pos, picked)
-        avail = avail & (flat != pos)
 
     # grid position -> key indices (a one-hot pick: the candidates live in registers)
-    at_a = (picked // m)[:, None] == offs_m[None, :]
-    at_b = (picked % m)[:, None] == offs_m[None, :]
+    at_a = (picked // BLOCK_M)[:, None] == offs_m[None, :]
+    at_b = (picked % BLOCK_M)[:, None] == offs_m[None, :]
     key_row = tl.sum(tl.where(at_a, cand_row[None, :], 0), axis=1)
     key_col = tl.sum(tl.where(at_b, cand_col[None, :], 0), axis=1)
     out_row = (t * heads + h) * k + offs_k
@@ -187,19 +203,22 @@ def retrieve_launch_config(
     heads: int, n: int, rank: int, n_cores: int, topm: int, topk: int, activation: str
 ) -> LaunchConfig:
     """Constexprs, warps and grid of ``_retrieve_kernel``: one program per (token, head)."""
-    block_n, block_m = triton.next_power_of_2(n), triton.next_power_of_2(topm)
-    # about 16 elements of the widest vector (the n keys or the m × m grid) per thread:
-    # fewer warps keep the 2·m + k rounds of reductions inside a warp, more keep registers
-    # in bounds (sm_90 builds, cuobjdump -res-usage: paper sizes at 2 warps use 90
-    # registers; n = 4096, m = 64 at 8 warps 118; no spills). A guess, not yet timed.
-    num_warps = min(8, max(1, max(block_n, block_m * block_m) // 512))
+    # at least 2: tl.topk needs a power of two, and Triton 3.6's cannot select 1 of 1
+    block_n, block_m, block_k = (max(2, triton.next_power_of_2(d)) for d in (n, topm, topk))
+    # 256 keys a warp of the widest selection (the n keys or the m × m grid), 1 to 8 warps.
+    # sm_90, Triton 3.6, paper sizes (n = 1024, m = k = 32), warps: registers, SASS
+    # instructions (= per warp: straight-line code), warp-instructions per program:
+    # 1: 222, 17.2 K, 17 K · 2: 96, 11.1 K, 22 K · 4: 64, 6.6 K, 26 K · 8: 64, 4.0 K, 32 K.
+    # A program's latency (decode: 2 programs) falls with the instructions per warp, the
+    # throughput at 4096 tokens with the warp-instructions per program; 4 is between.
+    num_warps = min(8, max(1, max(block_n, block_m * block_m) // 256))
     constexprs = {
         "R": rank,
         "M": n_cores,
         "ACTIVATION": activation,
         "BLOCK_N": block_n,
         "BLOCK_M": block_m,
-        "BLOCK_K": triton.next_power_of_2(topk),
+        "BLOCK_K": block_k,
     }
     return LaunchConfig(constexprs, num_warps, programs_y=heads)
 
