@@ -26,11 +26,19 @@ The expansion projection (``pooled.reshape(T, G·Dv) @ Wout``) stays outside the
 one dense GEMM, which cuBLAS and TensorRT already do best.
 
 Indices are checked at the op boundary: a slot outside [0, S), a row outside [0, R) or a
-group outside [0, G) raises ``ValueError`` instead of reading out of bounds.
+group outside [0, G) raises ``ValueError`` instead of reading out of bounds. The maps are
+weights (the same buffer every call), so their ranges are measured once per map
+(``index_map_range``: a device reduction and a read-back) and later calls compare the
+remembered range with the call's bounds on the host. Slots are data: the Triton launcher
+checks them only where that costs no device sync (CPU tensors); on a GPU the kernel masks
+an out-of-range slot, row or group (it contributes nothing), so no call syncs and a decode
+step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,23 +65,87 @@ def slot_count(values: Tensor, row_map: Tensor | None, group_map: Tensor | None)
     return int(values.shape[0])
 
 
+@dataclass(frozen=True)
+class _MapRange:
+    """A map's measured [low, high], valid while the tensor is this one, unchanged."""
+
+    tensor: weakref.ref[Tensor]
+    version: int | None
+    layout: tuple[Any, ...]
+    low: int
+    high: int
+
+
+# id(map) -> its range; an entry leaves when its tensor is freed
+_MAP_RANGES: dict[int, _MapRange] = {}
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The in-place write counter; None for inference tensors, which keep none (a map
+    written in place under inference_mode after its first call is not measured again:
+    the kernels still mask out-of-range entries)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _measure_range(index_map: Tensor) -> tuple[int, int]:
+    """min and max of a map: two reductions and a device sync."""
+    return int(index_map.min()), int(index_map.max())
+
+
+def index_map_range(index_map: Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty index map, measured on the first call for this tensor
+    and again only after it was written in place (its version) or re-pointed."""
+    key = id(index_map)
+    layout = (
+        index_map.data_ptr(),
+        index_map.storage_offset(),
+        tuple(index_map.shape),
+        index_map.stride(),
+        index_map.dtype,
+        index_map.device,
+    )
+    version = _version(index_map)
+    known = _MAP_RANGES.get(key)
+    if (
+        known is not None
+        and known.tensor() is index_map
+        and known.version == version
+        and known.layout == layout
+    ):
+        return known.low, known.high
+    low, high = _measure_range(index_map)
+    ref = weakref.ref(index_map, lambda _, key=key: _MAP_RANGES.pop(key, None))
+    _MAP_RANGES[key] = _MapRange(ref, version, layout, low, high)
+    return low, high
+
+
 def check_aggregate_indices(
-    values: Tensor, slots: Tensor, row_map: Tensor | None, group_map: Tensor | None, groups: int
+    values: Tensor,
+    slots: Tensor,
+    row_map: Tensor | None,
+    group_map: Tensor | None,
+    groups: int,
+    *,
+    check_slots: bool = True,
 ) -> None:
-    """Bounds of every index (syncs with the device: done once at the op boundary)."""
+    """Bounds of every index: the maps' ranges once per map (``index_map_range``), the
+    slots (a device sync) when ``check_slots``."""
     slot_ids = slot_count(values, row_map, group_map)
-    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= slot_ids):
-        raise ValueError(
-            f"slots must lie in [0, {slot_ids}), got [{int(slots.min())}, {int(slots.max())}]"
-        )
-    for name, index_map, high in (
+    if check_slots and slots.numel():
+        low, high = int(slots.min()), int(slots.max())
+        if low < 0 or high >= slot_ids:
+            raise ValueError(f"slots must lie in [0, {slot_ids}), got [{low}, {high}]")
+    for name, index_map, bound in (
         ("row_map", row_map, values.shape[0]),
         ("group_map", group_map, groups),
     ):
         if index_map is not None and index_map.numel():
-            lo, hi = int(index_map.min()), int(index_map.max())
-            if lo < 0 or hi >= high:
-                raise ValueError(f"{name} entries must lie in [0, {high}), got [{lo}, {hi}]")
+            low, high = index_map_range(index_map)
+            if low < 0 or high >= bound:
+                raise ValueError(f"{name} entries must lie in [0, {bound}), got [{low}, {high}]")
 
 
 def rows_and_groups(

@@ -14,8 +14,10 @@ chunks, so it may differ from the reference's sequential sum in the last bits (t
 reference's own order is unspecified on CUDA, where scatter_add uses atomics).
 
 An out-of-range slot, row or group contributes nothing in the kernel (masked loads), so
-even the compiled path, which cannot raise on data, never reads out of bounds; eager calls
-raise ``ValueError`` first (``check_aggregate_indices``).
+even the compiled path, which cannot raise on data, never reads out of bounds. Eager calls
+raise ``ValueError`` first for a map out of range, measuring each map once
+(``check_aggregate_indices``), and for slots out of range where they are CPU tensors; on a
+GPU an eager call does not sync with the device.
 """
 
 from __future__ import annotations
@@ -142,12 +144,15 @@ def aggregate_triton(
 ) -> Tensor:
     """``aggregate_reference`` as one Triton launch. Returns ``pooled [T, G, Dv]``.
 
-    Raises ``ValueError`` on bad shapes or attributes, and, with ``check_indices`` (one
-    device sync), on slots, rows or groups out of range.
+    Raises ``ValueError`` on bad shapes or attributes, and, with ``check_indices``, on map
+    entries out of range (a device sync the first time a map is seen, none after) and on
+    slots out of range where they are CPU tensors (on a GPU the kernel masks them).
     """
     check_aggregate_inputs(values, weights, slots, row_map, group_map, groups, pooling)
     if check_indices:
-        check_aggregate_indices(values, slots, row_map, group_map, groups)
+        check_aggregate_indices(
+            values, slots, row_map, group_map, groups, check_slots=slots.device.type == "cpu"
+        )
     tokens = weights.shape[0]
     # constexprs and block sizes must be concrete: under torch.compile(dynamic=True) this
     # specializes every size but the token count, which only sizes the grid

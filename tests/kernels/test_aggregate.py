@@ -320,3 +320,51 @@ class TestAggregateCuda:
         assert "_aggregate_kernel" in "\n".join(code)
         want = aggregate_reference(*args, 4, "scatter")
         assert_close("pooled", got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def map_measurements(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """Every map whose range is measured on the device (a reduction and a sync), in order."""
+    from ultramem.kernels import aggregate as module
+
+    measured: list[Tensor] = []
+    measure = module._measure_range
+
+    def counting(index_map: Tensor) -> tuple[int, int]:
+        measured.append(index_map)
+        return measure(index_map)
+
+    monkeypatch.setattr(module, "_measure_range", counting)
+    return measured
+
+
+def test_maps_are_measured_once(map_measurements: list[Tensor]) -> None:
+    """The maps are the same buffers every call: the second call reads no map again."""
+    args = make_inputs(3, 2, 4, 2, 20, 8, "shuffle", 4)
+    first = aggregate_triton(*args, 4)
+    assert [m is args[3] or m is args[4] for m in map_measurements] == [True, True]
+    second = aggregate_triton(*args, 4)
+    assert len(map_measurements) == 2
+    assert torch.equal(first, second)
+
+
+def test_a_map_not_seen_before_is_still_refused(map_measurements: list[Tensor]) -> None:
+    values, weights, slots, row_map, group_map = make_inputs(3, 2, 4, 2, 20, 8, "shuffle", 4)
+    aggregate_triton(values, weights, slots, row_map, group_map, 4)
+    bad = row_map.clone()
+    bad[0, -1] = 20
+    with pytest.raises(ValueError, match=r"row_map entries must lie in \[0, 20\), got \[0, 20\]"):
+        aggregate_triton(values, weights, slots, bad, group_map, 4)
+    # the known map is measured against each call's bounds: 4 groups fit, 3 do not
+    with pytest.raises(ValueError, match=r"group_map entries must lie in \[0, 3\)"):
+        aggregate_triton(values, weights[:, :, :, :1], slots, row_map, group_map, 3)
+    assert len(map_measurements) == 3
+
+
+def test_a_map_written_in_place_is_measured_again(map_measurements: list[Tensor]) -> None:
+    values, weights, slots, row_map, group_map = make_inputs(2, 1, 3, 1, 16, 4, "shuffle", 2)
+    aggregate_triton(values, weights, slots, row_map, group_map, 2)
+    group_map[0, 0] = -1
+    with pytest.raises(ValueError, match=r"group_map entries must lie in \[0, 2\), got \[-1, "):
+        aggregate_triton(values, weights, slots, row_map, group_map, 2)
+    assert len(map_measurements) == 3
