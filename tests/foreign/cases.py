@@ -22,12 +22,25 @@ from . import (
     authors_v1,
     authors_v2,
     blind_styles,
+    compile_checks_pkm,
+    csordas_lowrank_pkm,
+    flax_peer_port,
     hf_llama_memory,
+    lingua_peer_variant,
+    llama_peer_engram,
     lookalikes,
+    memory_plus_finetune,
+    mesh_tf_memory,
     meta_memory_plus,
     moe_beside_memory,
+    multimolecule_rnamsm_pkm,
+    peer_block_glu,
     pinned_shapes,
+    praxis_mixture_of_depths,
+    praxis_peer,
     real_packages,
+    tf_pkm_keras_port,
+    ultramem_one_einsum,
     xlm_hashing,
 )
 from .pinned_shapes import Pin
@@ -541,6 +554,265 @@ CASES: list[ForeignCase] = [
         memory_layers=0,
         lookalike_part="both",
     ),
+    # -- round 2: more public code, read by a session independent of the compiler ----------------
+    ForeignCase(
+        id="csordas-pkm-nograd-rescore",
+        build=csordas_lowrank_pkm.csordas_pkm_nograd_rescore,
+        make_inputs=csordas_lowrank_pkm.rescore_inputs,
+        implementation=(
+            "https://github.com/RobertCsordas/moe (layers/lowrank_approximate_2layer.py, "
+            "LowrankApproximate2Layer)"
+        ),
+        differs=(
+            "PKM maths with 2 heads looped in Python over SparseAddress objects, selection "
+            "under torch.no_grad() with topk(sorted=False), the selected scores recomputed "
+            "by gathering the full side scores at idx // n and idx % n, head 0's ids shifted "
+            "by head 1's offset mod n², ReLU scores, nn.EmbeddingBag(per_sample_weights), in "
+            "a pre-LN residual; sizes: D = k_dim 64, 32 × 32 keys, knn 8 (32)."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="csordas-two-memories-one-topk",
+        build=csordas_lowrank_pkm.csordas_two_memories_one_topk,
+        make_inputs=csordas_lowrank_pkm.merged_inputs,
+        implementation=(
+            "https://github.com/RobertCsordas/moe (LowrankApproximate2Layer, head_merge_topk "
+            "via SparseAddress.cat)"
+        ),
+        differs=(
+            "Two product-key memories (own query, own 24 × 24 keys) hand over their whole "
+            "8 × 8 candidate grids, concatenated (128 candidates) before ONE top-8 over both, "
+            "read from one shared 576-row EmbeddingBag (memory 0's ids shifted by 12 mod "
+            "576), ReLU scores; sizes: D = k_dim 48."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="memory-plus-exhaustive-grid",
+        build=memory_plus_finetune.memory_plus_exhaustive_grid,
+        make_inputs=memory_plus_finetune.exhaustive_inputs,
+        implementation=(
+            "https://github.com/Satgoy152/finetuningmemorylayers (qwen_mem/memory_layer.py, "
+            "MemoryPlus) with Memory+ product keys"
+        ),
+        differs=(
+            "Cosine scores per side (F.normalize on query halves and keys), the FULL 32 × 32 "
+            "grid of row + col sums scored and ONE top-8 over all 1,024 slots (no per-side "
+            "top-m), for each of 2 heads in a Python loop, softmax, values[idx] weighted sums "
+            "added over heads, out_proj(read * silu(gate_proj(x))) in a Qwen2 RMSNorm + "
+            "residual slot; sizes: d_model 64 (896), 1,024 slots (10,000 flat), d_key 32 "
+            "(256), k 8 (32)."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="lingua-peer-gelu-variant",
+        build=lingua_peer_variant.lingua_peer_variant,
+        make_inputs=lingua_peer_variant.peer_variant_inputs,
+        implementation=(
+            "https://github.com/facebookresearch/memory (lingua/product_key/memory.py, "
+            "HashingMemory peer_variant=True), as in its single-GPU copies"
+        ),
+        differs=(
+            "PEER behind lingua's PKM selection: 4 heads' softmax scores over heads · knn "
+            "one-neuron experts, gelu(<x, values_u[slot]>) · score · values_v[slot] by two "
+            "einsums, unused value_proj/swilu_projection left in the state dict, after a "
+            "dense SwiGLU layer; sizes: D 64, k_dim 32 (512), 32 × 32 keys (1024²), knn 8 "
+            "(32)."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="peer-block-glu-one-head",
+        build=peer_block_glu.peer_block_glu_one_head,
+        make_inputs=peer_block_glu.glu_one_head_inputs,
+        implementation="public PEER reproduction `PEERBlock` (XLM _get_indices, glu=True)",
+        differs=(
+            "GLU experts from three tables: relu(<x, down[slot]>) · <x, gate[slot]> · "
+            "softmax(score) · up[slot] via einops.einsum, 1 head, biased Linear + BatchNorm "
+            "queries, XLM per-head loop with F.linear sides, returns (out, knn² grid "
+            "scores); sizes: d_model 64, 32 × 32 experts, key_dim 32, top-8."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="peer-block-glu-three-heads",
+        build=peer_block_glu.peer_block_glu_three_heads,
+        make_inputs=peer_block_glu.glu_three_heads_inputs,
+        implementation="public PEER reproduction `PEERBlock` (XLM _get_indices, glu=True)",
+        differs=(
+            "The same GLU PEER with 3 heads looped in Python, joined with torch.cat and "
+            "einops.rearrange('(b t) h k -> b t h k'), SiLU on the down product, the heads' "
+            "experts summed by one einsum; sizes: d_model 48, 24 × 24 experts, key_dim 24, "
+            "top-6."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="compile-checks-pkm",
+        build=compile_checks_pkm.compile_checks_pkm,
+        make_inputs=compile_checks_pkm.check_inputs,
+        implementation=(
+            "torch.compile idiom: torch._check / torch._check_is_size (pytorch.org exportdb "
+            "torch.dynamic-value) around a functional PKM"
+        ),
+        differs=(
+            "PKM maths with torch._check_is_size(B), _check_is_size(T, max=4096) and six "
+            "torch._check on shapes inside forward, F.rms_norm query halves, one einsum and "
+            "one topk over both sides then unbind, float32 softmax, F.embedding_bag over 4 "
+            "heads, output Linear; sizes: D 64, 4 heads, 32 × 32 keys, head_dim 16, top-8."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="llama-peer-sliced-keys",
+        build=llama_peer_engram.llama_peer_sliced_keys,
+        make_inputs=llama_peer_engram.llama_peer_inputs,
+        implementation=(
+            "https://github.com/MikeyBeez/PEER (llama_peer_engram.py, LlamaPEER + "
+            "ModifiedLlamaDecoderLayer) on transformers==5.24.0 LlamaForCausalLM"
+        ),
+        differs=(
+            "A 3-layer HF Llama whose layers 1 and 2 are wrapped to add PEER after the "
+            "layer: sides scored through slices of the key parameter keys[:, :, p, :], "
+            "explicit expand cartesian grid, SiLU(<x, down[slot]>) · relu(score) · up[slot], "
+            "4 heads; int64 ids in, logits out; sizes: D 64, 32 × 32 experts (128²), 8 per "
+            "head, dim_key 16 (64)."
+        ),
+        memory_layers=2,
+    ),
+    ForeignCase(
+        id="ultramem-one-einsum",
+        build=ultramem_one_einsum.ultramem_one_einsum,
+        make_inputs=ultramem_one_einsum.one_einsum_inputs,
+        implementation=f"{AUTHORS} layout, arXiv 2411.12364 Eq. 7-16, written as one einsum",
+        differs=(
+            "V1 maths with ONE einsum 'tsd,hsndr->tshnr' scoring both sides of both heads, "
+            "u/v buffers from linalg.svd of the summed cores, all cores in one 3-operand "
+            "einsum, global shuffle, E = 4 via scatter_add_, in a pre-LN residual (D 64, "
+            "32 × 32 keys, 256 rows, Dk 32, r 2, M 2, m = k 8, Dv 32)."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="ultramem-sliced-views",
+        build=ultramem_one_einsum.ultramem_sliced_views,
+        make_inputs=ultramem_one_einsum.sliced_inputs,
+        implementation=f"{AUTHORS} layout, arXiv 2411.12364, written with parameter views",
+        differs=(
+            "The same V1 layer scoring each side through a slice of the key parameter "
+            "(einsum('...d,hndr->...hnr', q_row, keys[:, 0]), keys.select(1, 1)), a value "
+            "table stored transposed and read as values_t.t(), F.linear with a bare output "
+            "weight; D 48, 24 × 24 keys, 144 rows, Dk 24, m 10 != k 6, Dv 24."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="flax-peer-language-model",
+        build=flax_peer_port.flax_peer_language_model,
+        make_inputs=flax_peer_port.flax_lm_inputs,
+        implementation="public Flax (linen) port of lucidrains/PEER-pytorch, back in torch",
+        differs=(
+            "A 1-block LM (vocab 96, D 64, non-causal MHA) running two PEERs in a row "
+            "(peer2(gelu_tanh(peer1(x)))), each with Dense + BatchNorm queries whose output "
+            "OVERWRITES x (experts read the query features), per-side topk in a list "
+            "comprehension, take_along_dim, index_select on the tables, 1 head; sizes: "
+            "32 × 32 experts (1M), 8 per head (16)."
+        ),
+        memory_layers=2,
+    ),
+    ForeignCase(
+        id="mesh-tf-product-key-value-memory",
+        build=mesh_tf_memory.mesh_tf_product_key_value_memory,
+        make_inputs=mesh_tf_memory.mesh_inputs,
+        implementation=(
+            "https://github.com/tensorflow/mesh (mesh_tensorflow/transformer/"
+            "memory_layers.py, ProductKeyValueMemory), in torch"
+        ),
+        differs=(
+            "PKM maths with named-dim layout: biased dense query into [b, l, h, 2, k], mtf "
+            "layer_norm (scale only, eps 1e-6), one einsum and one top_k over both sides "
+            "then unstack, values gathered to [b, l, h, knn, d] and one einsum reducing "
+            "heads and knn, in an rms_norm residual sublayer; sizes: d_model 64, key_size "
+            "64, 32 × 32 keys, 4 heads, knn 8."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="tf-pkm-keras-port",
+        build=tf_pkm_keras_port.tf_pkm_keras_port,
+        make_inputs=tf_pkm_keras_port.keras_inputs,
+        implementation=(
+            "https://github.com/Rocketknight1/tf-pkm-layer (tf_memory_layer.py), in torch"
+        ),
+        differs=(
+            "XLM PKM as ported to Keras: Dense kernel [in, out] + bias, Keras BatchNorm "
+            "(eps 1e-3) queries, a Python loop over 4 heads with matmul(transpose_b) sides, "
+            "broadcast grids, gather, values[indices] * scores reduce_sum instead of "
+            "EmbeddingBag, post-LN BERT slot; sizes: D 64 (768), k_dim 32 (256), 32 × 32 "
+            "keys (512²), knn 8 (32)."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="multimolecule-rnamsm-pkm",
+        build=multimolecule_rnamsm_pkm.multimolecule_rnamsm_pkm,
+        make_inputs=multimolecule_rnamsm_pkm.rnamsm_inputs,
+        implementation=(
+            "https://github.com/DLS5-Omics/multimolecule (models/rnamsm/modeling_rnamsm.py, "
+            "RnaMsmPkmLayer) with product-key-memory==0.3.0"
+        ),
+        differs=(
+            "RNA MSA transformer (axial layer, then the 'pkm' layer) in R x C x B x D layout "
+            "at MSA depth 1, the real PKM package fed (R·C) x B so its 'batch' is the "
+            "residues and its 'tokens' the batch; nucleotide ids in, hidden states out; "
+            "sizes: D 64, 4 PKM heads, 32 × 32 keys, topk 8, head size 16."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="praxis-peer-offset-heads",
+        build=praxis_peer.praxis_peer_offset_heads,
+        make_inputs=praxis_peer.praxis_peer_inputs,
+        implementation="https://github.com/0-5788719150923125/praxis (PraxisPEER 0.1.0)",
+        differs=(
+            "PEER with BatchNorm1d on the INPUT before the query Linear, Unflatten + Permute "
+            "modules, one topk over both sides unpacked per side, per-head expert sets "
+            "(ids + h · n²), sigmoid(score) · gelu(<x, down[slot]>) · up[slot], dropout on "
+            "the gathered rows; sizes: D 64, 4 heads, 32 × 32 experts per head, key_dims 16, "
+            "k 8."
+        ),
+        memory_layers=1,
+    ),
+    ForeignCase(
+        id="lookalike-praxis-mixture-of-depths",
+        build=praxis_mixture_of_depths.praxis_mixture_of_depths,
+        make_inputs=praxis_mixture_of_depths.mod_inputs,
+        implementation="https://github.com/0-5788719150923125/praxis (PraxisMixtureOfDepths)",
+        differs=(
+            "Mixture-of-Depths router: topk(sorted=False) of router logits over the "
+            "sequence, sort of the indices, gather of the chosen tokens, a transformer "
+            "block on them, scatter_add of sigmoid(weight) · update back; no product keys, "
+            "no table (D 64, capacity 0.5)."
+        ),
+        memory_layers=0,
+        lookalike_part="both",
+    ),
+    ForeignCase(
+        id="lookalike-flax-peer-position-bug",
+        build=flax_peer_port.flax_peer_position_bug,
+        make_inputs=flax_peer_port.position_bug_inputs,
+        implementation="public Flax (linen) port of lucidrains/PEER-pytorch, bugs kept",
+        differs=(
+            "The Flax PEER as published: top-k pairs unpacked the wrong way round (the "
+            "'grid' adds x-side scores to x-side integer key ids) and the expert tables read "
+            "at the positions in the 6 × 6 candidate grid instead of slot ids (D 48, "
+            "24 × 24 experts, 6 per head)."
+        ),
+        memory_layers=0,
+        lookalike_part="both",
+    ),
 ]
 
 #: cases whose capture is pinned: pinned_shapes' own, and the PyPI packages that compute
@@ -559,6 +831,16 @@ CAPTURE_PINNED: dict[str, Pin] = {
             "blind-column-major-ids",
             "blind-v2-shared-table",
             "blind-lookalike-topk-attention",  # topk(min(4, L)) guards the token dim
+        )
+    },
+    # round 2: int(s * capacity) specialises the token count; jnp.take_along_axis ported as
+    # torch.take_along_dim specialises batch and tokens
+    **{
+        case_id: Pin(batch=None, tokens=None, capture="raises")
+        for case_id in (
+            "lookalike-praxis-mixture-of-depths",
+            "flax-peer-language-model",
+            "lookalike-flax-peer-position-bug",
         )
     },
 }
