@@ -112,8 +112,13 @@ def _readings(results: list[PassResult]) -> dict[str, GridReading]:
 def rewrite(
     model: torch.nn.Module, capture: CaptureResult, example_inputs: tuple[Any, ...]
 ) -> RewriteResult:
-    ctx = PassContext(example_inputs)
     inputs = parity_inputs(example_inputs, capture)
+    # the passes prove their rewrites on the activations of the inputs the capture traced:
+    # a batch-1 or one-token example is widened there, and sizes of 1 read from the user's
+    # would be baked into a graph whose dims are symbolic
+    traced = capture.program.example_inputs
+    example_inputs = tuple(traced[0]) if traced is not None else example_inputs
+    ctx = PassContext(example_inputs)
     rolled_back: dict[str, str] = {}
     disabled: dict[str, str] = {}
 

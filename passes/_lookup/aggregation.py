@@ -652,7 +652,9 @@ def fuse_aggregation(gm: GraphModule, b: AggregationBinding, prefix: str) -> Nod
             parts.append(f.layout.canonical_node(graph, x, {"h": heads}, f.split))
         if not parts:
             weights = graph.call_function(
-                aten.ones_like.default, (merged,), {"dtype": torch.float32}
+                aten.ones_like.default,
+                (merged,),
+                {"dtype": torch.float32, "memory_format": torch.contiguous_format},
             )
             weights = graph.call_function(aten.unsqueeze.default, (weights, -1))
         elif b.per_core:
@@ -671,7 +673,8 @@ def fuse_aggregation(gm: GraphModule, b: AggregationBinding, prefix: str) -> Nod
         )
         gh, ge = b.group_sizes
         view = graph.call_function(aten.reshape.default, (call, [-1, gh, ge, b._value_dim]))
-        out = b.pooled_layout.model_node(gm, view, list(pooled.meta["val"].shape), pooled)
+        shape = list(pooled.meta["val"].shape)
+        out = b.pooled_layout.model_node_like(gm, view, pooled, pooled, shape)
     pooled.replace_all_uses_with(out)
     fill_meta(gm)
     return call

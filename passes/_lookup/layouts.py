@@ -104,6 +104,26 @@ class Layout:
             y = y.unsqueeze(dim)
         return y.expand(list(shape)) if STAR in self.roles else y
 
+    @property
+    def permutes(self) -> bool:
+        """Whether the model tensor is a permutation of the canonical one: strided, where
+        the model's own tensor may have been contiguous (and read by ``view``)."""
+        order = self._order()
+        return order != sorted(order)
+
+    def model_node_like(
+        self, gm: GraphModule, c: Node, replaced: Node, before: Node, shape: Sequence[object]
+    ) -> Node:
+        """``model_node`` for a node that replaces ``replaced``, as contiguous as it was:
+        the model's code may ``view`` it, which a permuted tensor refuses."""
+        y = self.model_node(gm, c, shape, before)
+        val = replaced.meta.get("val")
+        if self.permutes and isinstance(val, Tensor) and val.is_contiguous():
+            y = gm.graph.call_function(
+                torch.ops.aten.clone.default, (y,), {"memory_format": torch.contiguous_format}
+            )
+        return y
+
     def model_node(self, gm: GraphModule, c: Node, shape: Sequence[object], before: Node) -> Node:
         """``model`` as graph nodes: ``c`` [T, *named] to a tensor of ``shape`` (ints and
         SymInts), inserted at the graph's insertion point. Symbolic token sizes come from

@@ -45,7 +45,7 @@ from .._graph import (
 )
 from ..lookups import grid_slots, ranked_last, same_selections
 from .anchors import LookupAnchors, topk_count, topk_dim, topk_output
-from .layouts import Layout, layouts
+from .layouts import Layout, layouts, token_count
 from .region import NotALookup, Region, region_between
 
 RANDOM_PROBES = 2
@@ -319,7 +319,17 @@ def _side_layouts(
         for layout in layouts(shape, named, sizes):
             if layout not in out:
                 out.append(layout)
-    return out
+    # a size the batch or sequence has may be the heads' too (2 heads, batch 2): then the
+    # tokens are the dims that multiply to batch × sequence, else to one of them
+    if not token_sizes:
+        return out
+    flat = max(token_sizes)
+
+    def rank(layout: Layout) -> int:
+        count = token_count(shape, layout)
+        return 0 if count == flat else 1 if count in token_sizes else 2
+
+    return sorted(out, key=rank)
 
 
 def _sizes(layout: Layout, node: Node, side: tuple[int, int] | None) -> dict[str, int]:
@@ -747,7 +757,13 @@ def fuse_selection(gm: GraphModule, b: SelectionBinding, prefix: str) -> Node:
             x = side.layout.canonical_node(graph, x, {"h": b.heads} if b.broadcast else None)
             if b.additive:
                 x = graph.call_function(torch.ops.aten.unsqueeze.default, (x, -1))
-                ones = graph.call_function(torch.ops.aten.ones_like.default, (x,))
+                # contiguous: "preserve" strides of a permuted symbolic tensor put guards
+                # on the sizes (Mod(Min(32, 32*s), ...) != 0) that refuse batch 1, tokens 1
+                ones = graph.call_function(
+                    torch.ops.aten.ones_like.default,
+                    (x,),
+                    {"memory_format": torch.contiguous_format},
+                )
                 x = graph.call_function(
                     torch.ops.aten.cat.default, ([x, ones] if side is b.rows else [ones, x], -1)
                 )
@@ -774,7 +790,7 @@ def fuse_selection(gm: GraphModule, b: SelectionBinding, prefix: str) -> Node:
             # an absorbed activation: its node takes the op's activated scores
             target, layout = b.activated.get(out.node, (out.node, out.layout))
             shape = list(target.meta["val"].shape)
-            replacement = layout.model_node(gm, value, shape, first)
+            replacement = layout.model_node_like(gm, value, target, first, shape)
             dtype_out = target.meta["val"].dtype
             if dtype_out != (torch.int64 if out.kind in ("slot", "row", "col") else dtype):
                 replacement = graph.call_function(torch.ops.aten.to.dtype, (replacement, dtype_out))
