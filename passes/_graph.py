@@ -325,6 +325,27 @@ class DataDependence:
         return result
 
 
+class Weights:
+    """What counts as a weight, for every pass that treats weights specially: a value
+    computed from parameters and buffers alone, whatever the code did to reach it (a slice
+    ``keys[:, 0]``, a select, a view, a transpose, a cast, a reshape, a concatenation of
+    several), unless something writes it in place (state, not a weight)."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self._gm = gm
+        self._written = written_through(gm.graph)
+        self._cache: dict[Node, Any] = {}
+
+    def value(self, node: object) -> torch.Tensor | None:
+        if not isinstance(node, Node) or node in self._written:
+            return None
+        # an input's descendant is no weight: known from the ancestry, before any evaluation
+        if any(a.op == "placeholder" or a in self._written for a in ancestors([node])):
+            return None
+        value = evaluate_constant(self._gm, node, self._cache)
+        return value if isinstance(value, torch.Tensor) else None
+
+
 def evaluate_constant(gm: GraphModule, node: Node, cache: dict[Node, Any]) -> Any:
     """The value of a node computed from weights alone (``None`` if it reads an input)."""
     if node in cache:
