@@ -1,34 +1,39 @@
-"""The Python half of ``scripts/gpu_check.sh``: wheels, the environment record, the profile.
+"""The Python half of ``scripts/gpu_check.sh``: wheels, the environment record, notes, selfcheck.
 
     python scripts/gpu_check.py wheels --target DIR WHEEL_DIR...   # install what is missing
-    python scripts/gpu_check.py env --out env.json [--dry-run]     # versions, GPU, verdict
+    python scripts/gpu_check.py env --out env.json [--cpu]         # versions, GPU, verdict
     python scripts/gpu_check.py junit gpu-tests.xml                # one line of counts
     python scripts/gpu_check.py note lookup|bench FILE.json        # one line of results
-    python scripts/gpu_check.py profile --out profile.txt [--dry-run]
+    python scripts/gpu_check.py selfcheck --plan DIR               # the dry run's check
 
 ``wheels`` and ``junit`` use the standard library only: they run before anything says
 whether torch is there. ``env`` exits 2 with one line on stderr when a package the checks
-need is missing (or, outside ``--dry-run``, when torch sees no CUDA device), after writing
-``env.json`` with what it found. ``profile`` runs the fused lookup of
-``scripts/bench_lookup.py`` (its paper config, bf16, on CUDA; with ``--dry-run`` its tiny
-config on CPU tensors, the Triton kernels under ``TRITON_INTERPRET=1``) under
-``torch.profiler`` and writes the per-kernel times and the ``key_averages`` table.
+need is missing (or, without ``--cpu``, when torch sees no CUDA device), after writing
+``env.json`` with what it found. ``selfcheck`` reads the commands a ``--dry-run`` planned
+(one file per step, its words NUL-separated) and checks each as its program would take it,
+running none: the script's syntax, that every Python file in ``scripts/`` compiles, each
+script's and this helper's argparse, ``ultramem``'s click options, the gpu tests' files and
+their pytest collection, ncu's flags. The measurements themselves are
+``scripts/gpu_profile.py``'s and ``scripts/kernel_report.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +182,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     if problems:
         problems.append("carry their wheels in wheels/ or .whl/ (README: On a GPU)")
     record: dict[str, Any] = {
-        "mode": "dry-run" if args.dry_run else "gpu",
+        "mode": "cpu" if args.cpu else "gpu",
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "packages": packages,
@@ -195,11 +200,11 @@ def cmd_env(args: argparse.Namespace) -> int:
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         }
         record["gpu"] = _gpu()
-        if not args.dry_run and record["gpu"] is None:
+        if not args.cpu and record["gpu"] is None:
             problems.insert(
                 0,
                 f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
-                "none; --dry-run runs the same steps on the CPU",
+                "none; --cpu runs the same steps on the CPU, --dry-run checks their commands",
             )
     if packages["onnxruntime"].get("path"):
         import onnxruntime
@@ -232,7 +237,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(f"env: {'; '.join(problems)}", file=sys.stderr)
         return 2
     gpu = record.get("gpu")
-    where = f"{gpu['name']} (sm {gpu['sm']})" if gpu else "no GPU" + (" (dry run)" * args.dry_run)
+    where = f"{gpu['name']} (sm {gpu['sm']})" if gpu else "no GPU" + (" (CPU rehearsal)" * args.cpu)
     tensorrt = packages["tensorrt"]["version"] or packages["tensorrt_rtx"]["version"]
     print(
         f"env: python {record['python']['version']}, torch {record['torch']['version']}, "
@@ -331,12 +336,39 @@ def cmd_note(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-# ---- profile ---------------------------------------------------------------------------
+# ---- selfcheck: the dry run's check of the GPU run's commands -------------------------
 
 
-def _bench_lookup() -> Any:
-    # scripts/ is no package; register the module first so its dataclasses resolve
-    spec = importlib.util.spec_from_file_location("bench_lookup", SCRIPTS / "bench_lookup.py")
+class _Parsed(Exception):
+    """Raised in place of running a program once its command line has parsed."""
+
+
+@contextlib.contextmanager
+def _parse_only() -> Iterator[None]:
+    """argparse parses as usual, then stops the program before it does anything."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> argparse.Namespace:
+        raise _Parsed(original(self, *args, **kwargs))
+
+    argparse.ArgumentParser.parse_args = parse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+
+
+def _compiles(path: Path) -> str | None:
+    try:
+        compile(path.read_text(), str(path), "exec")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"{path.name} does not compile: {exc}"
+    return None
+
+
+def _load_script(path: Path) -> Any:
+    # registered under its own name, as bench_lookup's dataclasses need
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -344,96 +376,194 @@ def _bench_lookup() -> Any:
     return module
 
 
-def _kernel_table(events: list[Any], device_type: Any, iterations: int) -> list[str]:
-    """Per-kernel device time from the profiler's raw events (each launch's own interval)."""
-    totals: dict[str, list[float]] = {}
-    for event in events:
-        if getattr(event, "device_type", None) != device_type:
-            continue
-        totals.setdefault(event.name, []).append(event.time_range.elapsed_us())
-    if not totals:
-        return ["(no device kernels recorded)"]
-    lines = [f"{'kernel':<72} {'calls':>6} {'total us':>10} {'us/iter':>9} {'us/call':>9}"]
-    ranked = sorted(totals.items(), key=lambda kv: -sum(kv[1]))
-    for name, times in ranked:
-        total = sum(times)
-        lines.append(
-            f"{name[:72]:<72} {len(times):>6} {total:>10.1f} {total / iterations:>9.2f} "
-            f"{total / len(times):>9.2f}"
-        )
-    all_us = sum(sum(t) for t in totals.values())
-    lines.append(f"{'all kernels':<72} {'':>6} {all_us:>10.1f} {all_us / iterations:>9.2f}")
-    return lines
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        # triton.jit picks the interpreter when a kernel is defined: before any import
-        os.environ["TRITON_INTERPRET"] = "1"
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    bench = _bench_lookup()
-    from ultramem.kernels import triton_on_cpu
-    from ultramem.models.ultramem import UltraMemLayer
-
-    name = "tiny" if args.dry_run else "paper"
-    config = bench.CONFIGS[name]
-    device = "cpu" if args.dry_run else "cuda"
-    dtype = torch.float32 if args.dry_run else bench.DTYPES[args.dtype]
-    # the interpreter runs each Triton program in Python, about a second per tiny call:
-    # a dry run profiles few of them
-    tokens = args.tokens or (2 if args.dry_run else 4096)
-    warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3)
-    iterations = args.iterations or (2 if args.dry_run else 10)
-    if device == "cuda" and not torch.cuda.is_available():
-        print("profile: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
-        return 2
-    layer = UltraMemLayer(config.layer, seed=0).eval().to(device=device, dtype=dtype)
-    fused = bench.FusedLookup(layer)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, tokens, config.layer.d_model, generator=gen).to(device, dtype)
-    sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else lambda: None
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    # on CPU tensors the ops run their C++/reference kernels; the dry run routes them to the
-    # Triton launchers instead, so the kernels a GPU would launch run (interpreted) here too
-    with torch.no_grad(), triton_on_cpu(args.dry_run):
-        for _ in range(warmup):  # JIT compiles and autotuning stay out of the profile
-            fused(x)
-        sync()
-        with profile(activities=activities) as prof:
-            for _ in range(iterations):
-                with record_function("fused_lookup"):
-                    fused(x)
-            sync()
-    averages = prof.key_averages()
-    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+def _parses(run: Callable[[], Any]) -> str | None:
+    """None when ``run`` got as far as a parsed command line; else argparse's complaint."""
+    errors = io.StringIO()
     try:
-        table = averages.table(sort_by=sort, row_limit=args.rows)
-    except (AttributeError, KeyError):  # an older torch names device time after CUDA
-        table = averages.table(sort_by="self_cuda_time_total", row_limit=args.rows)
-    kernel_type = torch.autograd.DeviceType.CUDA if device == "cuda" else None
-    header = [
-        f"fused lookup ({name} config: {config.layer}), {str(dtype).removeprefix('torch.')}, "
-        f"{tokens} tokens, {iterations} profiled calls after {warmup} warm-ups",
-        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (dry run)'}; "
-        f"torch {torch.__version__}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}",
-        "",
-        "per-kernel device time (each launch's own interval):",
-    ]
-    kernels = (
-        _kernel_table(list(prof.events()), kernel_type, iterations)
-        if kernel_type is not None
-        else ["(a CPU run launches no device kernels: see the table below)"]
+        with _parse_only(), contextlib.redirect_stderr(errors), contextlib.redirect_stdout(errors):
+            run()
+    except _Parsed:
+        return None
+    except SystemExit as exc:
+        lines = errors.getvalue().strip().splitlines() or [f"exit {exc.code}"]
+        return f"does not parse: {lines[-1]}"
+    return "ran past its argument parsing without parsing (no argparse?)"
+
+
+def check_script(words: list[str]) -> str:
+    """``run_script NAME ARGS``: the script exists, compiles, and parses ARGS."""
+    path = SCRIPTS / words[0]
+    if not path.is_file():
+        raise ValueError(f"scripts/{words[0]} does not exist")
+    problem = _compiles(path)
+    if problem is None:
+        module = _load_script(path)
+        if not hasattr(module, "main"):
+            raise ValueError(f"scripts/{words[0]} has no main(argv)")
+        problem = _parses(lambda: module.main(words[1:]))
+    if problem:
+        raise ValueError(f"scripts/{words[0]} {' '.join(words[1:])}: {problem}")
+    return f"scripts/{words[0]} parses {' '.join(words[1:])}"
+
+
+def check_helper(words: list[str]) -> str:
+    """``helper SUBCOMMAND ARGS``: this script's own parser takes them."""
+    problem = _parses(lambda: build_parser().parse_args(words))
+    if problem:
+        raise ValueError(f"gpu_check.py {' '.join(words)}: {problem}")
+    return f"gpu_check.py parses {' '.join(words)}"
+
+
+def check_ultramem(words: list[str]) -> str:
+    """``ultramem COMMAND ARGS``: click parses them (the command's body replaced)."""
+    import click
+
+    from ultramem.cli.main import cli
+
+    command = cli.commands.get(words[0]) if words else None
+    if command is None:
+        raise ValueError(f"ultramem has no command {words[:1]}")
+
+    def parsed(*args: Any, **kwargs: Any) -> None:
+        raise _Parsed(kwargs)
+
+    original, command.callback = command.callback, parsed
+    try:
+        cli.main(args=words, prog_name="ultramem", standalone_mode=False)
+    except _Parsed:
+        return f"ultramem {' '.join(words)} parses"
+    except click.ClickException as exc:
+        raise ValueError(f"ultramem {' '.join(words)}: {exc.format_message()}") from None
+    finally:
+        command.callback = original
+    raise ValueError(f"ultramem {' '.join(words)}: the command was not reached")
+
+
+def _pytest_collection(words: list[str]) -> subprocess.Popen[str]:
+    """The step's pytest arguments, collecting only (its report file left out)."""
+    args = [w for w in words if not w.startswith("--junitxml")]
+    command = [sys.executable, "-m", "pytest", *args, "--collect-only", "-p", "no:xdist"]
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    text = "\n".join([*header, *kernels, "", f"key_averages, by {sort}:", table]) + "\n"
-    Path(args.out).write_text(text)
-    print("\n".join([*header, *kernels]))
-    print(f"wrote {args.out}")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_pytest_files(words: list[str]) -> str:
+    """``repo_pytest ARGS``: the test files exist and compile (collection runs aside)."""
+    files = [REPO / w for w in words if w.endswith(".py")]
+    if not files:
+        raise ValueError("the gpu-tests step names no test file")
+    for path in files:
+        problem = "does not exist" if not path.is_file() else _compiles(path)
+        if problem:
+            raise ValueError(f"{path.relative_to(REPO)}: {problem}")
+    return f"{len(files)} test files exist and compile"
+
+
+def check_collected(process: subprocess.Popen[str]) -> str:
+    output, _ = process.communicate(timeout=120)
+    last = (output.strip().splitlines() or ["no output"])[-1]
+    if process.returncode != 0 or "collected" not in last:
+        raise ValueError(f"pytest collection failed (exit {process.returncode}): {last}")
+    return f"pytest collects them: {last}"
+
+
+def check_ncu(words: list[str]) -> str:
+    """``in_run NCU FLAGS... PYTHON SCRIPT ARGS``: the flags a GPU run needs, and the
+    target's own command line (ncu itself is checked where it is installed)."""
+    flags = " ".join(words)
+    for needed in ("--clock-control none", "--profile-from-start off"):
+        if needed not in flags:
+            raise ValueError(f"ncu without {needed}")
+    script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+    if script is None:
+        raise ValueError("ncu runs no script of ours")
+    found = check_script([Path(words[script]).name, *words[script + 1 :]])
+    ncu = shutil.which(words[0])
+    if ncu:
+        known = subprocess.run([ncu, "--help"], capture_output=True, text=True).stdout
+        unknown = [w for w in words[1:script] if w.startswith("--") and w not in known]
+        if unknown:
+            raise ValueError(f"{ncu} does not know {unknown}")
+        found += f"; {ncu} knows every flag"
+    return found
+
+
+CHECKS: dict[str, Callable[[list[str]], str]] = {
+    "run_script": check_script,
+    "helper": check_helper,
+    "ultramem": check_ultramem,
+    "repo_pytest": check_pytest_files,
+    "in_run": check_ncu,
+}
+
+
+def read_plan(folder: Path) -> list[tuple[str, list[str]]]:
+    """The planned steps, in order: (step, [function, words...])."""
+    plan = []
+    for path in sorted(folder.iterdir()):
+        words = [w.decode() for w in path.read_bytes().split(b"\0")[:-1]]
+        plan.append((words[0], words[1:]))
+    return plan
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    results: list[tuple[str, str, bool]] = []
+
+    def check(step: str, run: Callable[[], str]) -> None:
+        try:
+            results.append((step, run(), True))
+        except Exception as exc:  # every check's failure is a line of the report
+            results.append(
+                (
+                    step,
+                    f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc),
+                    False,
+                )
+            )
+
+    check("script", lambda: _bash_syntax(Path(args.script)))
+    check("python", _scripts_compile)
+    plan = read_plan(Path(args.plan))
+    if not plan:
+        results.append(("plan", "no step planned", False))
+    collection = None
+    for _step, (function, *words) in plan:
+        if function == "repo_pytest":
+            collection = _pytest_collection(words)  # the slowest check: started first
+    for step, (function, *words) in plan:
+        if function not in CHECKS:
+            results.append((step, f"no check for `{function}`: extend gpu_check.py CHECKS", False))
+            continue
+        check(step, lambda f=function, w=words: CHECKS[f](w))
+    if collection is not None:
+        check("gpu-tests", lambda: check_collected(collection))
+    for step, text, ok in results:
+        print(f"{'ok' if ok else 'FAILED'} {step}: {text}")
+    failed = [step for step, _, ok in results if not ok]
+    print(
+        f"selfcheck: {len(results)} checks of {len(plan)} planned commands: "
+        + (f"FAILED {', '.join(failed)}" if failed else "all hold")
+    )
+    return 1 if failed else 0
+
+
+def _bash_syntax(script: Path) -> str:
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    if done.returncode:
+        raise ValueError(f"{script.name}: {done.stderr.strip()}")
+    return f"{script.name}: bash -n passes"
+
+
+def _scripts_compile() -> str:
+    paths = sorted(SCRIPTS.glob("*.py"))
+    problems = [p for p in map(_compiles, paths) if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return f"{len(paths)} Python files in scripts/ compile"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     wheels = sub.add_parser("wheels", help="install carried wheels whose package is missing")
@@ -441,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     wheels.add_argument("dirs", nargs="*")
     env = sub.add_parser("env", help="record versions and the GPU; fail on what is missing")
     env.add_argument("--out", required=True)
-    env.add_argument("--dry-run", action="store_true")
+    env.add_argument("--cpu", action="store_true", help="a CPU rehearsal: no GPU needed")
     env.add_argument("--ultramem-via", default="installed")
     env.add_argument("--wheels-note", default="")
     junit = sub.add_parser("junit", help="one line of counts from a junit xml")
@@ -449,21 +579,20 @@ def main(argv: list[str] | None = None) -> int:
     note = sub.add_parser("note", help="one line of a bench JSON; exit 1 on wrong rows")
     note.add_argument("kind", choices=("lookup", "bench"))
     note.add_argument("file")
-    prof = sub.add_parser("profile", help="torch.profiler summary of the fused lookup")
-    prof.add_argument("--out", required=True)
-    prof.add_argument("--dry-run", action="store_true")
-    prof.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    prof.add_argument("--tokens", type=int)
-    prof.add_argument("--warmup", type=int, help="calls before profiling (3; dry run 1)")
-    prof.add_argument("--iterations", type=int, help="profiled calls (10; dry run 2)")
-    prof.add_argument("--rows", type=int, default=30)
-    args = parser.parse_args(argv)
+    check = sub.add_parser("selfcheck", help="check a dry run's planned commands")
+    check.add_argument("--plan", required=True, help="the folder of planned commands")
+    check.add_argument("--script", default=str(SCRIPTS / "gpu_check.sh"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     commands = {
         "wheels": cmd_wheels,
         "env": cmd_env,
         "junit": cmd_junit,
         "note": cmd_note,
-        "profile": cmd_profile,
+        "selfcheck": cmd_selfcheck,
     }
     return commands[args.command](args)
 

@@ -1,53 +1,69 @@
 #!/usr/bin/env bash
 # Every GPU check of this repository in one run, all results in one folder:
 #
-#   bash scripts/gpu_check.sh [--pack] OUT          # on a CUDA machine (an H200): < 8 minutes
-#   bash scripts/gpu_check.sh --dry-run OUT         # the same steps on the CPU, tiny sizes
+#   bash scripts/gpu_check.sh --pack OUT      # on a CUDA machine (an H100/H200): < 6 minutes
+#   bash scripts/gpu_check.sh --dry-run [OUT] # CI, no GPU: the GPU run's commands checked, ~10 s
+#   bash scripts/gpu_check.sh --cpu OUT       # every step run on CPU tensors, tiny sizes
 #
 # Steps, each with its own timeout and log (OUT/<step>.log); one failing does not stop
-# the next:
+# the next. In the order of a GPU run, the measurements first:
 #   env                 python and packages (wheels carried in wheels/ or .whl/ install
 #                       what is missing), the GPU; OUT/env.json. Fails the run in one line.
-#   gpu-tests           pytest -m gpu over the files that mark tests gpu; OUT/gpu-tests.xml
-#   export-fp32         ultramem export MODEL --format onnx,kernels,aoti (+ manifest, parity)
-#   check-fp32          ultramem check --allow-native-code of that export
-#   export-fp16         fp16 is TensorRT's --precision (onnx, kernels and aoti keep the
-#                       model's dtype): --format onnx,tensorrt --precision fp16, where a
-#                       TensorRT package is installed; skipped, saying so, where none is
-#   check-fp16          ultramem check of that export
+#   kernel-report       scripts/kernel_report.py --config paper --sm 90: the static estimate
+#                       (compiled on the CPU with this machine's Triton); kernel-report.json
+#   profile             torch.profiler of the fused lookup at paper scale, bf16, 1 / 64 / 4096
+#                       tokens: per-kernel device time, launches and host syncs per lookup,
+#                       the JIT's registers, the estimate beside each measurement, and the
+#                       CUDA-graph replay time of the decode step (1 token) or why it cannot
+#                       be captured; profile.json, profile.txt
+#   ncu                 Nsight Compute (--clock-control none) on every kernel of one lookup at
+#                       1 and at 4096 tokens; ncu.txt. Skipped, saying so, without ncu
 #   bench-lookup-bf16   scripts/bench_lookup.py --config paper at 1, 64, 4096 tokens, the
 #   bench-lookup-fp16   floor at the copy bandwidth measured in the same run
-#   bench               ultramem bench MODEL --artifacts <export-fp32>; OUT/bench/
-#   profile             torch.profiler of the fused lookup at paper scale; OUT/profile.txt
+#   gpu-tests           pytest -m gpu over the files that mark tests gpu; gpu-tests.xml
+#   export-fp32         ultramem export MODEL --format onnx,kernels,aoti (+ manifest, parity)
+#   check-fp32          ultramem check --allow-native-code of that export (plugin-kernels)
+#   export-fp16         fp16 is TensorRT's --precision: --format onnx,tensorrt --precision
+#   check-fp16          fp16, where a TensorRT package is installed; skipped where none is
+#   bench               ultramem bench MODEL: in --cpu only (it times the model on the CPU)
 # then OUT/summary.md: each step ok/failed/skipped with its duration.
 #
 # Exit status: 0 every step ok (or skipped for a stated reason of the machine, such as no
 # TensorRT), 1 a step failed or ran out of time, 2 bad usage or the environment check failed.
 #
-# --dry-run: CPU tensors, the tiny bench config, few tokens, small budgets, torch.compile
-#   left out of the timings (its CPU compile alone would outlast the whole dry run), the
-#   gpu tests skipped by their marker, the profiled kernels run by the Triton interpreter;
-#   independent steps run two at a time. About 125 CPU-seconds: 1.5 to 3 minutes on 2 cores,
-#   as busy as they are.
-# --pack: leave OUT as summary.md, env.json and gpu_check.tar.gz (every file): the device
-#   tool brings back at most 8 files from $OUT.
+# --dry-run: runs no step. Each step's command, exactly as a GPU run would run it, is
+#   checked instead (gpu_check.py selfcheck): this script's syntax, every Python file it runs
+#   compiles, every script and test file it names exists, every command line parses with its
+#   program's own parser (argparse, click, pytest's collection), ncu's flags. Exits 0 when
+#   all hold. OUT is optional (the summary goes to stdout).
+# --cpu: CPU tensors, the tiny bench config, few tokens, small budgets, torch.compile left
+#   out of the timings, the gpu tests skipped by their marker, the profiled kernels run by
+#   the Triton interpreter; independent steps two at a time. 2 to 4 minutes on 2 cores.
+# --pack: leave in OUT summary.md, env.json, kernel-report.json, profile.json, ncu.txt,
+#   bench-lookup-bf16.json (those there are) and gpu_check.tar.gz (every file): at most 8,
+#   as the device tool brings back at most 8 files from $OUT.
 # --model MODEL: another model than the bundled builtin:facts.
-# PYTHON=... picks the interpreter (default: .venv/bin/python if there, else python3).
+# PYTHON=... picks the interpreter (default: .venv/bin/python if there, else python3);
+# NCU=... Nsight Compute's binary (default: ncu on PATH, else under /usr/local/cuda*/bin or
+# /opt/nvidia/nsight-compute/*).
 set -uo pipefail # not -e: a failing step is recorded and the next one runs
 
 usage() {
-  echo "usage: bash scripts/gpu_check.sh [--dry-run] [--pack] [--model MODEL] OUT" >&2
+  echo "usage: bash scripts/gpu_check.sh [--dry-run | --cpu] [--pack] [--model MODEL] OUT" >&2
   exit 2
 }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-DRY=0
+SELF=$REPO/scripts/gpu_check.sh
+PLAN=0 # --dry-run: plan and check the commands, run none
+CPU=0  # --cpu: run every step on the CPU
 PACK=0
 MODEL=builtin:facts
 OUT=
 while (($#)); do
   case $1 in
-  --dry-run) DRY=1 ;;
+  --dry-run) PLAN=1 ;;
+  --cpu) CPU=1 ;;
   --pack) PACK=1 ;;
   --model)
     (($# > 1)) || usage
@@ -63,11 +79,25 @@ while (($#)); do
   esac
   shift
 done
-[[ -n $OUT ]] || usage
+((PLAN && CPU)) && usage
+[[ -n $OUT ]] || ((PLAN)) || usage
 # the steps run from a scratch folder: a .pt2 MODEL given relative to here must still be found
 [[ $MODEL == *.pt2 && -f $MODEL ]] && MODEL=$(cd "$(dirname "$MODEL")" && pwd -P)/$(basename "$MODEL")
 
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+mkdir -p "$WORK/steps" "$WORK/run" "$WORK/plan"
+CHILD=
+cleanup() { rm -rf "$WORK"; }
+trap cleanup EXIT
+# a signal ends the step in flight (timeout passes it to the step's whole process group)
+trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 143' TERM
+trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 130' INT
+
 # an earlier run's folder is replaced; anything else that is not empty is not ours to clear
+if [[ -z $OUT ]]; then
+  OUT=$WORK/out # a dry run without OUT: the summary goes to stdout
+  mkdir -p "$OUT"
+fi
 if [[ -e $OUT && ! -d $OUT ]]; then
   echo "gpu_check: OUT $OUT exists and is not a folder" >&2
   exit 2
@@ -83,37 +113,33 @@ if [[ -n $(ls -A "$OUT") ]]; then
   fi
 fi
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
-mkdir -p "$WORK/steps" "$WORK/run"
-CHILD=
-cleanup() { rm -rf "$WORK"; }
-trap cleanup EXIT
-# a signal ends the step in flight (timeout passes it to the step's whole process group)
-trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 143' TERM
-trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 130' INT
-
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-if ((DRY)); then
-  MODE="dry run (CPU)"
+if ((PLAN)); then
+  MODE="dry run (the GPU run's commands checked, none run)"
+elif ((CPU)); then
+  MODE="CPU rehearsal"
 else
   MODE="GPU"
   unset TRITON_INTERPRET # a GPU run launches the compiled kernels, never the interpreter
 fi
 
 # ---- steps: order, and seconds each may take ---------------------------------------------
-# A GPU run's steps run one after another inside 440 s (the device limit is 8 minutes):
-# step i may run until the sum of the caps of steps 0..i has passed since the start, so a
-# step that ends early (or is skipped) leaves its time to the next ones and every later
-# step keeps at least its own cap. A dry run gives each step its own, looser cap: two run
-# at a time there, on a shared machine.
-STEPS=(env gpu-tests export-fp32 check-fp32 export-fp16 check-fp16
-  bench-lookup-bf16 bench-lookup-fp16 bench profile)
+# A GPU run's steps run one after another inside 350 s (6 minutes with the summary): step i
+# may run until the sum of the caps of steps 0..i has passed since the start, so a step
+# that ends early (or is skipped) leaves its time to the next ones and every later step
+# keeps at least its own cap. The fp16 TensorRT steps come last and run only where TensorRT
+# is installed (none is on the GPU machines here): then the run may take 35 s more. The
+# measurements come first, so a run cut short still brings them back. --cpu gives each
+# step its own, looser cap: two run at a time there, on a shared machine.
+STEPS=(env kernel-report profile ncu bench-lookup-bf16 bench-lookup-fp16 gpu-tests
+  export-fp32 check-fp32 export-fp16 check-fp16 bench)
 # env's cap holds a first import's build of the native CPU kernels (kernels/native, cached)
-declare -A CAP=([env]=60 [gpu-tests]=85 [export-fp32]=55 [check-fp32]=25 [export-fp16]=25
-  [check-fp16]=15 [bench-lookup-bf16]=60 [bench-lookup-fp16]=50 [bench]=35 [profile]=30)
-declare -A DRY_CAP=([env]=60 [gpu-tests]=120 [export-fp32]=180 [check-fp32]=120
-  [export-fp16]=180 [check-fp16]=120 [bench-lookup-bf16]=120 [bench-lookup-fp16]=120
-  [bench]=180 [profile]=120)
+declare -A CAP=([env]=50 [kernel-report]=25 [profile]=50 [ncu]=45 [bench-lookup-bf16]=50
+  [bench-lookup-fp16]=30 [gpu-tests]=55 [export-fp32]=30 [check-fp32]=15 [export-fp16]=25
+  [check-fp16]=10 [bench]=0)
+declare -A CPU_CAP=([env]=60 [kernel-report]=120 [profile]=120 [ncu]=60
+  [bench-lookup-bf16]=120 [bench-lookup-fp16]=120 [gpu-tests]=120 [export-fp32]=180
+  [check-fp32]=120 [export-fp16]=180 [check-fp16]=120 [bench]=180)
 declare -A DEADLINE
 total=0
 for s in "${STEPS[@]}"; do
@@ -138,14 +164,28 @@ status_of() { field "$1" 1 || echo "not run"; }
 last_line() { grep -v '^[[:space:]]*$' "$1" 2>/dev/null | grep -v '^USDT:' | tail -n1; }
 
 # run_step NAME COMMAND...: COMMAND (a program or one of the functions below) under its
-# timeout, its output appended to OUT/NAME.log; the step's line recorded
+# timeout, its output appended to OUT/NAME.log; the step's line recorded. A dry run writes
+# the command to the plan (one file per step, its words NUL-separated) and runs nothing.
+PLANNED=0
 run_step() {
+  if ((PLAN)); then
+    PLANNED=$((PLANNED + 1))
+    printf '%s\0' "$@" >"$WORK/plan/$(printf '%02d' "$PLANNED")-$1"
+    record "$1" planned 0 - "${*:2}"
+    return 0
+  fi
+  execute_step "$@"
+}
+
+execute_step() {
   local name=$1 limit rc t0=$SECONDS log=$OUT/$1.log
   shift
-  if ((DRY)); then
-    limit=${DRY_CAP[$name]}
-  else
+  if ((CPU)); then
+    limit=${CPU_CAP[$name]}
+  elif [[ -n ${DEADLINE[$name]:-} ]]; then
     limit=$((START + DEADLINE[$name] - SECONDS))
+  else
+    limit=60 # the dry run's own check
   fi
   if ((limit < MIN_STEP_S)); then
     record "$name" skipped 0 "$limit" "not started: ${limit} s of the time budget left" fatal
@@ -198,7 +238,8 @@ main()' "$@"
 helper() { cd "$WORK/run" && exec "$PY" "$REPO/scripts/gpu_check.py" "$@"; }
 run_script() { cd "$WORK/run" && exec "$PY" "$REPO/scripts/$1" "${@:2}"; }
 repo_pytest() { cd "$REPO" && exec "$PY" -m pytest "$@"; }
-export -f ultramem helper run_script repo_pytest
+in_run() { cd "$WORK/run" && exec "$@"; } # a program that runs ours (ncu)
+export -f ultramem helper run_script repo_pytest in_run
 
 # ---- a: the environment ------------------------------------------------------------------
 step_env() {
@@ -219,7 +260,9 @@ step_env() {
   for d in "$REPO/wheels" "$REPO/.whl" ${GPU_CHECK_WHEELS:+"$GPU_CHECK_WHEELS"}; do
     compgen -G "$d/*.whl" >/dev/null && dirs+=("$d")
   done
-  if ((${#dirs[@]})); then
+  if ((${#dirs[@]})) && ((PLAN)); then
+    wheels_note="a GPU run would install what is missing from ${dirs[*]}"
+  elif ((${#dirs[@]})); then
     if ! "$PY" "$REPO/scripts/gpu_check.py" wheels --target "$WORK/site" "${dirs[@]}" >>"$OUT/env.log" 2>&1; then
       record env failed $((SECONDS - t0)) - "$(last_line "$OUT/env.log")"
       return 1
@@ -238,11 +281,72 @@ print(os.path.dirname(os.path.realpath(ultramem.__file__)))' 2>/dev/null)
     via="PYTHONPATH (a link named ultramem to $REPO)"
   fi
   local args=(env --out "$OUT/env.json" --ultramem-via "$via" --wheels-note "$wheels_note")
-  ((DRY)) && args+=(--dry-run)
+  ((CPU)) && args+=(--cpu)
   run_step env helper "${args[@]}"
 }
 
-# ---- b: the gpu-marked tests -------------------------------------------------------------
+# ---- b: the measurements: static estimate, profile, Nsight Compute -----------------------
+step_kernel_report() {
+  local args=(--config paper --sm 90)
+  ((CPU)) && args=(--config tiny --sm 90 --tokens 1,8)
+  run_step kernel-report run_script kernel_report.py "${args[@]}" --json "$OUT/kernel-report.json"
+}
+
+step_profile() {
+  local args=(profile --out "$OUT/profile.txt" --json "$OUT/profile.json"
+    --estimate "$OUT/kernel-report.json")
+  ((CPU)) && args+=(--cpu)
+  run_step profile run_script gpu_profile.py "${args[@]}"
+}
+
+find_ncu() {
+  local found
+  if [[ -n ${NCU:-} ]]; then
+    echo "$NCU"
+    return
+  fi
+  found=$(command -v ncu) ||
+    found=$(compgen -G '/usr/local/cuda*/bin/ncu' | head -n1) ||
+    found=$(compgen -G '/opt/nvidia/nsight-compute/*/ncu' | sort -V | tail -n1)
+  echo "$found"
+}
+
+step_ncu() {
+  local ncu
+  ncu=$(find_ncu)
+  if ((CPU)); then
+    skip ncu "no GPU in a CPU rehearsal"
+    return 0
+  fi
+  if [[ -z $ncu ]] && ((!PLAN)); then
+    skip ncu "no ncu (Nsight Compute) on PATH, under /usr/local/cuda*/bin or /opt/nvidia: set NCU="
+    return 0
+  fi
+  # every kernel between cudaProfilerStart and Stop: one warm lookup at each token count;
+  # boost clocks as in use (--clock-control none), each kernel's NVTX range (its tokens)
+  run_step ncu in_run "${ncu:-ncu}" --clock-control none --profile-from-start off \
+    --target-processes all --nvtx --log-file "$OUT/ncu.txt" \
+    "$PY" "$REPO/scripts/gpu_profile.py" ncu-target --tokens 1,4096 --dtype bf16
+}
+
+# ---- c: the lookup at paper scale, bf16 and fp16 -----------------------------------------
+step_bench_lookup() { # bf16 | fp16
+  local dtype=$1 args
+  if ((CPU)); then
+    args=(--config tiny --device cpu --tokens 1,4 --budget-s 0.01 --backends eager,fused-ops)
+  elif [[ $dtype == bf16 ]]; then
+    args=(--config paper --tokens 1,64,4096 --budget-s 0.5)
+  else
+    # torch.compile's own compile of the layer again: a shorter timing budget keeps the step
+    # inside its cap
+    args=(--config paper --tokens 1,64,4096 --budget-s 0.3)
+  fi
+  run_step "bench-lookup-$dtype" run_script bench_lookup.py "${args[@]}" --dtype "$dtype" \
+    --bandwidth-tbs measure --json "$OUT/bench-lookup-$dtype.json"
+  ((PLAN)) || judge "bench-lookup-$dtype" lookup "$OUT/bench-lookup-$dtype.json"
+}
+
+# ---- d: the gpu-marked tests -------------------------------------------------------------
 step_gpu_tests() {
   local files
   mapfile -t files < <(cd "$REPO" && grep -rlE --include='*.py' 'mark\.gpu\b' tests | sort)
@@ -255,6 +359,7 @@ step_gpu_tests() {
   run_step gpu-tests repo_pytest -o addopts="" --import-mode=importlib --strict-markers \
     -q -rfEs --durations=10 -p no:cacheprovider -m gpu \
     --junitxml="$OUT/gpu-tests.xml" "${files[@]}"
+  ((PLAN)) && return 0
   # the note: the junit counts, then what run_step said
   local st sec lim note fatal counts
   IFS=$SEP read -r st sec lim note fatal <"$WORK/steps/gpu-tests"
@@ -262,14 +367,14 @@ step_gpu_tests() {
   counts=$( (helper junit "$OUT/gpu-tests.xml") 2>/dev/null)
   if [[ $st == ok ]]; then
     note=$counts
-    ((DRY)) && note="$counts (no CUDA device: skipped by their marker)"
+    ((CPU)) && note="$counts (no CUDA device: skipped by their marker)"
   else
     note="$counts; $note"
   fi
   record gpu-tests "$st" "$sec" "$lim" "$note" "$fatal"
 }
 
-# ---- c: export and check, fp32 and fp16 --------------------------------------------------
+# ---- e: export and check, fp32 and fp16 --------------------------------------------------
 copy_records() { # what an export leaves in WORK that a reader of OUT wants
   local name=$1 dir=$WORK/$1
   [[ -f $dir/manifest.json ]] && cp "$dir/manifest.json" "$OUT/$name.manifest.json"
@@ -285,8 +390,9 @@ step_export() { # fp32 | fp16
   else
     # the CLI's --precision applies to TensorRT engines only: the model itself is exported
     # in its own dtype (a half copy of builtin:facts is not fused: in fp16 its own top-k
-    # ties differ from the fused ops', which score in fp32 by contract)
-    if ! "$PY" -c 'import importlib.util as u, sys
+    # ties differ from the fused ops', which score in fp32 by contract). A dry run checks
+    # the command whether TensorRT is there or not
+    if ! ((PLAN)) && ! "$PY" -c 'import importlib.util as u, sys
 sys.exit(not (u.find_spec("tensorrt") or u.find_spec("tensorrt_rtx")))' 2>/dev/null; then
       skip "$name" "fp16 is TensorRT's --precision and neither tensorrt nor tensorrt_rtx is installed (carry its wheels)"
       return 0
@@ -300,7 +406,7 @@ sys.exit(not (u.find_spec("tensorrt") or u.find_spec("tensorrt_rtx")))' 2>/dev/n
 step_check() { # fp32 | fp16
   local name=check-$1 export=export-$1
   case $(status_of "$export") in
-  ok) ;;
+  ok | planned) ;;
   skipped)
     skip "$name" "no $export: $(field "$export" 4)"
     return 0
@@ -314,31 +420,18 @@ step_check() { # fp32 | fp16
     --report "$OUT/$name.parity.json"
 }
 
-# ---- d: the lookup at paper scale, bf16 and fp16 -----------------------------------------
-step_bench_lookup() { # bf16 | fp16
-  local dtype=$1 args
-  if ((DRY)); then
-    args=(--config tiny --device cpu --tokens 1,4 --budget-s 0.01 --backends eager,fused-ops)
-  else
-    args=(--config paper --tokens 1,64,4096 --budget-s 0.5)
-  fi
-  run_step "bench-lookup-$dtype" run_script bench_lookup.py "${args[@]}" --dtype "$dtype" \
-    --bandwidth-tbs measure --json "$OUT/bench-lookup-$dtype.json"
-  judge "bench-lookup-$dtype" lookup "$OUT/bench-lookup-$dtype.json"
-}
-
-# ---- e: ultramem bench -------------------------------------------------------------------
+# ---- f: ultramem bench (CPU rehearsal only) ----------------------------------------------
 step_bench() {
+  if ! ((CPU)); then
+    skip bench "ultramem bench keeps the model on the CPU (compiler/bench/run.py): no GPU figure; --cpu runs it"
+    return 0
+  fi
   local args=(--out "$OUT/bench")
   if [[ $(status_of export-fp32) == ok ]]; then
     args+=(--artifacts "$WORK/export-fp32" --allow-native-code)
   fi
-  if ((DRY)); then
-    args+=(--tokens 1,4 --budget 0.02 --backends
-      eager,fused-ops,onnxruntime-cpu,onnxruntime-cuda,plugin-kernels,aotinductor,tensorrt)
-  else
-    args+=(--tokens 1,16,64 --budget 0.2)
-  fi
+  args+=(--tokens 1,4 --budget 0.02 --backends
+    eager,fused-ops,onnxruntime-cpu,onnxruntime-cuda,plugin-kernels,aotinductor,tensorrt)
   run_step bench ultramem bench "$MODEL" "${args[@]}"
   judge bench bench "$OUT/bench/bench.json"
   if [[ $(status_of bench) == ok && $(status_of export-fp32) != ok ]]; then
@@ -347,55 +440,64 @@ step_bench() {
   fi
 }
 
-# ---- f: the profile ----------------------------------------------------------------------
-step_profile() {
-  local args=(profile --out "$OUT/profile.txt")
-  ((DRY)) && args+=(--dry-run)
-  NOTE="wrote profile.txt" run_step profile helper "${args[@]}"
+# ---- the run -----------------------------------------------------------------------------
+run_gpu_order() {
+  step_kernel_report
+  step_profile
+  step_ncu
+  step_bench_lookup bf16
+  step_bench_lookup fp16
+  step_gpu_tests
+  step_export fp32
+  step_check fp32
+  step_export fp16
+  step_check fp16
+  step_bench
 }
 
-# ---- the run -----------------------------------------------------------------------------
-step_env
-ENV_OK=1
-[[ $(status_of env) == ok ]] || ENV_OK=0
-if ((ENV_OK)); then
-  if ((DRY)); then
-    # two lanes on two cores, each in the order of the GPU run; bench reads export-fp32
-    (
-      trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 143' TERM
-      step_export fp32
-      step_check fp32
-      step_bench
-    ) &
-    lane1=$!
-    (
-      trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 143' TERM
-      step_gpu_tests
-      step_export fp16
-      step_check fp16
-      step_bench_lookup bf16
-      step_bench_lookup fp16
-      step_profile
-    ) &
-    lane2=$!
-    CHILD="$lane1 $lane2"
-    trap 'kill -TERM $CHILD 2>/dev/null; wait; exit 143' TERM
-    trap 'kill -TERM $CHILD 2>/dev/null; wait; exit 130' INT
-    wait "$lane1" "$lane2"
-    CHILD=
-  else
-    step_gpu_tests
+run_cpu_lanes() { # two lanes on two cores; bench reads export-fp32
+  (
+    trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 143' TERM
     step_export fp32
     step_check fp32
+    step_bench
+  ) &
+  local lane1=$!
+  (
+    trap '[[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null; exit 143' TERM
+    step_kernel_report
+    step_profile
+    step_ncu
+    step_gpu_tests
     step_export fp16
     step_check fp16
     step_bench_lookup bf16
     step_bench_lookup fp16
-    step_bench
-    step_profile
+  ) &
+  local lane2=$!
+  CHILD="$lane1 $lane2"
+  trap 'kill -TERM $CHILD 2>/dev/null; wait; exit 143' TERM
+  trap 'kill -TERM $CHILD 2>/dev/null; wait; exit 130' INT
+  wait "$lane1" "$lane2"
+  CHILD=
+}
+
+step_env
+ENV_OK=1
+[[ $(status_of env) == ok || $(status_of env) == planned ]] || ENV_OK=0
+if ((ENV_OK)); then
+  if ((CPU)); then
+    run_cpu_lanes
+  else
+    run_gpu_order
   fi
 else
   for s in "${STEPS[@]:1}"; do skip "$s" "the environment check failed" fatal; done
+fi
+if ((PLAN && ENV_OK)); then
+  # the one thing a dry run executes: the plan's check
+  STEPS+=(selfcheck)
+  execute_step selfcheck helper selfcheck --plan "$WORK/plan" --script "$SELF"
 fi
 
 # ---- summary -----------------------------------------------------------------------------
@@ -404,9 +506,10 @@ failed=()
   echo "# gpu_check: $MODE"
   echo
   echo "- when: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), on $(hostname 2>/dev/null || echo '?'), $((SECONDS - START)) s in all"
-  echo "- model: \`$MODEL\`; command: \`bash scripts/gpu_check.sh$( ((DRY)) && echo ' --dry-run')$( ((PACK)) && echo ' --pack') OUT\`"
+  flags="$( ((PLAN)) && echo ' --dry-run')$( ((CPU)) && echo ' --cpu')$( ((PACK)) && echo ' --pack')"
+  echo "- model: \`$MODEL\`; command: \`bash scripts/gpu_check.sh$flags OUT\`"
   echo "- environment: $(field env 4)"
-  ((DRY)) || echo "- time budget: $total s for the steps, each until its deadline (the sum of the caps up to it)"
+  ((PLAN || CPU)) || echo "- time budget: $total s for the steps, each until its deadline (the sum of the caps up to it)"
   echo
   echo "| step | status | seconds | timeout s | note |"
   echo "|---|---|---|---|---|"
@@ -425,35 +528,50 @@ failed=()
   else
     echo "**result: FAILED**: ${failed[*]}"
   fi
-  if ((DRY)); then
-    echo
-    echo "A dry run checks this script, not the GPU: CPU tensors, tiny sizes, torch.compile left"
-    echo "out of the timings, the gpu tests skipped by their marker; two steps run at a time."
+  echo
+  if ((PLAN)); then
+    echo "A dry run runs no step: each planned command above was checked by selfcheck"
+    echo "(selfcheck.log), as a GPU run would run it."
+  elif ((CPU)); then
+    echo "A CPU rehearsal checks this script, not the GPU: CPU tensors, tiny sizes, torch.compile"
+    echo "left out of the timings, the gpu tests skipped by their marker; two steps at a time."
   else
-    echo
-    echo "\`ultramem bench\` times the model where it loads, the CPU (compiler/bench/run.py moved"
-    echo "nothing to the GPU as of 2026-12-01): its figures here are CPU work timed with CUDA"
-    echo "events; bench-lookup-* and profile hold the GPU's lookup numbers."
+    echo "kernel-report is a static estimate; profile.json puts each kernel's measured time beside"
+    echo "it. \`ultramem bench\` is left to --cpu: it times the model on the CPU."
   fi
   echo
   echo "Files:"
   (cd "$OUT" && find . -type f ! -name summary.md | sed 's|^\./||' | sort | sed 's/^/- /')
   if ((PACK)); then
     echo "(packed: gpu_check.tar.gz holds all of them and this summary)"
-  elif ((!DRY)); then
+  elif ((!PLAN && !CPU)); then
     echo "(the device tool brings back at most 8 files from \$OUT: run with --pack there)"
   fi
 } >"$OUT/summary.md"
 
-if ((PACK)); then
-  tar -czf "$WORK/gpu_check.tar.gz" -C "$OUT" . &&
-    find "$OUT" -mindepth 1 ! -name summary.md ! -name env.json -delete &&
-    mv "$WORK/gpu_check.tar.gz" "$OUT/"
+# --pack: the files a reader opens first, and one archive of everything: at most 8 files
+KEEP=(summary.md env.json kernel-report.json profile.json ncu.txt bench-lookup-bf16.json)
+pack() {
+  mkdir -p "$WORK/keep" && tar -czf "$WORK/gpu_check.tar.gz" -C "$OUT" . || return 1
+  local f
+  for f in "${KEEP[@]}"; do
+    if [[ -f $OUT/$f ]]; then cp "$OUT/$f" "$WORK/keep/"; fi
+  done
+  find "$OUT" -mindepth 1 -delete && mv "$WORK/keep/"* "$WORK/gpu_check.tar.gz" "$OUT/"
+}
+if ((PACK)) && ! pack; then
+  echo "gpu_check: --pack failed: OUT holds every file unpacked" >&2
 fi
 
+if ((PLAN)) && [[ $OUT == "$WORK/out" ]]; then
+  cat "$OUT/summary.md"
+  [[ -f $OUT/selfcheck.log ]] && grep -E '^(FAILED|ok) ' "$OUT/selfcheck.log"
+fi
 if ((!ENV_OK)); then
   echo "gpu_check: environment check failed: $(field env 4 | sed 's/^exit [0-9]*: //; s/^env: //')" >&2
   exit 2
 fi
-echo "gpu_check: $MODE: $( ((${#failed[@]})) && echo "FAILED (${failed[*]})" || echo passed) in $((SECONDS - START)) s; see $OUT/summary.md"
+where="see $OUT/summary.md"
+[[ $OUT == "$WORK/out" ]] && where="no OUT given: nothing kept"
+echo "gpu_check: $MODE: $( ((${#failed[@]})) && echo "FAILED (${failed[*]})" || echo passed) in $((SECONDS - START)) s; $where"
 ((${#failed[@]} == 0))

@@ -1,10 +1,11 @@
-"""``scripts/gpu_check.sh``: its dry run on this machine, every step for real at tiny sizes.
+"""``scripts/gpu_check.sh --cpu``: every step of the GPU run, for real, on CPU tensors.
 
-The GPU run cannot happen here; the dry run runs the same steps on CPU tensors (the tiny
-bench config, few tokens, small budgets), so a renamed flag, a moved file or a changed
+The GPU run cannot happen here; the CPU rehearsal runs the same steps on CPU tensors (the
+tiny bench config, few tokens, small budgets), so a renamed flag, a moved file or a changed
 JSON field breaks this test rather than the one GPU run a session gets. No mocks: the
-script, the CLI and the helper run as they would on the device. About 125 CPU-seconds
-(the dry run runs two steps at a time): 1.5 to 3 minutes on two cores.
+script, the CLI and the helpers run as they would on the device. About 150 CPU-seconds
+(two steps at a time): 2 to 4 minutes on two cores. ``test_gpu_check_dry_run.py`` checks
+the GPU run's own commands in seconds.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 STEPS = (
     "env",
+    "kernel-report",
+    "profile",
+    "ncu",
+    "bench-lookup-bf16",
+    "bench-lookup-fp16",
     "gpu-tests",
     "export-fp32",
     "check-fp32",
     "export-fp16",
     "check-fp16",
-    "bench-lookup-bf16",
-    "bench-lookup-fp16",
     "bench",
-    "profile",
 )
 
 
@@ -55,35 +58,36 @@ def summary_rows(summary: str) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu_check") / "out"
-    return out, run_script("--dry-run", str(out))
+    return out, run_script("--cpu", str(out))
 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def test_dry_run_passes_and_summarises_every_step(dry_run: Any) -> None:
-    out, done = dry_run
+def test_rehearsal_passes_and_summarises_every_step(rehearsal: Any) -> None:
+    out, done = rehearsal
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("# gpu_check: dry run")
+    assert summary.startswith("# gpu_check: CPU rehearsal")
     rows = summary_rows(summary)
     assert list(rows) == list(STEPS), summary
     has_tensorrt = any(importlib.util.find_spec(n) for n in ("tensorrt", "tensorrt_rtx"))
     for step, row in rows.items():
         optional = step in ("export-fp16", "check-fp16") and not has_tensorrt
-        assert row["status"] == ("skipped" if optional else "ok"), row["line"]
+        skipped = optional or step == "ncu"  # no GPU, no Nsight Compute run
+        assert row["status"] == ("skipped" if skipped else "ok"), row["line"]
         assert row["seconds"].isdigit(), row["line"]
         assert (out / f"{step}.log").is_file() or row["status"] == "skipped"
     assert "**result: passed**" in summary
 
 
-def test_env_json_records_the_machine(dry_run: Any) -> None:
-    out, _ = dry_run
+def test_env_json_records_the_machine(rehearsal: Any) -> None:
+    out, _ = rehearsal
     env = read_json(out / "env.json")
-    assert env["mode"] == "dry-run" and env["missing"] == []
+    assert env["mode"] == "cpu" and env["missing"] == []
     assert env["packages"]["torch"]["version"] == torch.__version__
     assert env["torch"]["cuda_available"] == torch.cuda.is_available()
     for name in ("triton", "onnxruntime", "onnx", "pytest"):
@@ -92,8 +96,8 @@ def test_env_json_records_the_machine(dry_run: Any) -> None:
     assert "tensorrt" in env["packages"] and "tensorrt_rtx" in env["packages"]
 
 
-def test_gpu_tests_ran_as_pytest_and_skipped_cleanly(dry_run: Any) -> None:
-    out, _ = dry_run
+def test_gpu_tests_ran_as_pytest_and_skipped_cleanly(rehearsal: Any) -> None:
+    out, _ = rehearsal
     root = ET.parse(out / "gpu-tests.xml").getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     tests = sum(int(s.get("tests", 0)) for s in suites)
@@ -103,8 +107,8 @@ def test_gpu_tests_ran_as_pytest_and_skipped_cleanly(dry_run: Any) -> None:
         assert sum(int(s.get("skipped", 0)) for s in suites) == tests
 
 
-def test_exports_pass_parity_and_are_checked(dry_run: Any) -> None:
-    out, _ = dry_run
+def test_exports_pass_parity_and_are_checked(rehearsal: Any) -> None:
+    out, _ = rehearsal
     manifest = read_json(out / "export-fp32.manifest.json")
     assert manifest["formats"] == ["onnx", "kernels", "aoti"]
     assert manifest["parity"]["passed"] is True
@@ -120,8 +124,8 @@ def test_exports_pass_parity_and_are_checked(dry_run: Any) -> None:
         assert read_json(out / "check-fp16.parity.json")["stages"]
 
 
-def test_benchmarks_and_profile_are_written(dry_run: Any) -> None:
-    out, _ = dry_run
+def test_benchmarks_and_profile_are_written(rehearsal: Any) -> None:
+    out, _ = rehearsal
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (out / "bench" / name).stat().st_size > 0, name
     bench = read_json(out / "bench" / "bench.json")
@@ -134,6 +138,12 @@ def test_benchmarks_and_profile_are_written(dry_run: Any) -> None:
         assert fused and all(r["status"] == "ok" and r["selection"]["passed"] for r in fused)
     profile = (out / "profile.txt").read_text()
     assert "key_averages" in profile and "ultramem::retrieve" in profile
+    measured = read_json(out / "profile.json")
+    assert [m["tokens"] for m in measured["measured"]] == [2]
+    assert measured["cuda_graph"]["captured"] is None  # no CUDA here: said, not failed
+    # the static estimate ran first and is put beside the (here empty) measurement
+    report = read_json(out / "kernel-report.json")
+    assert report["rows"] and len(measured["estimate_vs_measured"]) == len(report["rows"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
@@ -153,6 +163,6 @@ def test_usage_errors_exit_2_before_any_work(tmp_path: Path) -> None:
     foreign = tmp_path / "theirs"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not ours")
-    done = run_script("--dry-run", str(foreign), timeout=60)
+    done = run_script("--cpu", str(foreign), timeout=60)
     assert done.returncode == 2 and "not empty" in done.stderr
     assert (foreign / "notes.txt").read_text() == "not ours"
