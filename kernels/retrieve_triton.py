@@ -6,14 +6,23 @@ over the summed grid and the per-core scores at the selected positions. Nothing 
 k scores and slots goes back to memory, so a lookup is one launch instead of the dozen
 kernels (and the [T, M, H, m²] grid round trip) of the eager reference.
 
-Selection: each score becomes an int64 key (``_sort_keys``: the float's bits made monotone,
-NaN above +inf, the inverted index in the low 32 bits) and ``tl.topk``, a bitonic top-k
-network, selects on the keys; every key is distinct, so the network's output is exactly
-the reference's stable descending order, ties and NaN included. Its work is
-O(n log² m) compare-exchanges in log² m + log(n/m) steps whatever m is, where k rounds
-of (max, lowest index) took 3 block reductions each: at the paper's sizes (n = 1024,
-m = k = 32, bf16, sm_90, Triton 3.6) 94 K warp-instructions a program became 26 K
-(4 warps; 113 registers became 64, no spills).
+Selection, at both stages, without serial rounds: each score becomes an integer key
+(``_score_key``: the float's bits made monotone, every NaN one key above +inf, -0.0 the key
+of 0.0) and ``tl.topk``, a bitonic top-k network (O(n log² m) compare-exchanges in
+log² m + log(n/m) steps), selects on the keys. First on int32 *short* keys, the score's low
+b bits replaced by the inverted index (2^b = the block): distinct, half the work of int64
+keys, and the right set unless an element left out shares the high bits of the m-th
+(``_short_top`` counts them: one reduction). Then, when the set is right, the m selected
+are sorted on *full* int64 keys (score key above the inverted index, as ``_full_keys``),
+recomputed from their scores; else (ties or near-ties at the edge: 0.7 % of the stages on
+random fp32 or bf16 inputs at the paper's sizes, most on tie-heavy ones) that stage's
+whole selection runs on full keys. Either way the
+result is exactly the reference's stable descending order, ties and NaN included.
+
+Where k rounds of (max, lowest index) took 3 block reductions each, at the paper's sizes
+(n = 1024, m = k = 32, bf16; sm_90, Triton 3.6) a program ran 94 K warp-instructions in
+3 loops of 32 rounds, 113 registers; it now runs 12-26 K straight-line (1-8 warps, see
+``retrieve_launch_config``), no spills.
 
 Exactness: selections must equal the reference's, ties included, so the kernel repeats its
 arithmetic in fp32 in the same order:
@@ -35,6 +44,8 @@ arithmetic in fp32 in the same order:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -84,46 +95,94 @@ def _tucker(
 
 
 @triton.jit
-def _sort_keys(x, index, valid):
-    """int64 keys, one per element of ``x`` (fp32), whose descending order is the
-    reference's: ``torch.sort(descending=True, stable=True)`` on ``x``, then ``index``.
-
-    High 32 bits: the float's bits made monotone as a signed int (negative floats have
-    their magnitude bits flipped), every NaN one key above +inf, -0.0 the key of +0.0
-    (``torch.sort`` compares them equal, so the stable order keeps their indices' order).
-    Low 32 bits: ``2³¹ - 1 - index``, so that of two equal scores the lower index ranks
-    higher. Padding (``valid`` false) takes INT32_MIN, below -inf. Every key is distinct,
-    so one ``tl.topk`` on them selects, in order, exactly what the reference selects.
-    """
+def _score_key(x, valid):
+    """int32 keys whose order is the reference's order of the scores ``x`` (fp32): the
+    float's bits made monotone as a signed int (negative floats have their magnitude bits
+    flipped), every NaN one key above +inf, -0.0 the key of +0.0 (``torch.sort`` compares
+    them equal). Padding (``valid`` false) takes INT32_MIN, below -inf."""
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = tl.where(x != x, 0x7FFFFFFF, key)
-    key = tl.where(valid, key, tl.full(key.shape, -(2**31), tl.int32))
+    return tl.where(valid, key, tl.full(key.shape, -(2**31), tl.int32))
+
+
+@triton.jit
+def _full_keys(key, index):
+    """int64 keys: ``_score_key`` above ``2³¹ - 1 - index``, so that of two equal scores
+    the lower index ranks higher. Every key is distinct: ``tl.topk`` on them selects, in
+    order, exactly what ``torch.sort(descending=True, stable=True)`` selects."""
     return (key.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
 
 
 @triton.jit
+def _sort_keys(x, index, valid):
+    """``_full_keys`` of the scores ``x``."""
+    return _full_keys(_score_key(x, valid), index)
+
+
+@triton.jit
 def _key_index(keys):
-    """The index packed into ``_sort_keys``' low bits."""
+    """The index packed into ``_full_keys``' low bits."""
     return 0x7FFFFFFF - (keys & 0x7FFFFFFF).to(tl.int32)
 
 
 @triton.jit
-def _candidates(
-    base, weight_ptr, n, stride_n, stride_r, R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """Indices [BLOCK_M] of the ``BLOCK_M`` largest ``Σ_p s_p · w_p`` over the n keys, in
-    the reference's order (its first m are the candidates; later ones may be padding)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n
-    s = tl.load(base + offs_n * stride_n, mask=mask_n, other=0.0).to(tl.float32)
+def _short_top(key, index, valid, count, K: tl.constexpr, LOW: tl.constexpr):
+    """The top ``K`` of int32 keys whose low bits (``LOW``, 2^b - 1) hold the inverted
+    index instead of the score's last bits, and whether their first ``count`` are the
+    exact top ``count`` as a set: they are unless an element left out shares the high bits
+    of the ``count``-th (only there could the lost bits have ranked another first)."""
+    tl.static_assert(LOW < 2**22)  # -inf keeps a high part above the padding's
+    top = tl.topk((key & ~LOW) | (LOW - index), K)
+    offs = tl.arange(0, K)
+    edge = tl.max(tl.where(offs == count - 1, top, tl.full(top.shape, -(2**31), tl.int32)))
+    tied = tl.sum(((key & ~LOW) >= (edge & ~LOW)) & valid)
+    return LOW - (top & LOW), tied == count
+
+
+@triton.jit
+def _merged(base, weight_ptr, index, mask, stride_n, stride_r, R: tl.constexpr):
+    """``Σ_p s_p · w_p`` of the keys at ``index``: the rank-1 merge, p in order."""
+    s = tl.load(base + index * stride_n, mask=mask, other=0.0).to(tl.float32)
     merged = _mul(s, tl.load(weight_ptr).to(tl.float32))
     for p in tl.static_range(1, R):
-        s = tl.load(base + offs_n * stride_n + p * stride_r, mask=mask_n, other=0.0)
+        s = tl.load(base + index * stride_n + p * stride_r, mask=mask, other=0.0)
         merged = merged + _mul(s.to(tl.float32), tl.load(weight_ptr + p).to(tl.float32))
-    return _key_index(tl.topk(_sort_keys(merged, offs_n, mask_n), BLOCK_M))
+    return merged
+
+
+@triton.jit
+def _candidates(
+    base, weight_ptr, n, m, stride_n, stride_r, R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Indices [BLOCK_M] of the m largest ``Σ_p s_p · w_p`` over the n keys, in the
+    reference's order (then padding)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    key = _score_key(_merged(base, weight_ptr, offs_n, mask_n, stride_n, stride_r, R), mask_n)
+    short, exact_set = _short_top(key, offs_n, mask_n, m, BLOCK_M, BLOCK_N - 1)
+    if exact_set:
+        # the m are right; their order only where high bits tie: sort them on full keys
+        valid = tl.arange(0, BLOCK_M) < m
+        again = _merged(base, weight_ptr, short, valid, stride_n, stride_r, R)
+        picked = _key_index(tl.topk(_sort_keys(again, short, valid), BLOCK_M))
+    else:
+        picked = _key_index(tl.topk(_full_keys(key, offs_n), BLOCK_M))
+    return picked
+
+
+@triton.jit
+def _grid_keys(position, cand_row, cand_col, BLOCK_M: tl.constexpr):
+    """Grid positions a * BLOCK_M + b -> (row key, column key): a one-hot pick, the
+    candidates live in registers."""
+    offs_m = tl.arange(0, BLOCK_M)
+    at_a = (position // BLOCK_M)[:, None] == offs_m[None, :]
+    at_b = (position % BLOCK_M)[:, None] == offs_m[None, :]
+    key_row = tl.sum(tl.where(at_a, cand_row[None, :], 0), axis=1)
+    key_col = tl.sum(tl.where(at_b, cand_col[None, :], 0), axis=1)
+    return key_row, key_col
 
 
 # Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs
@@ -146,10 +205,10 @@ def _retrieve_kernel(
     col_base = col_scores_ptr + t * col_stride_t + h * col_stride_h
 
     cand_row = _candidates(
-        row_base, row_weight_ptr + h * R, n, row_stride_n, row_stride_r, R, BLOCK_N, BLOCK_M
+        row_base, row_weight_ptr + h * R, n, m, row_stride_n, row_stride_r, R, BLOCK_N, BLOCK_M
     )
     cand_col = _candidates(
-        col_base, col_weight_ptr + h * R, n, col_stride_n, col_stride_r, R, BLOCK_N, BLOCK_M
+        col_base, col_weight_ptr + h * R, n, m, col_stride_n, col_stride_r, R, BLOCK_N, BLOCK_M
     )
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -170,17 +229,27 @@ def _retrieve_kernel(
 
     # top-k over the flattened grid; position a * BLOCK_M + b orders as the reference's
     # a * m + b does
-    flat = offs_m[:, None] * BLOCK_M + offs_m[None, :]
-    keys = _sort_keys(total, flat, mask_m[:, None] & mask_m[None, :])
-    picked = _key_index(tl.topk(tl.reshape(keys, [BLOCK_M * BLOCK_M]), BLOCK_K))
+    flat = tl.reshape(offs_m[:, None] * BLOCK_M + offs_m[None, :], [BLOCK_M * BLOCK_M])
+    valid = tl.reshape(mask_m[:, None] & mask_m[None, :], [BLOCK_M * BLOCK_M])
+    key = _score_key(tl.reshape(total, [BLOCK_M * BLOCK_M]), valid)
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < k
-
-    # grid position -> key indices (a one-hot pick: the candidates live in registers)
-    at_a = (picked // BLOCK_M)[:, None] == offs_m[None, :]
-    at_b = (picked % BLOCK_M)[:, None] == offs_m[None, :]
-    key_row = tl.sum(tl.where(at_a, cand_row[None, :], 0), axis=1)
-    key_col = tl.sum(tl.where(at_b, cand_col[None, :], 0), axis=1)
+    short, exact_set = _short_top(key, flat, valid, k, BLOCK_K, BLOCK_M * BLOCK_M - 1)
+    if exact_set:
+        key_row, key_col = _grid_keys(short, cand_row, cand_col, BLOCK_M)
+        again = _tucker(
+            row_base, col_base, key_row, key_col, mask_k, mask_k, row_stride_n, row_stride_r,
+            col_stride_n, col_stride_r, core_base, R,
+        )  # fmt: skip
+        for c in tl.static_range(1, M):
+            again = again + _tucker(
+                row_base, col_base, key_row, key_col, mask_k, mask_k, row_stride_n,
+                row_stride_r, col_stride_n, col_stride_r, core_base + c * core_stride, R,
+            )  # fmt: skip
+        picked = _key_index(tl.topk(_sort_keys(again, short, mask_k), BLOCK_K))
+    else:
+        picked = _key_index(tl.topk(_full_keys(key, flat), BLOCK_K))
+    key_row, key_col = _grid_keys(picked, cand_row, cand_col, BLOCK_M)
     out_row = (t * heads + h) * k + offs_k
     tl.store(slots_ptr + out_row, key_row.to(tl.int64) * n + key_col.to(tl.int64), mask=mask_k)
 
@@ -199,19 +268,48 @@ def _retrieve_kernel(
         tl.store(scores_ptr + out_row * M + c, score.to(scores_ptr.dtype.element_ty), mask=mask_k)
 
 
+# the H100's SMs: what the warps choice assumes when the device does not say
+_DEFAULT_SMS = 132
+
+
 def retrieve_launch_config(
-    heads: int, n: int, rank: int, n_cores: int, topm: int, topk: int, activation: str
+    heads: int,
+    n: int,
+    rank: int,
+    n_cores: int,
+    topm: int,
+    topk: int,
+    activation: str,
+    *,
+    tokens: int | None = None,
+    sms: int | None = None,
 ) -> LaunchConfig:
-    """Constexprs, warps and grid of ``_retrieve_kernel``: one program per (token, head)."""
+    """Constexprs, warps and grid of ``_retrieve_kernel``: one program per (token, head).
+
+    ``tokens`` (when known: the JIT launcher's concrete token count; the ahead-of-time
+    bundle and ``torch.compile(dynamic=True)`` leave it out) picks the warps: many for a
+    few programs (their latency is the lookup's), few for many (the GPU's issue rate is).
+    """
     # at least 2: tl.topk needs a power of two, and Triton 3.6's cannot select 1 of 1
     block_n, block_m, block_k = (max(2, triton.next_power_of_2(d)) for d in (n, topm, topk))
-    # 256 keys a warp of the widest selection (the n keys or the m × m grid), 1 to 8 warps.
-    # sm_90, Triton 3.6, paper sizes (n = 1024, m = k = 32), warps: registers, SASS
-    # instructions (= per warp: straight-line code), warp-instructions per program:
-    # 1: 222, 17.2 K, 17 K · 2: 96, 11.1 K, 22 K · 4: 64, 6.6 K, 26 K · 8: 64, 4.0 K, 32 K.
-    # A program's latency (decode: 2 programs) falls with the instructions per warp, the
-    # throughput at 4096 tokens with the warp-instructions per program; 4 is between.
-    num_warps = min(8, max(1, max(block_n, block_m * block_m) // 256))
+    # Keys per warp of the widest selection (the n keys or the m × m grid). sm_90, paper
+    # sizes (n = 1024, m = k = 32, bf16), Triton 3.6, the exact-set path: warps -> registers
+    # (both paths), SASS instructions a warp runs, warp-instructions a program runs:
+    # 1 -> 168, 12.2 K, 12 K · 2 -> 168, 8.2 K, 16 K · 4 -> 114, 5.1 K, 20 K ·
+    # 8 -> 115, 3.3 K, 26 K · 16 -> 110, 2.3 K, 36 K; no spills. A decode step (2 programs
+    # on 132 SMs) waits for one program: 8 warps. 4096 tokens (8192 programs) wait for the
+    # issue rate: 1 warp (12 programs an SM by registers). A split of each (token, head)
+    # over programs would need a second launch to merge (about as long as the candidate
+    # stage it splits), where more warps split it within the program.
+    keys = max(block_n, block_m * block_m)
+    programs = None if tokens is None else tokens * heads
+    if programs is None:
+        per_warp = 256
+    elif programs < 4 * (sms or _DEFAULT_SMS):
+        per_warp = 128
+    else:
+        per_warp = 1024
+    num_warps = min(8, max(1, keys // per_warp))
     constexprs = {
         "R": rank,
         "M": n_cores,
@@ -221,6 +319,13 @@ def retrieve_launch_config(
         "BLOCK_K": block_k,
     }
     return LaunchConfig(constexprs, num_warps, programs_y=heads)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None  # e.g. fake CUDA tensors traced on a machine without a GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def retrieve_triton(
@@ -257,7 +362,11 @@ def retrieve_triton(
     slots = torch.empty((tokens, heads, topk), dtype=torch.int64, device=row_scores.device)
     if tokens == 0:
         return scores, slots
-    config = retrieve_launch_config(heads, n, rank, n_cores, topm, topk, activation)
+    # the token count picks the warps only when concrete (not a symbolic size to guard on)
+    config = retrieve_launch_config(
+        heads, n, rank, n_cores, topm, topk, activation,
+        tokens=tokens if isinstance(tokens, int) else None, sms=_sm_count(row_scores.device),
+    )  # fmt: skip
     wrap_triton(_retrieve_kernel)[config.grid(tokens)](
         row_scores, col_scores, row_weight, col_weight, cores,
         n, topm, topk, heads,

@@ -256,3 +256,79 @@ def test_paper_sizes_one_token(impl: Callable[..., Any]) -> None:
     for x in inputs[:2]:
         x[:, :, 512:] = x[:, :, :512]
     check_exact(impl, inputs, 32, 32, "none")
+
+
+def near_ties(n: int, group: int) -> Tensor:
+    """Scores whose first ``group`` (1 + j ulp at index j) differ only in their last bits,
+    rising with the index, the rest well below and falling: a kernel that ranked them by
+    their high bits and the index (a short key) would get the group backwards."""
+    x = 0.5 - torch.arange(n, dtype=torch.float32) / (4 * n)
+    x[:group] = 1.0 + torch.arange(group, dtype=torch.float32) * torch.finfo(torch.float32).eps
+    return x
+
+
+def split_rank_inputs(
+    row_merge: Tensor, row_grid: Tensor, col_merge: Tensor, col_grid: Tensor
+) -> list[Tensor]:
+    """r = 2 with u = v = (1, 0) and the core [[0, 0], [0, 1]]: candidates rank by the
+    first rank's scores, grid cells are ``row_grid[a] · col_grid[b]`` (exact here)."""
+    row = torch.stack([row_merge, row_grid], -1).view(1, 1, -1, 2)
+    col = torch.stack([col_merge, col_grid], -1).view(1, 1, -1, 2)
+    first = torch.tensor([[1.0, 0.0]])
+    return [row, col, first, first.clone(), torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])]
+
+
+N = 16
+FALLING = 1.0 - torch.arange(N, dtype=torch.float32) / N
+
+
+@pytest.mark.parametrize(
+    ("topm", "topk", "want"),
+    [(6, 4, [5, 4, 3, 2]), (4, 4, [5, 4, 3, 2]), (6, 8, [5, 4, 3, 2, 1, 0, 5 + N, 4 + N])],
+    ids=["group-inside-m", "m-th-inside-group", "k>m"],
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_candidates_apart_in_the_last_bits(
+    impl: Callable[..., Any], topm: int, topk: int, want: list[int]
+) -> None:
+    """Six row scores a few ulps apart, inside the m selected (their order needs the last
+    bits: the grid ties across rows, so the candidates' order decides) or across the m-th
+    (the set needs them)."""
+    inputs = split_rank_inputs(near_ties(N, 6), torch.ones(N), FALLING, FALLING)
+    check_exact(impl, inputs, topm, topk, "none")
+    _, slots = impl(*inputs, topm, topk, "none")
+    rows, cols = slots[0, 0] // N, slots[0, 0] % N
+    assert [int(r) + N * int(c) for r, c in zip(rows, cols, strict=True)] == want
+
+
+@pytest.mark.parametrize(
+    ("topm", "topk", "want"),
+    [(6, 6, [5, 4, 3, 2, 1, 0]), (6, 4, [5, 4, 3, 2]), (8, 7, [5, 4, 3, 2, 1, 0, N + 5])],
+    ids=["group-inside-k", "k-th-inside-group", "group-then-next-row"],
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grid_cells_apart_in_the_last_bits(
+    impl: Callable[..., Any], topm: int, topk: int, want: list[int]
+) -> None:
+    """Six grid cells of row 0 a few ulps apart (column scores), against the candidates'
+    order: inside the k selected or across the k-th."""
+    row_grid = torch.full((N,), 0.25)
+    row_grid[0] = 1.0
+    row_grid[1] = 0.5 if topk == 7 else 0.25
+    inputs = split_rank_inputs(FALLING, row_grid, FALLING, near_ties(N, 6))
+    check_exact(impl, inputs, topm, topk, "none")
+    _, slots = impl(*inputs, topm, topk, "none")
+    assert slots[0, 0].tolist() == want
+
+
+@pytest.mark.parametrize(
+    ("tokens", "warps"), [(1, 8), (64, 8), (4096, 1), (None, 4)], ids=["T1", "T64", "T4096", "T?"]
+)
+def test_warps_follow_the_programs(tokens: int | None, warps: int) -> None:
+    """Paper sizes: a few programs get many warps (latency), many get one (issue rate), an
+    unknown count (the ahead-of-time bundle) the middle."""
+    from ultramem.kernels import retrieve_launch_config
+
+    config = retrieve_launch_config(2, 1024, 2, 2, 32, 32, "none", tokens=tokens, sms=132)
+    assert config.num_warps == warps
+    assert config.grid(5) == (5, 2, 1)
