@@ -1,10 +1,10 @@
 """The pass pipeline: rewrite a captured program, re-capture it, prove it, roll back what fails.
 
 Order (one explicit list): drop inference-mode dropout, fold weight-only maths, merge common
-subexpressions, fuse memory lookups, turn einsums with a weight into matrix products,
-remove dead code. The rewritten module is captured
-again with ``torch.export`` and the same dynamic axes, then compared with the original
-model on several inputs, always, fused or not. When parity fails:
+subexpressions, fuse memory lookups, write the embedding bags left as gathers and
+reductions, turn einsums with a weight into matrix products, remove dead code. The
+rewritten module is captured again with ``torch.export`` and the same dynamic axes, then
+compared with the original model on several inputs, always, fused or not. When parity fails:
 
 - with lookups fused: the lookups whose selections differ (else, found one at a time) are
   rolled back (the pipeline runs again with them left unfused) and reported;
@@ -24,6 +24,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ..passes.base import Pass, PassContext, PassResult
+from ..passes.decompose_embedding_bag import decompose_embedding_bag
 from ..passes.drop_inference_dropout import drop_inference_dropout
 from ..passes.einsum_weights_to_matmul import einsum_weights_to_matmul
 from ..passes.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -42,6 +43,7 @@ PIPELINE: list[Pass] = [
     fold_constants,
     eliminate_common_subexpressions,
     fuse_memory_lookup,
+    decompose_embedding_bag,
     einsum_weights_to_matmul,
     eliminate_dead_code,
 ]
