@@ -74,6 +74,7 @@ class Site:
     side_dim: int = 0  # a joint top-k: the dim of its output holding the two sides
     row_side: int = 0  # a joint top-k: which side holds the rows
     rows_outer: bool = True  # the final top-k: the rows are the grid's outer axis
+    exhaustive_n: int = 0  # the final top-k of an exhaustive grid: its positions are slots
 
 
 @dataclass(frozen=True)
@@ -182,12 +183,14 @@ def site_plan(graph: Graph, readings: Mapping[str, GridReading] | None = None) -
             lk = anchors[node]
             reading = readings.get(lk.name, GridReading())
             order = lk.candidates[::-1] if reading.rows_second else lk.candidates
-            if lk.joint:
+            if lk.grid is not None:
+                roles[node] = Site("final", count, exhaustive_n=lk.grid.n)
+            elif lk.joint:
                 side = 1 if reading.rows_second else 0
                 roles[lk.candidates[0]] = Site("joint", count, lk.side_dim or 0, side)
             else:
                 roles[order[0]], roles[order[1]] = Site("row", count), Site("col", count)
-            roles[node] = Site("final", count, rows_outer=reading.rows_outer)
+            roles.setdefault(node, Site("final", count, rows_outer=reading.rows_outer))
             names.append(_module_path(node))
             count += 1
         elif node.op == "call_function" and node.target is RETRIEVE_OP:
@@ -291,6 +294,10 @@ def _selection(part: dict[str, Any]) -> Selection | str:
         return "its final top-k was not recorded"
     final: TopkRecord = part["final"][0]
     final_site: Site = part["final"][1]
+    if final_site.exhaustive_n:  # the n × n grid flattened rows outer: positions are slots
+        values, slots = final.ranked_last()
+        k, n = slots.shape[-1], final_site.exhaustive_n
+        return Selection(slots.reshape(-1, k), values.reshape(-1, k).float(), n, n)
     ranked: tuple[Tensor | None, Tensor | None] = (None, None)
     if "joint" in part:
         joint, site = part["joint"]

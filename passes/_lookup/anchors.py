@@ -9,9 +9,15 @@ of candidates (the grid):
   dim of size 2 (``[..., 2, n]``, then ``chunk``/``unbind``), ranked axis m² long
   (product-key-memory, PEER, Meta's memory+).
 
-A top-k with no candidate top-k behind it (an MoE router), or whose ranked axis is not a
-grid of its candidates (a top-k over the grid's diagonal), anchors no lookup. Everything
-else about a lookup (scores, tables, pooling) is bound and proven elsewhere.
+- or no candidate top-k at all, the final top-k ranking the whole n × n grid of two score
+  vectors, ``(rows[..., :, None] + cols[..., None, :]).reshape(..., n * n)`` (Memory+
+  fine-tuning code scores every slot): an *exhaustive* lookup, a product-key lookup whose
+  candidates are all n keys of each side (m = n).
+
+A top-k with no candidate top-k behind it and no outer sum of two sides before it (an MoE
+router), or whose ranked axis is not a grid of its candidates (a top-k over the grid's
+diagonal), anchors no lookup. Everything else about a lookup (scores, tables, pooling) is
+bound and proven elsewhere.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ class LookupAnchors:
     """A lookup's top-ks: ``final`` and its candidates, in graph order."""
 
     final: Node
-    candidates: tuple[Node, ...]  # (rows, columns), or (both sides,) for a joint top-k
+    candidates: tuple[Node, ...]  # (rows, columns), (both sides,) for a joint top-k, or ()
     side_dim: int | None = None  # joint top-k: the input dim of size 2 holding the sides
+    grid: ExhaustiveGrid | None = None  # no candidate top-k: the outer sum it ranks
 
     @property
     def name(self) -> str:
@@ -42,6 +49,69 @@ class LookupAnchors:
     @property
     def joint(self) -> bool:
         return len(self.candidates) == 1
+
+    @property
+    def exhaustive(self) -> bool:
+        return self.grid is not None
+
+
+@dataclass(frozen=True)
+class ExhaustiveGrid:
+    """The n × n grid an exhaustive lookup's final top-k ranks: ``rows`` [..., n, 1] plus
+    ``cols`` [..., 1, n] (broadcast), flattened rows outer by ``flatten`` to [..., n²]."""
+
+    rows: Node
+    cols: Node
+    flatten: Node
+    n: int
+
+
+_FLATTENS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+_UNSQUEEZED_ADD = torch.ops.aten.add.Tensor
+
+
+def _same_size(a: object, b: object) -> bool:
+    """Two sizes known equal without a guard: the same int, or the same symbol."""
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return type(a) is int and type(b) is int and a == b
+
+
+def exhaustive_grid(final: Node) -> ExhaustiveGrid | None:
+    """The outer sum of two score vectors ``final`` ranks along its last dim, if it does."""
+    flatten = final.args[0]
+    if not isinstance(flatten, Node) or flatten.target not in _FLATTENS:
+        return None
+    grid = flatten.args[0]
+    if not isinstance(grid, Node) or grid.target is not _UNSQUEEZED_ADD or len(grid.args) != 2:
+        return None
+    rows, cols = grid.args
+    if not all(isinstance(x, Node) and "val" in x.meta for x in (rows, cols, grid, flatten)):
+        return None
+    if grid.kwargs.get("alpha", 1) != 1:
+        return None
+    row_shape, col_shape = rows.meta["val"].shape, cols.meta["val"].shape
+    out, flat = grid.meta["val"].shape, flatten.meta["val"].shape
+    if min(len(row_shape), len(col_shape)) < 2 or len(out) < 2:
+        return None
+    if type(row_shape[-1]) is not int or type(col_shape[-2]) is not int:
+        return None
+    if row_shape[-1] != 1 or col_shape[-2] != 1:
+        rows, cols = cols, rows  # written columns first: ``c[..., None, :] + r[..., :, None]``
+        row_shape, col_shape = col_shape, row_shape
+    n = row_shape[-2]
+    if row_shape[-1] != 1 or col_shape[-2] != 1 or type(n) is not int or col_shape[-1] != n:
+        return None
+    # the grid flattened whole into the ranked last dim, everything before it kept
+    if topk_dim(final) != len(flat) - 1 or len(flat) != len(out) - 1 or flat[-1] != n * n:
+        return None
+    if not all(_same_size(a, b) for a, b in zip(flat[:-1], out[:-2], strict=True)):
+        return None
+    # each side holds every leading dim itself (no side broadcast along a batch or head)
+    for shape in (row_shape, col_shape):
+        if len(shape) != len(out) or not all(map(_same_size, shape[:-2], out[:-2])):
+            return None
+    return ExhaustiveGrid(rows, cols, flatten, int(n))
 
 
 def topk_dim(node: Node) -> int:
@@ -99,6 +169,26 @@ def _side_dim(candidate: Node) -> int | None:
     return sizes2[0] if len(sizes2) == 1 else None
 
 
+def merged_grids(graph: Graph) -> list[tuple[Node, int]]:
+    """Top-ks that rank the candidate grids of several selections together (each grid's
+    two candidate top-ks, the grids concatenated: a top-k across heads or memories), with
+    how many grids: no lookup the fused op expresses, which selects per head."""
+    order = graph_order(graph)
+    topks = [n for n in graph.nodes if n.target is TOPK]
+    out = []
+    for final in topks:
+        behind = ancestors([final])
+        inner = [t for t in topks if t in behind]
+        nearest = [t for t in inner if not any(t in ancestors([o]) for o in inner if o is not t)]
+        if len(nearest) < 4 or len(nearest) % 2:
+            continue
+        nearest.sort(key=order.__getitem__)
+        pairs = list(zip(nearest[::2], nearest[1::2], strict=True))
+        if _ranked_size(final) == sum(topk_count(a) * topk_count(b) for a, b in pairs):
+            out.append((final, len(pairs)))
+    return out
+
+
 def find_lookups(graph: Graph) -> list[LookupAnchors]:
     """Every lookup's anchors, in graph order."""
     order = graph_order(graph)
@@ -111,7 +201,11 @@ def find_lookups(graph: Graph) -> list[LookupAnchors]:
         nearest = [t for t in inner if not any(t in ancestors([o]) for o in inner if o is not t)]
         nearest.sort(key=order.__getitem__)
         grid = _ranked_size(final)
-        if len(nearest) == 2:
+        if not nearest:
+            exhaustive = exhaustive_grid(final)
+            if exhaustive is not None:
+                out.append(LookupAnchors(final, (), grid=exhaustive))
+        elif len(nearest) == 2:
             if grid == topk_count(nearest[0]) * topk_count(nearest[1]):
                 out.append(LookupAnchors(final, (nearest[0], nearest[1])))
         elif len(nearest) == 1:
