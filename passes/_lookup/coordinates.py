@@ -160,7 +160,7 @@ class Tracer:
                 return parent[node.args[1]] if isinstance(parent, list) else None
             if target in LAYOUT_OPS or target in SPLIT_OPS:
                 return self._apply(node)
-            if target in (aten.cat.default, aten.stack.default):
+            if target in (aten.cat.default, aten.concat.default, aten.stack.default):
                 return self._concat(node)
             if target in ALONG_AXIS_OPS or _inference_dropout(node):
                 return self.known.get(node.args[0])
