@@ -87,6 +87,8 @@ def compile_model(loaded: LoadedModel, progress: ProgressFn = no_progress) -> Co
     for part in ("selection", "aggregation"):
         count = sum(part in entry["fused"] for entry in table)
         progress(f"fused the {part} of {count} of {len(table)} memory lookups")
+    for final, reason in rewritten.fusion.details.get("merged_grids", {}).items():
+        progress(f"not a lookup the ops express: {final}: {reason}")
     for final, reason in rewritten.rolled_back.items():
         progress(f"rolled back {final}: {reason}")
     for name, reason in rewritten.disabled_passes.items():

@@ -29,10 +29,11 @@ from typing import Any
 from torch.fx import GraphModule, Node
 
 from ._lookup.aggregation import bind_aggregation, fuse_aggregation, read_indices, value_reads
+from ._lookup.anchors import merged_grids
 from ._lookup.region import NotALookup
 from ._lookup.selection import bind_selection, fuse_selection
 from .base import PassContext, PassResult, Refusal, count_nodes, finish
-from .lookups import find_lookups
+from .lookups import LookupAnchors, find_lookups
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +44,49 @@ def _internal(part: str, exc: Exception) -> str:
     return f"internal error while binding the {part} (please report): {type(exc).__name__}: {exc}"
 
 
+def _in_sorted_order(lookup: LookupAnchors) -> None:
+    """A lookup's top-ks with ``sorted=False`` (Csordas's PKM) promise their k entries in
+    no order: sorted is one order they may return, and the one the fused op's is."""
+    for node in (*lookup.candidates, lookup.final):
+        if len(node.args) > 4:
+            node.args = (*node.args[:4], True, *node.args[5:])
+        elif node.kwargs.get("sorted") is False:
+            node.kwargs = {**node.kwargs, "sorted": True}
+
+
 def fuse_memory_lookup(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(gm, "fuse_memory_lookup", nodes_before=count_nodes(gm))
     lookups = find_lookups(gm.graph)
     if not lookups:
         result.details["note"] = "no memory lookup in this graph: passed through unchanged"
+    merged = {
+        final.name: (
+            f"its top-k ranks the candidate grids of {count} selections together (a top-k "
+            "across heads or memories): ultramem::retrieve selects per head, so it is left "
+            "as the model wrote it"
+        )
+        for final, count in merged_grids(gm.graph)
+    }
+    if merged:
+        result.details["merged_grids"] = merged
+        result.refused += [Refusal(name, reason) for name, reason in merged.items()]
     parts: dict[str, dict[str, Any]] = {}
     calls: dict[Node, str] = {}  # retrieve call -> its lookup
     for index, lookup in enumerate(lookups):
         name = lookup.name
         result.matched.append(name)
         parts[name] = {}
-        if name in ctx.skip_layers:
-            reason = "kept unfused: its fusion failed parity earlier"
+        if name in ctx.skip_layers or lookup.exhaustive:
+            reason = (
+                "kept unfused: its fusion failed parity earlier"
+                if name in ctx.skip_layers
+                else "an exhaustive grid is fused once exhaustive_grids_to_candidates gave it "
+                "candidates, and that pass did not run"
+            )
             parts[name] = {"selection": {"fused": False, "reason": reason}}
             result.refused.append(Refusal(name, reason))
             continue
+        _in_sorted_order(lookup)
         try:
             binding, _ = bind_selection(gm, lookup, ctx.example_inputs)
         except NotALookup as exc:
