@@ -1,10 +1,11 @@
 """The pass pipeline: rewrite a captured program, re-capture it, prove it, roll back what fails.
 
 Order (one explicit list): drop inference-mode dropout, fold weight-only maths, merge common
-subexpressions, fuse memory lookups, write the embedding bags left as gathers and
-reductions, turn einsums with a weight into matrix products, remove dead code. The
-rewritten module is captured again with ``torch.export`` and the same dynamic axes, then
-compared with the original model on several inputs, always, fused or not. When parity fails:
+subexpressions, give exhaustive grids candidate top-ks, fuse memory lookups, write the
+embedding bags left as gathers and reductions and exclusive-ors of flags without bitwise
+ops, turn einsums with a weight into matrix products, remove dead code. The rewritten
+module is captured again with ``torch.export`` and the same dynamic axes, then compared
+with the original model on several inputs, always, fused or not. When parity fails:
 
 - with lookups fused: the lookups whose selections differ (else, found one at a time) are
   rolled back (the pipeline runs again with them left unfused) and reported;
@@ -29,6 +30,8 @@ from ..passes.drop_inference_dropout import drop_inference_dropout
 from ..passes.einsum_weights_to_matmul import einsum_weights_to_matmul
 from ..passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from ..passes.eliminate_dead_code import eliminate_dead_code
+from ..passes.exhaustive_grids import exhaustive_grids_to_candidates
+from ..passes.flags_without_bitwise_ops import flags_without_bitwise_ops
 from ..passes.fold_constants import fold_constants
 from ..passes.fuse_memory_lookup import fuse_memory_lookup
 from .capture import CaptureResult, parity_inputs, recapture
@@ -42,8 +45,10 @@ PIPELINE: list[Pass] = [
     drop_inference_dropout,
     fold_constants,
     eliminate_common_subexpressions,
+    exhaustive_grids_to_candidates,
     fuse_memory_lookup,
     decompose_embedding_bag,
+    flags_without_bitwise_ops,
     einsum_weights_to_matmul,
     eliminate_dead_code,
 ]
