@@ -61,6 +61,14 @@ class ForeignCase:
     lookalike_part: str = ""  # lookalikes only: "selection", "aggregation" or "both"
     max_tokens: int | None = None  # if the model cannot take any sequence length
     slow: bool = False  # True only for a paper-scale/default-size variant taking > 20 s
+    # top-ks that stay after fusion because the model returns what they rank (candidates)
+    kept_topks: int = 0
+    # a lookup the ops cannot express: the reason the compiler must give, in a few words
+    refused: str = ""
+    # ``ultramem::aggregate`` calls when not one per memory layer: heads that read the table
+    # each on their own and are summed by ``+`` fuse one aggregation per head (reads are
+    # pooled into one call only when their slots are joined before one read)
+    aggregates: int | None = None
 
 
 AUTHORS = "https://github.com/ZihaoHuang-notabot/Ultra-Sparse-Memory-Network"
@@ -587,6 +595,7 @@ CASES: list[ForeignCase] = [
             "576), ReLU scores; sizes: D = k_dim 48."
         ),
         memory_layers=1,
+        refused="ranks the candidate grids of 2 selections together",
     ),
     ForeignCase(
         id="memory-plus-exhaustive-grid",
@@ -605,6 +614,7 @@ CASES: list[ForeignCase] = [
             "(256), k 8 (32)."
         ),
         memory_layers=1,
+        aggregates=2,
     ),
     ForeignCase(
         id="lingua-peer-gelu-variant",
@@ -635,6 +645,7 @@ CASES: list[ForeignCase] = [
             "scores); sizes: d_model 64, 32 × 32 experts, key_dim 32, top-8."
         ),
         memory_layers=1,
+        kept_topks=2,  # it returns the candidate grid (all_scores)
     ),
     ForeignCase(
         id="peer-block-glu-three-heads",
@@ -648,6 +659,7 @@ CASES: list[ForeignCase] = [
             "top-6."
         ),
         memory_layers=1,
+        kept_topks=6,  # it returns every head's candidate grid (all_scores)
     ),
     ForeignCase(
         id="compile-checks-pkm",
