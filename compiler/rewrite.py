@@ -30,7 +30,7 @@ from ..passes.drop_inference_dropout import drop_inference_dropout
 from ..passes.einsum_weights_to_matmul import einsum_weights_to_matmul
 from ..passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from ..passes.eliminate_dead_code import eliminate_dead_code
-from ..passes.exhaustive_grids import exhaustive_grids_to_candidates
+from ..passes.exhaustive_grids_to_candidates import exhaustive_grids_to_candidates
 from ..passes.flags_without_bitwise_ops import flags_without_bitwise_ops
 from ..passes.fold_constants import fold_constants
 from ..passes.fuse_memory_lookup import fuse_memory_lookup

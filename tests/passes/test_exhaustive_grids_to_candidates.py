@@ -19,7 +19,7 @@ from ultramem.compiler.pipeline import compile_model
 from ultramem.compiler.rewrite import op_counts
 from ultramem.models.builtin import LoadedModel
 from ultramem.passes.base import PassContext
-from ultramem.passes.exhaustive_grids import exhaustive_grids_to_candidates
+from ultramem.passes.exhaustive_grids_to_candidates import exhaustive_grids_to_candidates
 from ultramem.passes.lookups import find_lookups
 
 N, D_KEY, DIM, K = 12, 8, 16, 5
