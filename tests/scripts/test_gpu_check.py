@@ -4,8 +4,10 @@ The GPU run cannot happen here; the CPU rehearsal runs the same steps on CPU ten
 tiny bench config, few tokens, small budgets), so a renamed flag, a moved file or a changed
 JSON field breaks this test rather than the one GPU run a session gets. No mocks: the
 script, the CLI and the helpers run as they would on the device. About 150 CPU-seconds
-(two steps at a time): 2 to 4 minutes on two cores. ``test_gpu_check_dry_run.py`` checks
-the GPU run's own commands in seconds.
+(two steps at a time): 2 to 4 minutes on two cores, so it is marked slow (``pytest -m
+slow tests/scripts``); ``test_gpu_check_dry_run.py`` checks the GPU run's own commands in
+seconds and the steps' scripts have their own tests (``test_kernel_report.py``,
+``test_gpu_profile.py``, ``test_bench_lookup.py``).
 """
 
 from __future__ import annotations
@@ -57,18 +59,13 @@ def summary_rows(summary: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("gpu_check") / "out"
-    return out, run_script("--cpu", str(out))
-
-
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def test_rehearsal_passes_and_summarises_every_step(rehearsal: Any) -> None:
-    out, done = rehearsal
+def _check_rehearsal_passes_and_summarises_every_step(
+    out: Path, done: subprocess.CompletedProcess
+) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# gpu_check: CPU rehearsal")
@@ -84,8 +81,7 @@ def test_rehearsal_passes_and_summarises_every_step(rehearsal: Any) -> None:
     assert "**result: passed**" in summary
 
 
-def test_env_json_records_the_machine(rehearsal: Any) -> None:
-    out, _ = rehearsal
+def _check_env_json_records_the_machine(out: Path, done: subprocess.CompletedProcess) -> None:
     env = read_json(out / "env.json")
     assert env["mode"] == "cpu" and env["missing"] == []
     assert env["packages"]["torch"]["version"] == torch.__version__
@@ -96,8 +92,9 @@ def test_env_json_records_the_machine(rehearsal: Any) -> None:
     assert "tensorrt" in env["packages"] and "tensorrt_rtx" in env["packages"]
 
 
-def test_gpu_tests_ran_as_pytest_and_skipped_cleanly(rehearsal: Any) -> None:
-    out, _ = rehearsal
+def _check_gpu_tests_ran_as_pytest_and_skipped_cleanly(
+    out: Path, done: subprocess.CompletedProcess
+) -> None:
     root = ET.parse(out / "gpu-tests.xml").getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     tests = sum(int(s.get("tests", 0)) for s in suites)
@@ -107,8 +104,9 @@ def test_gpu_tests_ran_as_pytest_and_skipped_cleanly(rehearsal: Any) -> None:
         assert sum(int(s.get("skipped", 0)) for s in suites) == tests
 
 
-def test_exports_pass_parity_and_are_checked(rehearsal: Any) -> None:
-    out, _ = rehearsal
+def _check_exports_pass_parity_and_are_checked(
+    out: Path, done: subprocess.CompletedProcess
+) -> None:
     manifest = read_json(out / "export-fp32.manifest.json")
     assert manifest["formats"] == ["onnx", "kernels", "aoti"]
     assert manifest["parity"]["passed"] is True
@@ -124,8 +122,7 @@ def test_exports_pass_parity_and_are_checked(rehearsal: Any) -> None:
         assert read_json(out / "check-fp16.parity.json")["stages"]
 
 
-def test_benchmarks_and_profile_are_written(rehearsal: Any) -> None:
-    out, _ = rehearsal
+def _check_benchmarks_and_profile_are_written(out: Path, done: subprocess.CompletedProcess) -> None:
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (out / "bench" / name).stat().st_size > 0, name
     bench = read_json(out / "bench" / "bench.json")
@@ -144,6 +141,19 @@ def test_benchmarks_and_profile_are_written(rehearsal: Any) -> None:
     # the static estimate ran first and is put beside the (here empty) measurement
     report = read_json(out / "kernel-report.json")
     assert report["rows"] and len(measured["estimate_vs_measured"]) == len(report["rows"])
+
+
+@pytest.mark.slow  # 2 to 4 minutes; its steps are tested alone in tests/scripts/
+def test_the_cpu_rehearsal_runs_every_step_and_writes_every_record(tmp_path: Path) -> None:
+    # one test, not one per record: under xdist a module fixture would run the 2-minute
+    # rehearsal once per worker
+    out = tmp_path / "out"
+    done = run_script("--cpu", str(out))
+    _check_rehearsal_passes_and_summarises_every_step(out, done)
+    _check_env_json_records_the_machine(out, done)
+    _check_gpu_tests_ran_as_pytest_and_skipped_cleanly(out, done)
+    _check_exports_pass_parity_and_are_checked(out, done)
+    _check_benchmarks_and_profile_are_written(out, done)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where there is no GPU")
