@@ -7,7 +7,10 @@ how many (token, head) selections differ and whether each difference was a near-
 A difference is a *near-tie* when every slot the candidate picked instead scored within
 the tolerance of the reference's k-th (lowest kept) score: the two stages saw the same
 ranking up to rounding. Any other flip fails the stage, as does a shape mismatch, a
-NaN/Inf, an output outside ``atol + rtol·|ref|``, or comparing nothing at all.
+NaN/Inf, an output outside ``atol + rtol·|ref|``, or comparing nothing at all; in fp32, an
+output a near-tie flip moved passes only when the stage, run again with its retrieves
+selecting what the model selected, is within the tolerance (AOTInductor orders a sum its
+own way and may break an exact tie the other way); a stage that cannot be run so fails.
 
 Half precision (the model's outputs in fp16 or bf16) is judged by what the dtype can
 resolve, since no two backends round a half-precision model alike:
