@@ -260,7 +260,9 @@ at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
     width = x.size(1);
   }
   const int64_t chunk = dim / n_cores;
-  const at::Tensor table = values.stride(1) == 1 ? values : values.contiguous();
+  // the table keeps its strides: a view of a weight (``values_t.t()``) would cost a copy of
+  // the whole table on every call, far more than the rows a lookup reads
+  const at::Tensor& table = values;
   const at::Tensor w = weights.to(at::kFloat).contiguous();
   const at::Tensor ids = slots.to(at::kLong).contiguous();
   const IndexMap rmap(row_map), gmap(group_map);
@@ -269,6 +271,7 @@ at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
   const int64_t* ids_p = ids.data_ptr<int64_t>();
   float* out_p = pooled.data_ptr<float>();
   const int64_t row_stride = table.stride(0);
+  const int64_t col_stride = table.stride(1);
   const bool scatter = pooling == "scatter";
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "aggregate", [&] {
@@ -292,9 +295,14 @@ at::Tensor aggregate_cpu(const at::Tensor& values, const at::Tensor& weights,
           const float* wj = w_p + (t * heads * k + j) * n_cores;
           for (int64_t c = 0; c < n_cores; ++c) {
             const float weight = wj[c];
-            const scalar_t* s = src + c * chunk;
+            const scalar_t* s = src + c * chunk * col_stride;
             float* d = dst + c * chunk;
-            if (scatter) {
+            if (col_stride != 1) {
+              for (int64_t e = 0; e < chunk; ++e) {
+                const float x = static_cast<float>(s[e * col_stride]) * weight;
+                d[e] = scatter ? x : d[e] + x;
+              }
+            } else if (scatter) {
               for (int64_t e = 0; e < chunk; ++e) d[e] = static_cast<float>(s[e]) * weight;
             } else {
               for (int64_t e = 0; e < chunk; ++e) d[e] += static_cast<float>(s[e]) * weight;

@@ -221,16 +221,15 @@ def test_half_precision(
     assert_close("pooled", got, want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("pooling", ["add", "scatter"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_int32_slots_strided_values_and_maps(
-    impl: Callable[..., Any],
-) -> None:
+def test_int32_slots_strided_values_and_maps(impl: Callable[..., Any], pooling: str) -> None:
     values, weights, slots, row_map, group_map = make_inputs(4, 2, 5, 2, 10, 16, "shuffle", 4)
     wide = torch.randn(16, 10, device=DEVICE)
-    wide.t()[:] = values  # the table as a transposed view: strides (1, 10)
+    wide.t()[:] = values  # the table as a transposed view: strides (1, 10), read in place
     strided_map = torch.stack([row_map, row_map], -1)[..., 1]  # stride 2
-    got = impl(wide.t(), weights, slots.int(), strided_map, group_map, 4)
-    want = aggregate_reference(values, weights, slots, row_map, group_map, 4)
+    got = impl(wide.t(), weights, slots.int(), strided_map, group_map, 4, pooling)
+    want = aggregate_reference(values, weights, slots, row_map, group_map, 4, pooling)
     assert_close("pooled", got, want, atol=1e-5, rtol=1e-5)
 
 
