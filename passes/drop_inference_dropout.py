@@ -29,6 +29,7 @@ def drop_inference_dropout(gm: GraphModule, ctx: PassContext) -> PassResult:
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
             if train is False:
                 node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)  # dead code removal keeps dropout (random op)
                 result.changed.append(node.name)
         elif node.target is _NATIVE and len(node.args) > 2 and node.args[2] is False:
             outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
