@@ -24,8 +24,9 @@ symbols are indexed: each side scores through a slice of the key parameter
 columns), the value table is stored transposed [Dv, R] and read as `self.values_t.t()`,
 and the output projection is a bare [D, E·Dv] Parameter used through `F.linear`.
 
-`paper_scale_layer()` builds this layer at the paper's benchmark scale (not registered as a
-test case: too big for the CPU suite); `paper_scale_inputs(batch, tokens)` makes its inputs.
+`paper_scale_layer()` (and `paper_scale_sliced_layer()`, written with views) builds this
+layer at the paper's benchmark scale (not registered as a test case: too big for the CPU
+suite); `paper_scale_inputs(batch, tokens)` makes its inputs.
 """
 
 from __future__ import annotations
@@ -211,4 +212,16 @@ def paper_scale_layer() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     mem = TuckerProductKeyMemory(
         PAPER_DIM, 512, 128, 256, heads=2, rank=2, cores=2, topm=32, topk=32, expand=4
     )
+    return _block(PAPER_DIM, mem, seeded(779)), paper_scale_inputs(2, 16)
+
+
+@factory
+def paper_scale_sliced_layer() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The same paper-scale layer written with views of its parameters (``sliced=True``):
+    each side scores through a slice of the key parameter, the value table is read through
+    a transpose, the output projection is a bare parameter; example inputs (2, 16, 1024)."""
+    mem = TuckerProductKeyMemory(
+        PAPER_DIM, 512, 128, 256, heads=2, rank=2, cores=2, topm=32, topk=32, expand=4,
+        sliced=True,
+    )  # fmt: skip
     return _block(PAPER_DIM, mem, seeded(779)), paper_scale_inputs(2, 16)
