@@ -169,10 +169,9 @@ def _side_dim(candidate: Node) -> int | None:
     return sizes2[0] if len(sizes2) == 1 else None
 
 
-def merged_grids(graph: Graph) -> list[tuple[Node, int]]:
-    """Top-ks that rank the candidate grids of several selections together (each grid's
-    two candidate top-ks, the grids concatenated: a top-k across heads or memories), with
-    how many grids: no lookup the fused op expresses, which selects per head."""
+def _with_nearest_topks(graph: Graph) -> list[tuple[Node, list[Node]]]:
+    """Each top-k with the nearest top-ks behind it (in its ancestry, feeding no other
+    top-k of it), in graph order."""
     order = graph_order(graph)
     topks = [n for n in graph.nodes if n.target is TOPK]
     out = []
@@ -180,9 +179,18 @@ def merged_grids(graph: Graph) -> list[tuple[Node, int]]:
         behind = ancestors([final])
         inner = [t for t in topks if t in behind]
         nearest = [t for t in inner if not any(t in ancestors([o]) for o in inner if o is not t)]
+        out.append((final, sorted(nearest, key=order.__getitem__)))
+    return out
+
+
+def merged_grids(graph: Graph) -> list[tuple[Node, int]]:
+    """Top-ks that rank the candidate grids of several selections together (each grid's
+    two candidate top-ks, the grids concatenated: a top-k across heads or memories), with
+    how many grids: no lookup the fused op expresses, which selects per head."""
+    out = []
+    for final, nearest in _with_nearest_topks(graph):
         if len(nearest) < 4 or len(nearest) % 2:
             continue
-        nearest.sort(key=order.__getitem__)
         pairs = list(zip(nearest[::2], nearest[1::2], strict=True))
         if _ranked_size(final) == sum(topk_count(a) * topk_count(b) for a, b in pairs):
             out.append((final, len(pairs)))
@@ -191,15 +199,8 @@ def merged_grids(graph: Graph) -> list[tuple[Node, int]]:
 
 def find_lookups(graph: Graph) -> list[LookupAnchors]:
     """Every lookup's anchors, in graph order."""
-    order = graph_order(graph)
-    topks = [n for n in graph.nodes if n.target is TOPK]
     out = []
-    for final in topks:
-        behind = ancestors([final])
-        inner = [t for t in topks if t in behind]
-        # the nearest ones: top-ks in the ancestry that feed no other top-k of it
-        nearest = [t for t in inner if not any(t in ancestors([o]) for o in inner if o is not t)]
-        nearest.sort(key=order.__getitem__)
+    for final, nearest in _with_nearest_topks(graph):
         grid = _ranked_size(final)
         if not nearest:
             exhaustive = exhaustive_grid(final)
