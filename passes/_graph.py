@@ -89,6 +89,13 @@ def _reaches_avoiding(sources: list[Node], target: Node, blocked: Node) -> bool:
     return False
 
 
+def same_size(a: object, b: object) -> bool:
+    """Two sizes known equal without adding a guard: the same int, or the same symbol."""
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return type(a) is int and type(b) is int and a == b
+
+
 def is_symint(node: Node) -> bool:
     return isinstance(node.meta.get("val"), torch.SymInt)
 

@@ -22,7 +22,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ._graph import fill_meta
+from ._graph import fill_meta, same_size
 from .base import PassContext, PassResult, Refusal, count_nodes, finish
 
 aten = torch.ops.aten
@@ -37,12 +37,11 @@ def _arg(node: Node, index: int, name: str, default: object) -> object:
 
 
 def _same_size(size: object, width: object) -> bool:
-    """Whether two sizes are one (ints, or the same symbol: no guard is added)."""
+    """Whether two sizes are one (ints, or the same symbol: no guard is added); ``width``
+    may be the node of a symbolic size."""
     if isinstance(width, Node):
         width = width.meta.get("val")
-    if isinstance(size, torch.SymInt) and isinstance(width, torch.SymInt):
-        return size.node.expr == width.node.expr
-    return isinstance(size, int) and isinstance(width, int) and size == width
+    return same_size(size, width)
 
 
 def _flattened_from(node: object, width: object) -> Node | None:

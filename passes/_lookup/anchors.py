@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from .._graph import ancestors, graph_order
+from .._graph import ancestors, graph_order, same_size
 
 TOPK = torch.ops.aten.topk.default
 
@@ -70,13 +70,6 @@ _FLATTENS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
 _UNSQUEEZED_ADD = torch.ops.aten.add.Tensor
 
 
-def _same_size(a: object, b: object) -> bool:
-    """Two sizes known equal without a guard: the same int, or the same symbol."""
-    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
-        return a.node.expr == b.node.expr
-    return type(a) is int and type(b) is int and a == b
-
-
 def exhaustive_grid(final: Node) -> ExhaustiveGrid | None:
     """The outer sum of two score vectors ``final`` ranks along its last dim, if it does."""
     flatten = final.args[0]
@@ -105,11 +98,11 @@ def exhaustive_grid(final: Node) -> ExhaustiveGrid | None:
     # the grid flattened whole into the ranked last dim, everything before it kept
     if topk_dim(final) != len(flat) - 1 or len(flat) != len(out) - 1 or flat[-1] != n * n:
         return None
-    if not all(_same_size(a, b) for a, b in zip(flat[:-1], out[:-2], strict=True)):
+    if not all(same_size(a, b) for a, b in zip(flat[:-1], out[:-2], strict=True)):
         return None
     # each side holds every leading dim itself (no side broadcast along a batch or head)
     for shape in (row_shape, col_shape):
-        if len(shape) != len(out) or not all(map(_same_size, shape[:-2], out[:-2])):
+        if len(shape) != len(out) or not all(map(same_size, shape[:-2], out[:-2])):
             return None
     return ExhaustiveGrid(rows, cols, flatten, int(n))
 
