@@ -117,29 +117,23 @@ def run_parity(
             selections = compare_lookups(
                 tag, ref_records, plan, records, stage.plan or plan, tolerance
             )
-            if (
-                tolerance.resolution is None
-                and any(not c.passed for c in compared)
-                and any(c.near_ties for c in selections)
+            half = tolerance.resolution is not None
+            # fp32 too: a runtime that compiles the unfused maths its own way (AOTInductor)
+            # may flip a near-tie, and with the model's selections it must then match
+            if any(not c.passed for c in compared) and (
+                half or any(c.near_ties for c in selections)
             ):
-                # fp32: a runtime that compiles the unfused maths its own way (AOTInductor)
-                # may flip a near-tie; with the model's selections it must then match
-                with_the_models_selections(
-                    stage.forced, stage.plan or plan, inputs, ref_outs, ref_records, plan,
-                    records, compared, selections, tolerance,
-                )  # fmt: skip
-            elif tolerance.resolution is not None and any(not c.passed for c in compared):
-                # the half-precision rules for outputs a flip moved, in compare.py's order;
-                # a stage run with the model's selections has its verdict from that run
+                # the rules for outputs a flip moved, in compare.py's order; a stage run
+                # with the model's selections has its verdict from that run
                 forced = with_the_models_selections(
                     stage.forced, stage.plan or plan, inputs, ref_outs, ref_records, plan,
                     records, compared, selections, tolerance,
                 )  # fmt: skip
-                if not forced and i in source_runs and all(c.passed for c in selections):
+                if half and not forced and i in source_runs and all(c.passed for c in selections):
                     as_its_source_program(
                         outs, records, stage.plan or plan, source_runs[i], compared, tolerance
                     )
-                if not forced:
+                if half and not forced:
                     by_direction(compared, selections, tolerance)
             if stage.name == source and all(c.passed for c in compared + selections):
                 source_runs[i] = (outs, records, stage.plan or plan)
