@@ -67,14 +67,13 @@ def _captured(model: nn.Module) -> torch.export.ExportedProgram:
 
 
 def _selection(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The model's own (scores, slots), by its own top-k on its own grid."""
+    """The weights and slots the model itself hands its embedding bag."""
     scores: list[tuple[Tensor, Tensor]] = []
-    hook = torch.nn.modules.sparse.EmbeddingBag.register_forward_hook
 
     def keep(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> None:
         scores.append((kwargs["per_sample_weights"], args[0]))
 
-    handle = hook(model.values, keep, with_kwargs=True)
+    handle = model.values.register_forward_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad():
             model(x)
