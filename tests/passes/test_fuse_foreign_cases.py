@@ -32,7 +32,13 @@ from ultramem.tests.foreign.cases import CASES, ForeignCase
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 FORMATS = ("onnx", "tensorrt") if HAS_RTX else ("onnx",)
-CHECKED = {"pypi-ultra-mem-defaults", "authors-v2-shared-table", "xlm-hashing-memory"}
+CHECKED = {
+    "pypi-ultra-mem-defaults",
+    "authors-v2-shared-table",
+    "xlm-hashing-memory",
+    "memory-plus-exhaustive-grid",  # second round: a rewrite before the fusion
+    "multimolecule-rnamsm-pkm",  # second round: a rewrite after it
+}
 REAL = [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
 
 
