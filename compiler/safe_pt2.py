@@ -9,31 +9,43 @@ the graph's generated Python (which embeds node names and stack traces) with ``e
 Before torch sees the file, this module reads the archive as data and accepts it only when
 every one of those holds what ``torch.export.save`` writes:
 
-- node targets resolve to ATen/registered operators, higher-order operators, or a short
-  list of pure Python functions (``operator.getitem``, arithmetic, ``torch.sym_*``, ``math``);
+- every operator the graph calls (node targets, and operators passed as arguments) is pure
+  tensor maths: an ATen, ``prims`` or ``ultramem`` operator that takes no free-form string
+  (a path, a message), no Python object, and is not called for a side effect (files,
+  console, process state); a higher-order operator torch.export writes for control flow
+  or functionalization; or a short list of pure Python functions (``operator.getitem``,
+  arithmetic, ``torch.sym_*``, ``math``). This is checked before anything runs, since
+  ``aten::from_file`` alone creates, grows or reads any file it names;
 - symbolic expressions use only sympy's constructors for integers, symbols and arithmetic;
 - names are identifiers, and no string holds a control character (stack traces are
   dropped: they are comments in generated code, and only for humans);
 - every pickle (sample inputs, weights, constants) loads under ``weights_only=True``;
   custom-object and opaque-object constants are refused;
 - ``guards_code`` (input-shape checks as Python source) is dropped: the capture re-derives
-  its own guards.
+  its own guards;
+- what the archive inflates to is bounded by its declared sizes before anything is inflated
+  (``torch.export.save`` stores members uncompressed, so a large ratio is a zip bomb), and
+  again while each member is copied, so a header that lies cannot inflate past it.
 
 The sanitised archive is then loaded with ``torch.load`` forced to ``weights_only=True`` and
 Python's ``pickle.loads`` disabled, so a check missed here still cannot run a payload.
-Anything else is refused with the reason (``UnsafeArchive``).
+Anything else is refused with the reason (``UnsafeArchive``; ``OversizedArchive`` for a
+bomb, ``CorruptArchive`` for a file that is no archive).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import operator
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +55,17 @@ import torch
 from torch.export import ExportedProgram
 
 MAX_MEMBERS = 100_000
+# torch.export.save stores every member uncompressed (ratio 1); deflated float weights stay
+# near 1 too. Only runs of one byte (a zero buffer) compress past this, and such a member
+# can be stored as it is
+MAX_MEMBER_RATIO = 200
+MAX_TOTAL_RATIO = 20
+# below this an archive or a member is never refused for its ratio: small JSON compresses well
+RATIO_FREE_BYTES = 1 << 20
+TOTAL_RATIO_FREE_BYTES = 64 << 20
+# the JSON parsed into Python objects (about ten times its size in memory)
+MAX_JSON_BYTES = 64 << 20
+COPY_CHUNK = 1 << 20
 
 
 def _words(text: str) -> frozenset[str]:
@@ -58,9 +81,70 @@ SAFE_TORCH_FUNCTIONS = _words(
     "sym_int sym_float sym_max sym_min sym_not sym_ite sym_sqrt sym_sum sym_fresh_size"
 )
 SAFE_MATH_FUNCTIONS = _words("ceil floor trunc sqrt exp log sin cos tan tanh fabs")
+
+# Operators: namespaces of tensor maths (ATen, its primitives, our fused ops in kernels/);
+# every other namespace (debugprims.load_tensor, profiler, c10d, custom libraries) is refused
+PURE_NAMESPACES = _words("aten prims ultramem")
+# schema types an operator may take or return: tensors, numbers and lists of them. Not
+# Python objects (Any, classes, dicts, futures), storages, streams or TorchScript's generics
+DATA_TYPE_KINDS = _words(
+    "TensorType IntType SymIntType FloatType SymFloatType BoolType SymBoolType ComplexType "
+    "NumberType NoneType DeviceObjType GeneratorType QSchemeType ListType TupleType "
+    "OptionalType StringType"
+)
+# string arguments that pick one of a few fixed behaviours; any other string is free text,
+# as a path or a message is (from_file's filename, save's filename, _print's s, warn's message)
+ENUM_STRING_ARGUMENTS = _words(
+    "reduce rounding_mode approximate mode side interpolation norm driver UPLO ord p padding "
+    "equation indexing padding_side pad_mode activation algorithm pooling"
+)
+# they only raise, and torch.export writes them itself; the message is text for the error
+ASSERTION_OPERATORS = _words(
+    "_assert_scalar _assert_async _assert_tensor_metadata _functional_assert_async "
+    "_functional_assert_scalar sym_constrain_range sym_constrain_range_for_size "
+    "_functional_sym_constrain_range _functional_sym_constrain_range_for_size "
+    "_linalg_check_errors _validate_compressed_sparse_indices _validate_sparse_coo_tensor_args "
+    "_validate_sparse_compressed_tensor_args _validate_sparse_csr_tensor_args "
+    "_validate_sparse_csc_tensor_args _validate_sparse_bsr_tensor_args "
+    "_validate_sparse_bsc_tensor_args"
+)
+_FILE_WORDS = re.compile(r"(^|_)(file|save|load|pickle|mmap|dlpack|ipc)(_|$)")
+DENIED_OPERATORS = {
+    **dict.fromkeys(_words("_print warn _test_warn_in_autograd"), "it writes to the console"),
+    **dict.fromkeys(
+        _words(
+            "manual_seed seed initial_seed set_grad_enabled record_stream wait _set_item "
+            "_cufft_set_plan_cache_max_size _cufft_clear_plan_cache backward _backward "
+            "dist_backward set_data _debug_has_internal_overlap"
+        ),
+        "it acts on process state, not on tensors",
+    ),
+}
+# higher-order operators torch.export writes for control flow, grad/autocast regions and
+# functionalized mutation; their subgraphs and operator arguments are checked like the graph
+PURE_HIGHER_ORDER = _words(
+    "cond while_loop while_loop_stack_output map_impl scan associative_scan "
+    "wrap_with_set_grad_enabled wrap_with_autocast auto_functionalized auto_functionalized_v2 "
+    "invoke_subgraph out_dtype flex_attention hints_wrapper"
+)
+DENIED_HIGHER_ORDER = {
+    "print": "it writes to the console",
+    "with_effects": "it runs an operator for its side effect",
+    "executorch_call_delegate": "it calls a compiled backend",
+    "aoti_call_delegate": "it calls a compiled backend",
+    "inductor_compiled_code": "it runs compiled code",
+    "inline_asm_elementwise": "it runs inline assembly",
+    "triton_kernel_wrapper_mutation": "it launches a Triton kernel",
+    "triton_kernel_wrapper_functional": "it launches a Triton kernel",
+    "call_torchbind": "it calls a Python object",
+    "flat_apply": "it calls a Python function",
+    "invoke_leaf_function": "it calls a Python function",
+}
+
 # what torch.export writes into symbolic expressions (sympy srepr and printed forms)
 SYMPY_NAMES = _words(
     "Symbol Integer Rational Float Mul Add Pow Mod Max Min Abs Eq Ne Lt Le Gt Ge And Or Not "
+    "Equality Unequality GreaterThan StrictGreaterThan LessThan StrictLessThan "
     "FloorDiv CeilDiv ModularIndexing CleanDiv PythonMod IntTrueDiv FloatTrueDiv ToFloat "
     "TruncToInt FloorToInt CeilToInt RoundToInt RoundDecimal PowByNatural FloatPow "
     "BitwiseFn_bitwise_and BitwiseFn_bitwise_or Identity OpaqueUnaryFn_sqrt "
@@ -87,53 +171,153 @@ class CorruptArchive(ValueError):
     """A file that is no readable ``.pt2`` at all (not a zip, truncated, missing parts)."""
 
 
+class OversizedArchive(ValueError):
+    """A ``.pt2`` that would inflate far past its own size (a zip bomb), or past the room
+    there is to copy it."""
+
+
 def load_untrusted_pt2(path: Path) -> ExportedProgram:
-    """``torch.export.load`` of ``path`` after the checks above, or ``UnsafeArchive``."""
+    """``torch.export.load`` of ``path`` after the checks above; ``UnsafeArchive``,
+    ``OversizedArchive`` or ``CorruptArchive`` when it is not what torch.export.save writes."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise CorruptArchive(f"not a torch.export archive (zip): {exc}") from None
     with archive, tempfile.TemporaryDirectory(prefix="ultramem-pt2-") as tmp:
         clean = Path(tmp) / "program.pt2"
-        _sanitised_copy(archive, clean)
+        _check_sizes(archive.infolist(), path.stat().st_size, shutil.disk_usage(tmp).free)
+        try:
+            _sanitised_copy(archive, clean)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            # a member whose bytes do not match its header (CRC, length, method)
+            raise CorruptArchive(f"a member cannot be read: {exc}") from None
         with _no_unsafe_unpickling():
             return torch.export.load(str(clean))
 
 
-def _sanitised_copy(archive: zipfile.ZipFile, out: Path) -> None:
-    infos = archive.infolist()
+def _check_sizes(infos: list[zipfile.ZipInfo], archive_bytes: int, free_bytes: int) -> None:
+    """Refuse, from the declared sizes alone, an archive that inflates too far."""
     if len(infos) > MAX_MEMBERS:
         raise UnsafeArchive(f"{len(infos)} members; a torch.export archive has far fewer")
     for info in infos:
-        name = info.filename
-        if name.startswith("/") or ".." in Path(name).parts or _CONTROL.search(name):
-            raise UnsafeArchive(f"member name {name!r} escapes the archive")
-    names = [i.filename for i in infos]
-    models = [n for n in names if re.search(r"(^|/)models/[^/]+\.json$", n)]
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # bzip2 and lzma inflate a whole chunk at once; torch.export.save never writes them
+            raise CorruptArchive(
+                f"member {info.filename!r} uses compression method {info.compress_type}, "
+                "which torch.export.save does not write"
+            )
+        if info.flag_bits & 0x1:
+            raise CorruptArchive(f"member {info.filename!r} is encrypted")
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_FREE_BYTES and ratio > MAX_MEMBER_RATIO:
+            raise OversizedArchive(
+                f"the archive inflates to {_total(infos)} bytes from {archive_bytes}: member "
+                f"{info.filename!r} alone is {info.file_size} bytes from {info.compress_size}"
+            )
+    if sum(i.compress_size for i in infos) > archive_bytes:
+        raise CorruptArchive("its members claim more compressed bytes than the file holds")
+    total = _total(infos)
+    if total > TOTAL_RATIO_FREE_BYTES and total > MAX_TOTAL_RATIO * archive_bytes:
+        raise OversizedArchive(
+            f"the archive inflates to {total} bytes from {archive_bytes}; torch.export.save "
+            "stores its members uncompressed"
+        )
+    if total > free_bytes:
+        raise OversizedArchive(
+            f"the archive inflates to {total} bytes from {archive_bytes}, more than the "
+            f"{free_bytes} bytes free for its checked copy"
+        )
+
+
+def _total(infos: list[zipfile.ZipInfo]) -> int:
+    return sum(i.file_size for i in infos)
+
+
+def _sanitised_copy(archive: zipfile.ZipFile, out: Path) -> None:
+    infos = archive.infolist()
+    _check_member_names(infos)
+    by_name = {i.filename: i for i in infos}
+    models = [n for n in by_name if re.search(r"(^|/)models/[^/]+\.json$", n)]
     if not models:
         raise CorruptArchive("no models/*.json: not written by torch.export.save")
     for model in models:
         sample = re.sub(r"models/([^/]+)\.json$", r"data/sample_inputs/\1.pt", model)
-        if sample not in names:
+        if sample not in by_name:
             # torch.export.load fails on it with a message that points at nothing
             raise CorruptArchive(f"{sample} is missing: not written by torch.export.save")
-    pickles = _pickled_members(archive, names)
-    for name in pickles:
-        _check_weights_only(name, archive.read(name))
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as copy:
+    # the graphs first: they decide whether anything here is meant to act on the machine
+    programs = {
+        m: _sanitised_program(m, _read(archive, by_name[m], MAX_JSON_BYTES)) for m in models
+    }
+    for name in _pickled_members(archive, by_name):
+        _check_weights_only(name, _read(archive, by_name[name], by_name[name].file_size))
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as copy:
         for info in infos:
-            data = archive.read(info.filename)
-            if info.filename in models:
-                data = _sanitised_program(info.filename, data)
-            copy.writestr(info, data)
+            if info.filename in programs:
+                copy.writestr(_stored(info), programs[info.filename])
+            else:
+                _copy_member(archive, info, copy)
 
 
-def _pickled_members(archive: zipfile.ZipFile, names: list[str]) -> list[str]:
+def _check_member_names(infos: list[zipfile.ZipInfo]) -> None:
+    seen: set[str] = set()
+    for info in infos:
+        name = info.filename
+        if name.startswith("/") or ".." in Path(name).parts or _CONTROL.search(name):
+            raise UnsafeArchive(f"member name {name!r} escapes the archive")
+        if name in seen:
+            # readers disagree on which copy counts: the one checked may not be the one loaded
+            raise UnsafeArchive(f"member {name!r} appears twice")
+        seen.add(name)
+
+
+def _stored(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    copy = zipfile.ZipInfo(info.filename)  # no date or attributes of the original's
+    copy.compress_type = zipfile.ZIP_STORED
+    copy.file_size = info.file_size  # decides zip64 before the first byte is written
+    return copy
+
+
+def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A member's bytes, never more than ``limit`` or its declared size inflated."""
+    if info.file_size > limit:
+        raise OversizedArchive(
+            f"member {info.filename!r} inflates to {info.file_size} bytes, more than the "
+            f"{limit} read into memory"
+        )
+    with archive.open(info) as member:
+        data = member.read(info.file_size + 1)
+    _check_length(info, len(data))
+    return data
+
+
+def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, copy: zipfile.ZipFile) -> None:
+    written = 0
+    with archive.open(info) as src, copy.open(_stored(info), "w") as dst:
+        while chunk := src.read(COPY_CHUNK):
+            written += len(chunk)
+            _check_length(info, written)
+            dst.write(chunk)
+    _check_length(info, written, exact=True)
+
+
+def _check_length(info: zipfile.ZipInfo, length: int, exact: bool = False) -> None:
+    """Inflating stops at the declared size: a header that lies about it is refused."""
+    if length > info.file_size:
+        raise OversizedArchive(
+            f"member {info.filename!r} inflates past the {info.file_size} bytes it declares"
+        )
+    if exact and length != info.file_size:
+        raise CorruptArchive(f"member {info.filename!r} is shorter than it declares")
+
+
+def _pickled_members(archive: zipfile.ZipFile, by_name: dict[str, zipfile.ZipInfo]) -> list[str]:
     """Every member torch would unpickle; refuses the object kinds it would unpickle freely."""
-    out = [n for n in names if n.endswith(".pt")]  # sample inputs, legacy weights/constants
-    for config_name in [n for n in names if n.endswith("_config.json")]:
+    out = [n for n in by_name if n.endswith(".pt")]  # sample inputs, legacy weights/constants
+    for config_name in [n for n in by_name if n.endswith("_config.json")]:
+        data = _read(archive, by_name[config_name], MAX_JSON_BYTES)
         try:
-            config = json.loads(archive.read(config_name)).get("config", {})
+            config = json.loads(data).get("config", {})
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
             raise CorruptArchive(f"{config_name} is not a payload config: {exc}") from None
         folder = config_name.rsplit("/", 1)[0]
@@ -146,7 +330,7 @@ def _pickled_members(archive: zipfile.ZipFile, names: list[str]) -> list[str]:
                 )
             if meta.get("use_pickle"):
                 out.append(f"{folder}/{path_name}")
-    missing = [n for n in out if n not in names]
+    missing = [n for n in out if n not in by_name]
     if missing:
         raise CorruptArchive(f"payloads listed but absent: {missing[:3]}")
     return out
@@ -187,8 +371,9 @@ def _sanitised_program(name: str, data: bytes) -> bytes:
 
 def _walk(value: Any, where: str) -> None:
     if isinstance(value, dict):
-        if {"target", "inputs", "outputs"} <= value.keys() and isinstance(value["target"], str):
-            _check_target(value["target"])
+        # only graph nodes have a "target" in the schema; a missing "inputs" must not hide one
+        if "target" in value:
+            _check_operator(value["target"], "node target")
         metadata = value.get("metadata")
         if isinstance(metadata, dict):
             metadata.pop("stack_trace", None)
@@ -199,6 +384,8 @@ def _walk(value: Any, where: str) -> None:
                 _check_expression(item)
             elif key in ("custom_obj_values", "as_custom_obj") and item:
                 raise UnsafeArchive("the graph holds custom Python objects")
+            elif key == "as_operator":  # the operator auto_functionalized calls, for one
+                _check_operator(item, "operator argument")
             _check_string(key, where)
             _walk(item, where)
     elif isinstance(value, list):
@@ -214,47 +401,126 @@ def _check_string(text: str, where: str) -> None:
 
 
 def _check_identifier(name: str) -> None:
+    if name == "":  # a higher-order operator's arguments are positional, named ""
+        return
     if not _IDENTIFIER.fullmatch(name) or name.startswith("__"):
         raise UnsafeArchive(f"{name!r} is not a plain identifier, as graph names are")
 
 
-def _check_target(target: str) -> None:
+def _check_operator(target: Any, role: str) -> None:
+    if not isinstance(target, str):
+        raise UnsafeArchive(f"{role} {target!r} is not an operator name")
+    why = _impurity(target)
+    if why:
+        raise UnsafeArchive(f"{role} {target!r} is not a pure tensor operator ({why})")
+
+
+def _impurity(target: str) -> str | None:
+    """Why calling ``target`` could act outside its tensors, or None when it cannot."""
+    parts = target.split(".")
+    if parts[:2] == ["torch", "ops"] and len(parts) in (4, 5):
+        namespace = parts[2]
+        if namespace != "higher_order" and namespace not in PURE_NAMESPACES:
+            return f"namespace {namespace!r} is not ATen's, prims' or ultramem's"
     resolved = _resolve(target)
-    if isinstance(resolved, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
-        return
+    if isinstance(resolved, torch._ops.OpOverload):
+        return _operator_impurity(resolved)
+    if isinstance(resolved, torch._ops.HigherOrderOperator):
+        return _higher_order_impurity(resolved.name())
     if resolved is not None:
         module, attr = resolved
-        if (module is operator and attr in SAFE_OPERATOR_FUNCTIONS) or (
-            module is torch and attr in SAFE_TORCH_FUNCTIONS
+        if (
+            (module is operator and attr in SAFE_OPERATOR_FUNCTIONS)
+            or (module is torch and attr in SAFE_TORCH_FUNCTIONS)
+            or (module is math and attr in SAFE_MATH_FUNCTIONS)
         ):
-            return
-        if module is math and attr in SAFE_MATH_FUNCTIONS:
-            return
-    raise UnsafeArchive(f"node target {target!r} is not an operator torch.export writes")
+            return None
+    return "not an operator torch.export writes"
+
+
+@functools.lru_cache(maxsize=4096)  # a graph calls a few operators, many times each
+def _operator_impurity(op: torch._ops.OpOverload) -> str | None:
+    name = op._schema.name.split("::", 1)[1]
+    if _FILE_WORDS.search(name):
+        return "it reads or writes files"
+    if name in DENIED_OPERATORS:
+        return DENIED_OPERATORS[name]
+    for argument in op._schema.arguments:
+        why = _type_impurity(argument.type, argument.name)
+        if why and not (name in ASSERTION_OPERATORS and why.startswith("free-form")):
+            return f"its argument {argument.name!r} is {why}"
+    for returned in op._schema.returns:
+        why = _type_impurity(returned.type, "")
+        if why:
+            return f"it returns {why}"
+    if name not in ASSERTION_OPERATORS and not op._schema.returns and not _writes_a_tensor(op):
+        return "it returns nothing and writes no tensor: it is called for a side effect"
+    return None
+
+
+def _type_impurity(kind: Any, argument: str) -> str | None:
+    """Why a schema type is not tensor data; a string only as a named choice."""
+    if kind.kind() not in DATA_TYPE_KINDS:
+        return f"of type {kind}, not tensor data"
+    if kind.kind() == "StringType" and argument not in ENUM_STRING_ARGUMENTS:
+        return "free-form text, as a path or a message is"
+    for contained in kind.containedTypes():
+        why = _type_impurity(contained, argument)
+        if why:
+            return why
+    return None
+
+
+def _writes_a_tensor(op: torch._ops.OpOverload) -> bool:
+    return any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments)
+
+
+def _higher_order_impurity(name: str) -> str | None:
+    if name in PURE_HIGHER_ORDER:
+        return None
+    if name in DENIED_HIGHER_ORDER:
+        return DENIED_HIGHER_ORDER[name]
+    return "a higher-order operator torch.export does not write for tensor maths"
 
 
 def _resolve(target: str) -> Any:
     """What torch's deserializer would resolve ``target`` to, looked up without calling
     anything: an operator object, or (module, attribute) for a plain function."""
     parts = target.split(".")
+    if parts[:2] == ["torch", "ops"] and len(parts) in (4, 5):
+        return _resolve_operator(parts[2:])
     if any(not _IDENTIFIER.fullmatch(p) or p.startswith("__") for p in parts):
         return None
-    if parts[0] == "torch" and len(parts) >= 4 and parts[1] == "ops":
-        namespace = parts[2]
-        try:
-            packet = getattr(getattr(torch.ops, namespace), parts[3])
-            op = getattr(packet, parts[4]) if len(parts) == 5 else packet
-        except (AttributeError, RuntimeError):
-            return None
-        if len(parts) > 5:
-            return None
-        if namespace == "higher_order" and len(parts) == 4:
-            return op if isinstance(op, torch._ops.HigherOrderOperator) else None
-        return op if isinstance(op, torch._ops.OpOverload) else None
     modules = {"_operator": operator, "torch": torch, "math": math}
     if len(parts) == 2 and parts[0] in modules:
         return modules[parts[0]], parts[1]
     return None
+
+
+def _resolve_operator(parts: list[str]) -> Any:
+    """``torch.ops.NAMESPACE.NAME[.OVERLOAD]``; NAME may be a dunder (``aten.__and__``), as
+    it is looked up only among the namespace's operators."""
+    namespace, name = parts[0], parts[1]
+    if not all(_IDENTIFIER.fullmatch(p) for p in parts) or any(
+        p.startswith("__") for p in (namespace, *parts[2:])
+    ):
+        return None
+    if namespace == "higher_order":
+        hop = torch._ops._higher_order_ops.get(name)
+        return hop if len(parts) == 2 and not name.startswith("__") else None
+    operators = getattr(torch.ops, namespace)
+    if hasattr(type(operators), name):  # the namespace object's own attributes (__class__)
+        return None
+    try:
+        # plain getattr, as the deserializer does: it caches the one packet whose overloads
+        # decomposition tables are keyed by
+        packet = getattr(operators, name)
+        op = getattr(packet, parts[2]) if len(parts) == 3 else None
+    except (AttributeError, RuntimeError):
+        return None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    return op if isinstance(op, torch._ops.OpOverload) else None
 
 
 def _check_expression(text: str) -> None:
