@@ -7,15 +7,17 @@ parity stages that check its files in a folder. Any subset of formats works; a n
 is one entry.
 
 A folder is data from elsewhere: its parity stages are those of the formats its manifest
-lists (never what else lies there), and a stage that would load native code from it (the
-AOTInductor package is a shared library) runs only when the caller trusts the folder.
+lists (never what else lies there), every file a format's file makes its runtime read
+(``reads``: an ONNX model's external data, a bundle's cubins) must be listed there too, and
+a stage that would load native code from it (the AOTInductor package is a shared library,
+the kernel bundle's cubins are GPU code) runs only when the caller trusts the folder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx
@@ -23,10 +25,11 @@ import torch
 
 from ..kernels import DOMAIN, DOMAIN_VERSION
 from ..plugins.bundle import build_bundle
+from ..plugins.metadata import bundle_files
 from ..plugins.specs import specs_for_program
 from . import first_line
 from .aoti import export_aoti, load_aoti
-from .artifacts import ArtifactError, ArtifactWriter
+from .artifacts import MANIFEST, ArtifactError, ArtifactWriter
 from .inputs.errors import OptionError
 from .inputs.options import (
     AOTI_FILE,
@@ -40,7 +43,8 @@ from .inputs.options import (
 )
 from .onnx.coverage import missing_kernels
 from .onnx.export import count_nodes, export_onnx
-from .onnx.runner import OnnxRunner
+from .onnx.runner import OnnxRunner, external_data, plain_location
+from .parity.plugin_kernels import STAGE as PLUGIN_STAGE
 from .parity.plugin_kernels import plugin_kernels_stage
 from .parity.selections import SitePlan, SiteRecord, inlined
 from .parity.stages import Stage, torch_stage
@@ -84,6 +88,24 @@ class Format:
     stages: Callable[[Path, StageContext], list[Stage]]
     needs: tuple[str, ...] = ()
     stage: str = ""  # its parity stage's name, for a failure to load it (default: name)
+    # (what, file name relative to its own folder) of every other file loading the
+    # format's marker file (``FORMAT_MARKERS``) reads; ``artifacts.manifest_formats``
+    # holds each to the manifest's list
+    reads: Callable[[Path], list[tuple[str, str]]] = lambda _: []
+
+
+def native_code_stages(
+    ctx: StageContext, stage: str, path: Path, what: str, load: Callable[[], list[Stage]]
+) -> list[Stage]:
+    """``load()``'s stages where the caller trusts the folder (or it is an export's own);
+    else one stage, not executed, naming the opt-in: loading ``path`` runs its code."""
+    if not ctx.native_code:
+        return [Stage(stage, None, native_code_refusal(path, what))]
+    return load()
+
+
+def native_code_refusal(path: Path, what: str = "is a shared library") -> str:
+    return f"{path.name} {what}; loading it runs its code: {NATIVE_CODE_FLAG}"
 
 
 # ---- onnx ------------------------------------------------------------------------------
@@ -134,6 +156,14 @@ def onnx_cuda_stage(path: Path) -> Stage:
     return onnx_stage(path, "CUDAExecutionProvider")
 
 
+def _onnx_reads(path: Path) -> list[tuple[str, str]]:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a file that does not parse reads nothing: its stage fails to load it
+        return []
+    return [(f"tensor {name!r}", location) for name, location in external_data(model)]
+
+
 def _onnx_stages(folder: Path, ctx: StageContext) -> list[Stage]:
     stages = [onnx_stage(folder / ONNX_FILE), onnx_cuda_stage(folder / ONNX_FILE)]
     model = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
@@ -157,8 +187,18 @@ def _write_kernels(job: ExportJob) -> dict[str, Any]:
     return {"sms": list(sms), "kernels": sorted({k.name for k in manifest.kernels})}
 
 
+KERNELS_ARE = "holds GPU kernels (cubins)"
+
+
 def _kernel_stages(folder: Path, ctx: StageContext) -> list[Stage]:
-    return [plugin_kernels_stage(ctx.program, folder / KERNELS_DIR)]
+    bundle = folder / KERNELS_DIR
+    return native_code_stages(
+        ctx, PLUGIN_STAGE, bundle, KERNELS_ARE, lambda: [plugin_kernels_stage(ctx.program, bundle)]
+    )
+
+
+def _kernel_reads(path: Path) -> list[tuple[str, str]]:
+    return [(f"kernel {kernel}", name) for kernel, name in bundle_files(path)]
 
 
 # ---- aoti ------------------------------------------------------------------------------
@@ -171,13 +211,11 @@ def _write_aoti(job: ExportJob) -> dict[str, Any]:
 
 
 def _aoti_stages(folder: Path, ctx: StageContext) -> list[Stage]:
-    if not ctx.native_code:
-        return [Stage("aotinductor", None, native_code_refusal(folder / AOTI_FILE))]
-    return [torch_stage("aotinductor", load_aoti(folder / AOTI_FILE))]
-
-
-def native_code_refusal(path: Path) -> str:
-    return f"{path.name} is a shared library; loading it runs its code: {NATIVE_CODE_FLAG}"
+    path = folder / AOTI_FILE
+    return native_code_stages(
+        ctx, "aotinductor", path, "is a shared library",
+        lambda: [torch_stage("aotinductor", load_aoti(path))],
+    )  # fmt: skip
 
 
 # ---- tensorrt --------------------------------------------------------------------------
@@ -251,13 +289,21 @@ def _tensorrt_stages(folder: Path, ctx: StageContext) -> list[Stage]:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("onnx", ONNX_FILE, _write_onnx, _onnx_stages, stage="onnxruntime-cpu"),
+        Format(
+            "onnx",
+            ONNX_FILE,
+            _write_onnx,
+            _onnx_stages,
+            stage="onnxruntime-cpu",
+            reads=_onnx_reads,
+        ),
         Format(
             "kernels",
             f"{KERNELS_DIR}/",
             _write_kernels,
             _kernel_stages,
-            stage="plugin-kernels",
+            stage=PLUGIN_STAGE,
+            reads=_kernel_reads,
         ),
         Format("aoti", AOTI_FILE, _write_aoti, _aoti_stages, stage="aotinductor"),
         Format("tensorrt", ENGINE_FILE, _write_tensorrt, _tensorrt_stages, needs=("onnx",)),
@@ -273,6 +319,22 @@ def resolve(formats: tuple[str, ...], options: ExportOptions) -> list[Format]:
     """The formats to write, each after those it needs (``options.plan_formats``: every
     option checked first, so nothing is silently ignored)."""
     return [FORMATS[name] for name in plan_formats(formats, options)]
+
+
+def check_reads(folder: Path, markers: dict[str, list[str]], listed: Collection[Any]) -> None:
+    """Every file that each format's file in ``markers`` (its paths in ``folder``) makes
+    its runtime read is among ``listed`` (the manifest's artifacts, which
+    ``verify_artifacts`` hashed), or ``ArtifactError`` naming what reads which file."""
+    hashed = {PurePosixPath(p) for p in listed if isinstance(p, str)}
+    for fmt, paths in markers.items():
+        for marker in paths:
+            for what, ref in FORMATS[fmt].reads(folder / marker):
+                inside = isinstance(ref, str) and plain_location(ref)
+                if not inside or PurePosixPath(marker).parent / ref not in hashed:
+                    raise ArtifactError(
+                        f"{folder / marker}: {what} reads {ref!r}, which is not a file the "
+                        f"folder's {MANIFEST} lists (and hashes); export again"
+                    )
 
 
 def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> list[Stage]:

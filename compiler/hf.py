@@ -6,6 +6,10 @@ returns logits (``use_cache=False``: a plain forward over whole sequences; gener
 with a KV cache is a task of its own). Nothing is fetched: the hub is switched off before
 ``transformers`` is imported, and every file must be in DIR.
 
+Files: every file ``transformers`` will read is in DIR, checked before it is imported:
+``config.json``, the weights and their index are no links out of DIR, and the index
+(``*.index.json``, read here as JSON) maps tensors to plain file names in DIR only.
+
 Trust: ``config.json`` is read as JSON first. A checkpoint that ships its own modeling
 code (``auto_map``, as research forks do) loads only with ``trust_remote_code``, since
 loading it imports that code; pickled weights (``pytorch_model.bin``) only with
@@ -43,6 +47,57 @@ class CausalLMLogits(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
+# what ``from_pretrained`` of a causal LM reads from DIR, besides code (``auto_map``)
+READ_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json")
+INDEX_MAX_BYTES = 64 << 20  # a weight map of a million tensors is ~100 MB less than this
+
+
+def _link_out(directory: Path, path: Path) -> bool:
+    """A link that leads out of ``directory``. A snapshot of the Hugging Face cache
+    (``models--org--name/snapshots/<rev>/``) is a folder of links into its repository's
+    ``blobs/``: those are the checkpoint's own files, where ``huggingface_hub`` keeps them."""
+    if not path.is_symlink():
+        return False
+    target, roots = path.resolve(), [directory.resolve()]
+    if directory.resolve().parent.name == "snapshots":
+        roots.append(directory.resolve().parent.parent / "blobs")
+    return not any(target.is_relative_to(root) for root in roots)
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+
+
+def check_files(directory: Path) -> None:
+    """``HFLoadError`` unless every file ``transformers`` would read lies in ``directory``:
+    none of them a link out of it, and each weight index (read as JSON, bounded) naming
+    only plain file names, none of them a link out either."""
+    for pattern in READ_PATTERNS:
+        for path in sorted(directory.glob(pattern)):
+            if _link_out(directory, path):
+                raise HFLoadError(f"hf:{directory}: {path.name} is a link out of the folder")
+    for index in sorted(directory.glob("*.index.json")):
+        for shard in sorted(set(_weight_map(index).values())):
+            if not _plain_name(shard) or _link_out(directory, directory / shard):
+                raise HFLoadError(
+                    f"{index} maps weights to {shard!r}, not a file in hf:{directory}"
+                )
+
+
+def _weight_map(index: Path) -> dict[str, Any]:
+    try:
+        if index.stat().st_size > INDEX_MAX_BYTES:
+            raise HFLoadError(f"{index} is over {INDEX_MAX_BYTES >> 20} MiB: not a weight index")
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise HFLoadError(f"{index} is not valid JSON: {reason}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise HFLoadError(f"{index} has no weight_map object")
+    return weight_map
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not directory.is_dir():
@@ -50,10 +105,13 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise HFLoadError(f"hf:{directory}: {what}")
     if not path.is_file():
         raise HFLoadError(f"hf:{directory}: no config.json (save it with save_pretrained)")
+    if _link_out(directory, path):
+        raise HFLoadError(f"hf:{directory}: config.json is a link out of the folder")
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFLoadError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise HFLoadError(f"{path} is not valid JSON: {reason}") from None
     if not isinstance(config, dict):
         raise HFLoadError(f"{path} does not hold a config object")
     return config
@@ -91,6 +149,7 @@ def load_hf(
     directory: Path, trust_remote_code: bool = False, allow_unsafe_pickle: bool = False
 ) -> LoadedModel:
     config = read_config(directory)
+    check_files(directory)
     if config.get("auto_map") and not trust_remote_code:
         raise HFLoadError(
             f"hf:{directory} ships its own modeling code (auto_map in config.json): loading "

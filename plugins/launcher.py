@@ -16,6 +16,10 @@ Needs ``cuda-python`` (``cuda.bindings.driver``, or ``cuda.cuda`` before 12.6).
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import op_spec
-from .metadata import BundleManifest, KernelMetadata, evaluate, load_bundle
+from .metadata import BundleManifest, KernelMetadata, evaluate, load_bundle, plain_name
 
 CType = type[ctypes._SimpleCData]
 _SCALAR_CTYPES: dict[str, tuple[CType, int | None, int | None]] = {
@@ -128,6 +132,31 @@ def pick_kernel(manifest: BundleManifest, name: str, sm: int) -> KernelMetadata:
         raise
 
 
+def read_cubin(root: Path, kernel: KernelMetadata) -> bytes:
+    """The bytes of ``kernel``'s cubin, read from a plain file beside ``bundle.json`` and
+    checked against the sha256 it records, before anything hands them to the driver: a
+    cubin is native code, and a bundle is data from elsewhere. ``ValueError`` otherwise."""
+    if not plain_name(kernel.cubin):
+        raise ValueError(f"{kernel.name}: cubin {kernel.cubin!r} is not a file name in {root}")
+    path = root / kernel.cubin
+    try:  # O_NOFOLLOW: a link (out of the folder or not) is refused, not followed
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        why = "is a link" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
+        raise ValueError(f"{kernel.name}: cubin {path} {why}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{kernel.name}: cubin {path} is not a regular file")
+        image = f.read()
+    digest = hashlib.sha256(image).hexdigest()
+    if digest != kernel.cubin_sha256:
+        raise ValueError(
+            f"{kernel.name}: cubin {path} has sha256 {digest}, not the "
+            f"{kernel.cubin_sha256} bundle.json records; refusing to load it"
+        )
+    return image
+
+
 def import_driver() -> Any:
     """cuda-python's driver module, new layout first."""
     try:
@@ -162,12 +191,12 @@ class BundleLauncher:
         """The ``CUfunction`` of ``kernel`` in the current context of ``device_index``."""
         key = (device_index, kernel.cubin)
         if key not in self._functions:
+            image = read_cubin(self.manifest.root, kernel)  # checked before any driver call
             ctx = self._check(self.driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
             if ctx is None or int(ctx) == 0:  # nothing made a context current on this thread
                 device = self._check(self.driver.cuDeviceGet(device_index), "cuDeviceGet")
                 ctx = self._check(self.driver.cuDevicePrimaryCtxRetain(device), "retain ctx")
                 self._check(self.driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-            image = (self.manifest.root / kernel.cubin).read_bytes()
             module = self._check(self.driver.cuModuleLoadData(image), f"loading {kernel.cubin}")
             fn = self._check(
                 self.driver.cuModuleGetFunction(module, kernel.entry.encode()),

@@ -145,8 +145,36 @@ class BundleManifest:
         return atomic_write(self.root / "bundle.json", json.dumps(self.to_json(), indent=1) + "\n")
 
 
+def plain_name(name: object) -> bool:
+    """A file name in its folder and nothing else: no folder part, no ``..``, not absolute."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\x00" not in name
+    )
+
+
+def bundle_files(path: Path) -> list[tuple[str, str]]:
+    """``(kernel, file name)`` of every file a ``bundle.json`` at ``path`` names (cubins
+    and PTX, beside it), as written; what does not parse names nothing (loading it fails
+    on its own)."""
+    try:
+        kernels = json.loads(path.read_text()).get("kernels")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return []
+    return [
+        (str(k.get("name")), k[key])
+        for k in (kernels if isinstance(kernels, list) else [])
+        if isinstance(k, dict)
+        for key in ("cubin", "ptx")
+        if key in k
+    ]
+
+
 def load_bundle(root: str | Path) -> BundleManifest:
-    """Read ``<root>/bundle.json``; ``ValueError`` when it is not a bundle this code reads."""
+    """Read ``<root>/bundle.json``; ``ValueError`` when it is not a bundle this code reads,
+    or names a file other than one beside it."""
     root = Path(root)
     data = json.loads((root / "bundle.json").read_text())
     if data.get("schema") != SCHEMA:
@@ -154,11 +182,16 @@ def load_bundle(root: str | Path) -> BundleManifest:
             f"{root / 'bundle.json'} has schema {data.get('schema')!r}, expected {SCHEMA!r}: "
             "rebuild the bundle with this version of ultramem"
         )
+    kernels = tuple(KernelMetadata.from_json(k) for k in data["kernels"])
+    for kernel in kernels:
+        for name in (kernel.cubin, kernel.ptx):
+            if not plain_name(name):
+                raise ValueError(
+                    f"{root / 'bundle.json'}: kernel {kernel.name} names file {name!r}, "
+                    f"not a file name in {root}"
+                )
     return BundleManifest(
-        root=root,
-        triton_version=data["triton_version"],
-        sms=tuple(data["sms"]),
-        kernels=tuple(KernelMetadata.from_json(k) for k in data["kernels"]),
+        root=root, triton_version=data["triton_version"], sms=tuple(data["sms"]), kernels=kernels
     )
 
 

@@ -30,7 +30,15 @@ from .. import first_line
 from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
 from ..capture import like_inputs
-from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
+from ..formats import (
+    ENGINE_FILE,
+    KERNELS_ARE,
+    KERNELS_DIR,
+    ONNX_FILE,
+    ProgressFn,
+    engine_stage,
+    native_code_refusal,
+)
 from ..inputs.options import BENCH_BACKENDS as ALL_BACKENDS
 from ..inputs.options import BENCH_SCHEMA as BENCH_SCHEMA
 from ..onnx.runner import OnnxRunner
@@ -151,9 +159,13 @@ def make_backends(
             elif name == "onnxruntime-cuda":
                 out.append(Backend(name, None, _ort_cuda_reason(on_gpu)))
             elif name == "plugin-kernels":
+                bundle = listed("kernels", KERNELS_DIR)
                 reason = (
                     "the launcher runs the lookup's AOT kernels, not a whole model; needs a GPU"
                     if not on_gpu
+                    # the bundle's cubins are native code: the rule of the AOTI package
+                    else native_code_refusal(bundle, KERNELS_ARE)
+                    if bundle is not None and not native_code
                     else "whole-model runs through the launcher are not wired yet"
                 )
                 out.append(Backend(name, None, reason))

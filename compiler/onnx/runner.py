@@ -7,8 +7,9 @@ unfused and the fused forms of a lookup, in graph order, as parity expects them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -74,22 +75,83 @@ def _lowered_from_other_op(node: onnx.NodeProto) -> bool:
     return bool(op) and op.startswith("aten.") and not op.startswith("aten.topk")
 
 
+# ONNX Runtime reads a location spelled so as a memory address in its own process, not a file
+ORT_MEMORY_TAG = "_ORT_MEM_ADDR_"
+
+
+def _sparse(tensor: onnx.SparseTensorProto) -> Iterator[onnx.TensorProto]:
+    yield tensor.values
+    yield tensor.indices
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """The tensors a node's attributes hold, those in its subgraphs (If, Loop, Scan) too."""
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield from _sparse(attr.sparse_tensor)
+        for sparse in attr.sparse_tensors:
+            yield from _sparse(sparse)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from _sparse(sparse)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a model holds, wherever a runtime may look for one: the graph, its
+    subgraphs at any depth, model-local functions and training graphs."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+    for training in model.training_info:
+        yield from _graph_tensors(training.initialization)
+        yield from _graph_tensors(training.algorithm)
+
+
+def external_data(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(tensor name, location)`` of every tensor whose bytes lie in another file. A
+    tensor with external-data entries counts even when not marked external: which of
+    the two a runtime trusts is its own business."""
+    return [
+        (tensor.name, next((e.value for e in tensor.external_data if e.key == "location"), ""))
+        for tensor in model_tensors(model)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)
+    ]
+
+
+def plain_location(location: str) -> bool:
+    """A location that names a file below the model's folder and nothing else."""
+    path = PurePosixPath(location)
+    return (
+        bool(location)
+        and not path.is_absolute()
+        and ".." not in path.parts
+        and ORT_MEMORY_TAG not in location
+        and "\x00" not in location
+    )
+
+
 def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Every external-data file a model names lies inside ``folder``: a file from
-    elsewhere could point ONNX Runtime at any path on the machine."""
+    elsewhere could point ONNX Runtime at any path on the machine. (An artifacts folder's
+    manifest must also list each one, ``compiler/formats.py``; this holds a file run on
+    its own.)"""
     root = folder.resolve()
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if not location or Path(location).is_absolute() or root not in target.parents:
-            raise ValueError(
-                f"initializer {tensor.name!r} names external data {location!r} outside {folder}"
-            )
+    for name, location in external_data(model):
+        if not plain_location(location) or root not in (root / location).resolve().parents:
+            raise ValueError(f"tensor {name!r} names external data {location!r} outside {folder}")
 
 
 class OnnxRunner:
