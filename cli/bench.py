@@ -10,15 +10,23 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..compiler.artifacts import ArtifactError, manifest_formats, read_manifest, verify_artifacts
+from ..compiler.artifacts import (
+    ArtifactError,
+    finish_interrupted_publish,
+    manifest_formats,
+    read_manifest,
+    verify_artifacts,
+)
 from ..compiler.inputs.options import BENCH_BACKENDS as ALL_BACKENDS
 from ..compiler.inputs.options import BENCH_SCHEMA
 from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import DEFAULT_MODEL
+from ..files import output_folder_problem
 from .check import check_task, model_named_by
 from .options import (
     InputError,
+    PathOption,
     bad_input,
     load,
     model_options,
@@ -46,14 +54,20 @@ def _old_report(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"--compare {path}: no such file")
     try:
         old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"--compare {path} is not JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ArtifactError(f"--compare {path} is not JSON ({reason})") from None
     schema = old.get("schema") if isinstance(old, dict) else None
     if schema != BENCH_SCHEMA:
         raise ArtifactError(
             f"--compare {path} is not a bench.json of this ultramem (schema {schema!r}, "
             f"expected {BENCH_SCHEMA!r})"
         )
+    from ..compiler.bench.compare import comparable
+
+    problem = comparable(old)
+    if problem is not None:
+        raise ArtifactError(f"--compare {path} {problem}")
     return old
 
 
@@ -70,7 +84,7 @@ def admitted(capture: CaptureResult, name: str, wanted: list[int]) -> tuple[list
 @click.command("bench")
 @model_options(default=None)
 @native_code_option
-@click.option("--artifacts", type=click.Path(path_type=Path), help="An `ultramem export` folder.")
+@click.option("--artifacts", type=PathOption(path_type=Path), help="An `ultramem export` folder.")
 @click.option(
     "--tokens",
     default="1,16,64,256",
@@ -92,9 +106,9 @@ def admitted(capture: CaptureResult, name: str, wanted: list[int]) -> tuple[list
     help="CPU threads for every backend (torch's and ONNX Runtime's); "
     "default: torch's count when the command starts.",
 )
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for bench.*")
+@click.option("--out", required=True, type=PathOption(path_type=Path), help="Folder for bench.*")
 @click.option(
-    "--compare", type=click.Path(path_type=Path, dir_okay=False), help="An older bench.json."
+    "--compare", type=PathOption(path_type=Path, dir_okay=False), help="An older bench.json."
 )
 def bench(
     model: str | None,
@@ -121,8 +135,9 @@ def bench(
     token_list = _int_list(tokens)
     if not math.isfinite(budget) or not 0 < budget <= 3600:
         raise InputError(f"--budget {budget}: give seconds per point, above 0 and at most 3600")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
+    problem = output_folder_problem(out)
+    if problem is not None:
+        raise InputError(f"--out {out} {problem}")
     wanted = [b for b in backends.split(",") if b.strip()]
     unknown = [b for b in wanted if b not in ALL_BACKENDS]
     if unknown or not wanted:
@@ -134,6 +149,7 @@ def bench(
         old = _old_report(compare) if compare is not None else None
         formats: list[str] = []
         if artifacts is not None:
+            finish_interrupted_publish(artifacts)  # a publish SIGKILL cut short
             manifest = read_manifest(artifacts)
             check_task(manifest, artifacts)
             verify_artifacts(artifacts, manifest)

@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..compiler.artifacts import ArtifactError, json_text, read_manifest
+from ..compiler.artifacts import (
+    ArtifactError,
+    finish_interrupted_publish,
+    json_text,
+    manifest_formats,
+    read_manifest,
+    verify_artifacts,
+)
+from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import HF_PREFIX
-from ..files import atomic_write
-from .options import bad_input, load, model_options, native_code_option, progress
+from ..files import atomic_write, output_file_problem
+from .options import PathOption, bad_input, load, model_options, native_code_option, progress
+
+
+def _pastes_back(word: str) -> bool:
+    """Whether ``word``, quoted, reads back as itself from the one-line error: printable
+    (no newline, no terminal escape), no run of spaces (the error folds those), and not
+    an option."""
+    return bool(word) and word.isprintable() and "  " not in word and not word.startswith("-")
+
+
+def shown(text: str) -> str:
+    """Text from a folder as it may reach a terminal: itself, or escaped (``repr``)."""
+    return text if text.isprintable() else repr(text)
+
+
+def suggested_command(*words: tuple[str, str | None]) -> str:
+    """A command line to paste: each ``(word, placeholder)`` quoted for the shell (text
+    from a folder never runs as a command of its own), or, where the word would not paste
+    back as itself, the placeholder for the user to fill in (None: a literal word)."""
+    return shlex.join(
+        word if placeholder is None or _pastes_back(word) else placeholder
+        for word, placeholder in words
+    )
+
+
+def _check_again(model: str, weights: Any, artifacts: Path, *flags: str) -> str:
+    weight_words = [("--weights", None), (str(weights), "WEIGHTS")] if weights else []
+    return suggested_command(
+        ("ultramem", None), ("check", None), (model, "MODEL"), *weight_words,
+        *((flag, None) for flag in flags), ("--artifacts", None), (str(artifacts), "DIR"),
+    )  # fmt: skip
 
 
 def model_named_by(manifest: dict[str, Any], artifacts: Path) -> str:
@@ -27,20 +66,27 @@ def model_named_by(manifest: dict[str, Any], artifacts: Path) -> str:
     if model.startswith(HF_PREFIX) and not source.get("weights"):
         ctx = click.get_current_context(silent=True)
         if ctx is not None and ctx.meta.get("ultramem.trust_remote_code"):
+            again = _check_again(model, None, artifacts, "--trust-remote-code")
             raise ArtifactError(
                 f"--trust-remote-code runs a checkpoint's own code: name the checkpoint "
-                f"yourself, e.g. `ultramem check {model} --trust-remote-code --artifacts "
-                f"{artifacts}` (never the one a folder names)"
+                f"yourself, e.g. `{again}` (never the one a folder names)"
             )
-        progress(f"the model {artifacts} was exported from: {model} (loaded as data)")
+        progress(f"the model {artifacts} was exported from: {shown(model)} (loaded as data)")
         return model
-    weights = source.get("weights")
-    again = f"ultramem check {model}" + (f" --weights {weights}" if weights else "")
+    again = _check_again(model, source.get("weights"), artifacts)
     raise ArtifactError(
-        f"{artifacts} was exported from {model or 'an unrecorded model'}; check loads no "
-        f"model a folder names (that would run its code): name it yourself, e.g. `{again} "
-        f"--artifacts {artifacts}`"
+        f"{artifacts} was exported from {shown(model) or 'an unrecorded model'}; check loads "
+        f"no model a folder names (that would run its code): name it yourself, e.g. `{again}`"
     )
+
+
+def verify_folder(manifest: dict[str, Any], artifacts: Path) -> list[str]:
+    """The formats to check, once every file check reads from the folder (and every file
+    those read) is known to be listed and hashed: said before any model loads."""
+    verify_artifacts(artifacts, manifest)
+    generation = manifest.get("task") == GENERATION
+    programs = tuple(f"{p}/" for p in PROGRAMS) if generation else ("",)
+    return manifest_formats(manifest, artifacts, programs)
 
 
 def check_task(manifest: dict[str, Any], artifacts: Path) -> None:
@@ -55,12 +101,13 @@ def check_task(manifest: dict[str, Any], artifacts: Path) -> None:
 @click.option(
     "--artifacts",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Folder written by `ultramem export` (only read).",
+    type=PathOption(path_type=Path),
+    help="Folder written by `ultramem export` (only read, but for finishing an export that "
+    "SIGKILL cut short while publishing).",
 )
 @click.option(
     "--report",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathOption(path_type=Path, dir_okay=False),
     help="Write the parity report (JSON) to this file.",
 )
 def check(
@@ -77,14 +124,17 @@ def check(
     Exits 0 when parity holds, 1 when it does not, 2 on bad input.
     """
     with bad_input():
+        finish_interrupted_publish(artifacts)  # a publish SIGKILL cut short
         manifest = read_manifest(artifacts)
         check_task(manifest, artifacts)
+        verify_folder(manifest, artifacts)
         if model is None:
             if weights is not None:
                 raise ArtifactError("--weights needs the MODEL it belongs to")
             model = model_named_by(manifest, artifacts)
-        if report is not None and report.is_dir():
-            raise ArtifactError(f"--report {report} is a folder; give a file name")
+        problem = output_file_problem(report) if report is not None else None
+        if problem is not None:
+            raise ArtifactError(f"--report {report} {problem}")
     loaded = load(model, weights, allow_unsafe_pickle)
     from ..compiler.generation.export import check_generation
     from ..compiler.pipeline import check_artifacts

@@ -17,7 +17,7 @@ from ..compiler.inputs.options import (
 )
 from ..compiler.inputs.options import FORWARD_TASK as FORWARD
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
-from .options import InputError, bad_input, load, model_options, preflight, progress
+from .options import InputError, PathOption, bad_input, load, model_options, preflight, progress
 
 
 @click.command("export")
@@ -25,7 +25,7 @@ from .options import InputError, bad_input, load, model_options, preflight, prog
 @click.option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PathOption(path_type=Path),
     help="Folder for the artifacts: new, empty, or an earlier ultramem export.",
 )
 @click.option(

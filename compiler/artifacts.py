@@ -14,13 +14,18 @@ import math
 import os
 import platform
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
+from ..files import output_folder_problem, path_name_problem
 from .inputs.errors import ArtifactError
 from .inputs.options import FORMAT_MARKERS, FORMAT_NEEDS
 
@@ -58,14 +63,21 @@ def versions() -> dict[str, str]:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
+    if path.is_symlink():  # what it lists is only as trusted as the file itself
+        raise ArtifactError(
+            f"{path} is a link, not a file in the folder (a link out of the folder could "
+            "name any file); export again"
+        )
     if not path.is_file():
         raise ArtifactError(
             f"{directory} has no {MANIFEST}; run `ultramem export --out {directory}`"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); export again") from None
+    try:  # no link and no FIFO swapped in since: such a read fails, it does not wait
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ArtifactError(f"{path} is not valid JSON ({reason}); export again") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise ArtifactError(f"{path} is not an ultramem manifest; export again")
     if manifest.get("schema") != MANIFEST_SCHEMA:
@@ -81,14 +93,24 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def verify_artifacts(directory: Path, manifest: dict[str, Any]) -> None:
-    """Every artifact the manifest lists exists and has its recorded sha256."""
+    """Every artifact the manifest lists is a file in the folder, reached through no link
+    (a linked subfolder such as ``decode/`` leads wherever it points, as a linked file
+    does), and has its recorded sha256."""
     for art in manifest.get("artifacts", []):
         name = art.get("path") if isinstance(art, dict) else None
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArtifactError(f"{directory / MANIFEST} lists an artifact outside the folder")
-        path = directory / name
-        if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
-            raise ArtifactError(f"{path} is a link out of the folder; export again")
+        problem = path_name_problem(directory / name)
+        if problem is not None:  # a NUL, a name too long: the system would refuse it later
+            raise ArtifactError(f"{directory / MANIFEST} lists artifact {name!r}: {problem}")
+        path = directory
+        for part in Path(name).parts:
+            path = path / part
+            if path.is_symlink():
+                raise ArtifactError(
+                    f"{path} is a link, not a file in the folder (a link out of the folder "
+                    "could name any file); export again"
+                )
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing; export again")
         if sha256_file(path) != art.get("sha256"):
@@ -96,31 +118,43 @@ def verify_artifacts(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 STAGING_PREFIX = ".ultramem-staging-"
-LOCK_FILE = ".ultramem.lock"
+# a complete export on its way into place: from the moment staging is renamed to this
+# name, the new export is the one that counts, and whoever finds it finishes moving it
+PUBLISHING = ".ultramem-publishing"
+# the names the export moves into place, written before the rename: a publish cut short
+# has moved some of them already, and the rest must not be taken for an older export's
+PUBLISHING_NAMES = ".ultramem-names.json"
+LOCK_FILE = ".ultramem.lock"  # earlier versions locked a file; now the folder itself
 
 
 def _ours(name: str) -> bool:
     """Entries of an output folder that are the writer's own bookkeeping."""
-    return name.startswith(STAGING_PREFIX) or name == LOCK_FILE
+    return name.startswith(STAGING_PREFIX) or name in (PUBLISHING, LOCK_FILE)
 
 
 def check_out_folder(out: Path) -> bool:
     """Whether ``out`` exists; ``ArtifactError`` unless it is a folder an export may write:
-    new, empty, or an earlier export of ours. Writes nothing, imports nothing heavy: the
-    CLI calls it before the model loads, the writer again when it takes the folder."""
+    new, empty, or an earlier export of ours (published, or cut short while publishing).
+    Writes nothing, imports nothing heavy: the CLI calls it before the model loads, the
+    writer again when it takes the folder."""
     try:
         exists = out.exists()
     except OSError as exc:  # a name too long, a loop of links
         raise ArtifactError(f"--out {out}: {exc.strerror}") from None
     if not exists:
+        problem = output_folder_problem(out)
+        if problem is not None:
+            raise ArtifactError(f"--out {out} {problem}")
         return False
     if not out.is_dir():
         raise ArtifactError(f"--out {out} exists and is not a folder")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ArtifactError(f"--out {out} is not writable; choose another folder")
     try:
         entries = [p for p in out.iterdir() if not _ours(p.name)]
     except OSError as exc:
         raise ArtifactError(f"cannot read --out {out}: {exc.strerror}") from None
-    if not entries:
+    if not entries or _pending_publish(out) is not None:
         return True
     path = out / MANIFEST
     if not path.is_file():
@@ -129,7 +163,7 @@ def check_out_folder(out: Path) -> bool:
         )
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise ArtifactError(
@@ -144,34 +178,159 @@ def check_out_folder(out: Path) -> bool:
     return True
 
 
+def _pending_publish(out: Path) -> list[str] | None:
+    """The names a publish cut short still has to move into ``out``, or None when there
+    is none. Only plain names are taken: the list is a file in a folder others may write."""
+    folder = out / PUBLISHING
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        names = json.loads((folder / PUBLISHING_NAMES).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None  # cut short before the rename: never published, staging to remove
+    plain = isinstance(names, list) and all(
+        isinstance(n, str)
+        and n
+        and "/" not in n
+        and "\0" not in n
+        and n not in (".", "..")
+        and not _ours(n)
+        and n != PUBLISHING_NAMES
+        for n in names
+    )
+    return names if plain and MANIFEST in names else None
+
+
+class FolderLock:
+    """An exclusive ``flock`` on the folder itself: no lock file to follow through a link
+    or to outlive a killed process (the kernel drops the lock with the process)."""
+
+    def __init__(self, folder: Path, busy: str) -> None:
+        try:
+            self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise ArtifactError(f"cannot open {folder}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise ArtifactError(busy) from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def finish_interrupted_publish(folder: Path) -> None:
+    """Complete an export that was killed while moving into ``folder`` (SIGKILL, power):
+    the one a reader must see, and a writer must start from. A folder with none is left
+    untouched; one that is being published now is refused (``ArtifactError``)."""
+    if _pending_publish(folder) is None:
+        return
+    lock = FolderLock(
+        folder, f"an ultramem export is publishing into {folder}; try again when it is done"
+    )
+    try:
+        _roll_forward(folder)
+    finally:
+        lock.release()
+
+
+def _roll_forward(out: Path) -> None:
+    """Move a complete export from ``out/PUBLISHING`` into place. Each step is a rename or
+    a removal that can be repeated: a run cut short anywhere is finished by the next."""
+    names = _pending_publish(out)
+    if names is None:
+        return
+    publishing = out / PUBLISHING
+    # an older manifest must never describe a half-replaced folder
+    if (publishing / MANIFEST).exists():
+        (out / MANIFEST).unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if not _ours(entry.name) and entry.name not in names:
+            _remove(entry)  # the previous export's, not written this time
+    for name in names:
+        if name == MANIFEST or not (publishing / name).exists():
+            continue  # moved already, before the cut
+        _remove(out / name)
+        os.replace(publishing / name, out / name)
+    if (publishing / MANIFEST).exists():
+        os.replace(publishing / MANIFEST, out / MANIFEST)
+    shutil.rmtree(publishing)
+
+
+def _prune(staging: Path, listed: set[str]) -> None:
+    """Remove what an exporter left in ``staging`` besides the files the manifest lists
+    (scratch, caches): a published folder holds only what its manifest hashes."""
+    for path in sorted(staging.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        name = path.relative_to(staging).as_posix()
+        if name in listed:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()) or not any(n.startswith(f"{name}/") for n in listed):
+                _remove(path)
+        else:
+            path.unlink()
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait while a publish renames (milliseconds), then reach the
+    handlers the program had. Deferred in Python, not blocked with a signal mask: torch's
+    threads would take a process signal the main thread blocks, and Python runs the
+    handler in the main thread all the same. SIGKILL cannot wait; the renames are made so
+    that the next export or check finishes them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; there, no handler of ours runs
+        return
+    caught: list[int] = []
+
+    def defer(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, defer) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
 class ArtifactWriter:
     """Stage files under ``out`` and publish them together, or not at all.
 
     ``out`` must be new, empty, or a folder an earlier export wrote (its manifest is ours);
     anything else is refused before a byte is written. One writer at a time holds the
-    folder's lock; staging left by a killed export is removed. Publishing replaces the
-    whole folder: whatever the previous export left that this one does not write (other
-    formats' files) is deleted, so the manifest always describes everything there.
+    folder's lock; staging left by a killed export is removed, and a publish it cut short
+    is finished. Publishing replaces the whole folder: whatever the previous export left
+    that this one does not write (other formats' files) is deleted, so the manifest always
+    describes everything there. Until the staged export is complete the previous one is
+    untouched; from then on the new one is the one a reader gets, even after SIGKILL.
     """
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self._created = False
-        self._lock: int | None = None
-        self._lock_created = False
+        self._committed = False
+        self._lock: FolderLock | None = None
         if not check_out_folder(out):
             try:
                 out.mkdir(parents=True)
             except OSError as exc:
                 raise ArtifactError(f"cannot create --out {out}: {exc.strerror}") from None
             self._created = True
-        if not os.access(out, os.W_OK | os.X_OK):
-            self._remove_created()
-            raise ArtifactError(f"--out {out} is not writable; choose another folder")
         self._take_lock()
-        for stale in out.glob(f"{STAGING_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed export's (we hold the lock)
         try:
+            _roll_forward(out)  # a publish a killed export cut short
+            for stale in out.iterdir():
+                if stale.name.startswith(STAGING_PREFIX) or stale.name == PUBLISHING:
+                    _remove(stale)  # a killed export's (we hold the lock)
+                elif stale.name == LOCK_FILE and not stale.is_symlink() and stale.is_file():
+                    stale.unlink()  # an earlier version's, left by a killed export
             self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
         except OSError as exc:
             self.abort()
@@ -179,22 +338,15 @@ class ArtifactWriter:
         self.artifacts: list[dict[str, Any]] = []
 
     def _take_lock(self) -> None:
-        path = self.out / LOCK_FILE
-        self._lock_created = not path.exists()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            self._remove_created()
-            raise ArtifactError(f"cannot write into --out {self.out}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ArtifactError(
+            self._lock = FolderLock(
+                self.out,
                 f"another ultramem export is writing into --out {self.out}; wait for it or "
-                "choose another folder"
-            ) from None
-        self._lock = fd
+                "choose another folder",
+            )
+        except ArtifactError:
+            self._remove_created()
+            raise
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -215,6 +367,7 @@ class ArtifactWriter:
         self, manifest: dict[str, Any], extra_files: tuple[str, ...] = ()
     ) -> dict[str, Any]:
         """Move every staged file into place, manifest last; return the manifest written."""
+        self._check_staging()
         manifest = {
             "kind": MANIFEST_KIND,
             "schema": MANIFEST_SCHEMA,
@@ -224,46 +377,43 @@ class ArtifactWriter:
             "artifacts": self.artifacts,
         }
         self.path(MANIFEST).write_text(json_text(manifest))
-        # an older manifest must not describe a half-replaced folder: drop it first
-        (self.out / MANIFEST).unlink(missing_ok=True)
-        names = [a["path"] for a in self.artifacts] + list(extra_files)
-        keep = {Path(name).parts[0] for name in names} | {MANIFEST}
-        for entry in self.out.iterdir():
-            if not _ours(entry.name) and entry.name not in keep:
-                _remove(entry)  # the previous export's, not written this time
-        # a folder this export writes into (kernels/, prefill/) holds only what it writes:
-        # a format written there before and not now must not outlive the manifest
-        for top in keep - {MANIFEST}:
-            if any(len(Path(n).parts) > 1 for n in names if Path(n).parts[0] == top):
-                _remove(self.out / top)
-        for name in names:
-            target = self.out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path(name), target)
-        os.replace(self.path(MANIFEST), self.out / MANIFEST)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        listed = {a["path"] for a in self.artifacts} | set(extra_files) | {MANIFEST}
+        _prune(self.staging, listed)
+        names = sorted({Path(name).parts[0] for name in listed})
+        self.path(PUBLISHING_NAMES).write_text(json.dumps(names))
+        with _signals_held():
+            os.replace(self.staging, self.out / PUBLISHING)  # the new export counts now
+            self._committed = True
+            _roll_forward(self.out)
         self._release()
         return manifest
 
+    def _check_staging(self) -> None:
+        if not self.staging.is_dir():
+            raise ArtifactError(
+                f"--out {self.out} was removed or moved while the export ran; nothing was published"
+            )
+
     def abort(self) -> None:
-        shutil.rmtree(getattr(self, "staging", self.out / "-"), ignore_errors=True)
+        if self._committed:
+            with _signals_held():  # a complete export: finish moving it, never drop it
+                _roll_forward(self.out)
+        else:
+            shutil.rmtree(getattr(self, "staging", self.out / "-"), ignore_errors=True)
         self._release()
         self._remove_created()
 
     def _release(self) -> None:
-        """Drop the lock, and its file if this writer made it: the folder is left as the
-        export (or, after an abort, the user) had it."""
         if self._lock is not None:
-            if self._lock_created:
-                (self.out / LOCK_FILE).unlink(missing_ok=True)
-            os.close(self._lock)
+            self._lock.release()
             self._lock = None
 
     def _remove_created(self) -> None:
-        if self._created and self.out.is_dir() and not any(self.out.iterdir()):
-            self.out.rmdir()
+        try:
+            if self._created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+        except OSError:
+            pass  # removed under us, or no longer ours to tidy
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -274,8 +424,15 @@ class ArtifactWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
-            self.abort()
+        if exc_type is None:
+            return
+        vanished = not self._committed and hasattr(self, "staging") and not self.staging.is_dir()
+        self.abort()
+        if vanished and isinstance(exc, Exception) and not isinstance(exc, ArtifactError):
+            # whatever failed to write there, the cause is the folder gone: say that
+            raise ArtifactError(
+                f"--out {self.out} was removed or moved while the export ran; nothing was published"
+            ) from None
 
 
 def _remove(path: Path) -> None:
@@ -304,9 +461,10 @@ def json_text(value: Any) -> str:
 def manifest_formats(
     manifest: dict[str, Any], folder: Path, programs: tuple[str, ...] = ("",)
 ) -> list[str]:
-    """The formats a manifest lists, each one this ultramem knows, or ``ArtifactError``.
-    ``programs``: the subfolders each format was written into (a generation export's
-    ``prefill/`` and ``decode/``)."""
+    """The formats a manifest lists, each one this ultramem knows, its file and the files
+    that one reads listed (after ``verify_artifacts``: those are parsed), or
+    ``ArtifactError``. ``programs``: the subfolders each format was written into (a
+    generation export's ``prefill/`` and ``decode/``)."""
     formats = manifest.get("formats")
     known = isinstance(formats, list) and all(
         isinstance(f, str) and f in FORMAT_NEEDS for f in formats
@@ -323,4 +481,9 @@ def manifest_formats(
             f"{folder / MANIFEST} lists formats without {', '.join(unlisted)} among its "
             "artifacts; export again"
         )
+    # and so must each file those make their runtime read (an ONNX model's external
+    # data, a bundle's cubins): one planted beside them would run unhashed
+    from .formats import check_reads  # it imports this module (and the runtimes)
+
+    check_reads(folder, expected, hashed)
     return formats

@@ -60,9 +60,11 @@ def _load_pt2(path: Path, allow_unsafe_pickle: bool) -> LoadedModel:
     try:
         program = torch.export.load(str(path)) if allow_unsafe_pickle else load_untrusted_pt2(path)
     except UnsafeArchive as exc:
+        # an operator is in the program itself: saving it again keeps it
+        fix = "" if "operator" in str(exc) else "re-save it with torch.export.save, or "
         raise ModelLoadError(
-            f"refused {path}: {exc}; re-save it with torch.export.save, or pass "
-            "--allow-unsafe-pickle if you trust its author (loading it runs its code)"
+            f"refused {path}: {exc}; {fix}pass --allow-unsafe-pickle if you trust its "
+            "author (loading it runs its code)"
         ) from None
     except Exception as exc:  # torch raises many types for a corrupt archive
         reason = first_line(exc) or type(exc).__name__
@@ -197,9 +199,11 @@ def _lossless(source: torch.dtype, target: torch.dtype) -> bool:
         s, t = torch.finfo(source), torch.finfo(target)
         # every value of source is one of target: as much range, as fine a mantissa
         return t.bits > s.bits and t.max >= s.max and t.eps <= s.eps and t.tiny <= s.tiny
-    if source == torch.bool or (not source.is_floating_point and not target.is_floating_point):
-        return torch.promote_types(source, target) == target and source != target
-    return False
+    if source.is_floating_point or target.is_floating_point or target.is_complex:
+        # bool or integers for a float parameter: a flag or a count is not a weight, and
+        # torch's promotion would call bool->float lossless
+        return False
+    return torch.promote_types(source, target) == target and source != target
 
 
 def _dtype(dtype: torch.dtype) -> str:

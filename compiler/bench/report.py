@@ -28,8 +28,9 @@ threshold (``busy``) is a warning in ``bench.md`` too.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import matplotlib
 
@@ -37,6 +38,7 @@ matplotlib.use("Agg")  # no display on CI or the GPU machine
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from ...files import atomic_write
 from ..artifacts import json_text
 
 
@@ -160,9 +162,9 @@ def _two_and_five(value: float, _: object) -> str:
     return f"{value:g}" if f"{value:e}"[0] in "25" else ""
 
 
-def chart(report: dict[str, Any], path: Path) -> list[str]:
-    """Latency (p50, with p10–p90 whiskers) against tokens per backend, log-log. Returns the
-    series."""
+def chart(report: dict[str, Any], path: BinaryIO) -> list[str]:
+    """Latency (p50, with p10–p90 whiskers) against tokens per backend, log-log, as PNG
+    into ``path``. Returns the series."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     series = []
     for b in report["backends"]:
@@ -202,11 +204,15 @@ def chart(report: dict[str, Any], path: Path) -> list[str]:
 def write_reports(
     report: dict[str, Any], out: Path, old: dict[str, Any] | None = None
 ) -> list[Path]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` in ``out``, each made whole in memory
+    first and then written under a fresh name and renamed: never through a file or a link
+    already there."""
+    png = io.BytesIO()
+    report["chart_series"] = chart(report, png)
+    contents = {
+        "bench.json": json_text(report),
+        "bench.md": markdown(report, old),
+        "bench.png": png.getvalue(),
+    }
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
-    report["chart_series"] = chart(report, out / ".bench.png.tmp")
-    (out / ".bench.json.tmp").write_text(json_text(report))
-    (out / ".bench.md.tmp").write_text(markdown(report, old))
-    for p in paths:
-        (out / f".{p.name}.tmp").replace(p)
-    return paths
+    return [atomic_write(out / name, data) for name, data in contents.items()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...files import path_name_problem
 from ...models.catalog import DEFAULT_BUILTIN, list_builtins
 from .errors import ModelLoadError
 
@@ -22,6 +23,14 @@ FACTORY_ONLY = "--weights applies to package.module:factory models only"
 def preflight_model(spec: str, weights: Path | None = None) -> str:
     """The kind of MODEL ``spec`` is (``builtin``, ``hf``, ``pt2``, ``factory``), or
     ``ModelLoadError`` saying why it can never load."""
+    named = spec.removeprefix(HF_PREFIX) if spec.startswith(HF_PREFIX) else spec
+    problem = (
+        path_name_problem(named) if spec.startswith(HF_PREFIX) or spec.endswith(".pt2") else None
+    )
+    if problem is None and weights is not None:
+        named, problem = str(weights), path_name_problem(weights)
+    if problem is not None:
+        raise ModelLoadError(f"{named}: {problem}")
     if spec.startswith(BUILTIN_PREFIX):
         if weights is not None:
             raise ModelLoadError(FACTORY_ONLY)

@@ -1,16 +1,19 @@
 """Property: whatever a user passes, the CLI answers by its contract.
 
 Hypothesis draws a command, a MODEL (good, missing, malformed, a factory that fails, a
-file of random bytes, a zip that is no program), a weights file (good, truncated, random
-bytes, wrong dtype or shape, a pickle that would run code), flag values (formats, opsets,
-SMs, precisions, profiles, tokens, budgets) and an ``--out`` (new, a file, someone else's
-folder). For every draw:
+file of random bytes, a zip that is no program, a program that calls ``aten.from_file``,
+an ``hf:`` checkpoint nested past the JSON parser's depth or naming a shard outside its
+folder, a name too long), a weights file (good, truncated, random bytes, wrong dtype or
+shape, bool for float, a pickle that would run code), flag values (formats, opsets, SMs,
+precisions, profiles, tokens, budgets) and an ``--out`` (new, a file, someone else's
+folder, our file names planted as links to a file outside, a deep manifest, a name too
+long, a name that is not UTF-8). For every draw:
 
 - the exit code is 0, 1 or 2 (3 would be an internal error: a bug), and no traceback;
 - an error (2) is one line on stderr;
 - ``--out`` is either complete (a valid manifest listing files that exist) or exactly as
   it was before the call;
-- the pickle's payload never ran.
+- the pickle's payload never ran, and no file outside the target was written or made.
 
 The draws are derandomized (the same examples in every CI run) and bounded to keep this
 test's share of CI under a minute; most draws are refused before any capture.
@@ -26,6 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,13 +55,20 @@ MODELS = st.sampled_from(
         ":",
         "random.pt2",
         "zip.pt2",
+        "from_file.pt2",
         "just words",
+        "hf:deep",
+        "hf:outside",
+        "long",
     ]
 )
 WEIGHTS = st.sampled_from(
-    [None, "good", "truncated", "random", "int32", "shapes", "pickle", "missing"]
+    [None, "good", "truncated", "random", "int32", "bool", "shapes", "pickle", "missing"]
 )
-OUTS = st.sampled_from(["new", "file", "theirs"])
+# new, a file, another tool's folder, our export's names planted as links to a file
+# outside, a manifest nested past the parser's depth, a name the system cannot take, a
+# name that is not UTF-8
+OUTS = st.sampled_from(["new", "file", "theirs", "links", "deep", "long", "not-utf8"])
 FORMAT = st.lists(
     st.sampled_from(["onnx", "aoti", "kernels", "tensorrt", "pdf", ""]), min_size=0, max_size=3
 ).map(",".join)
@@ -87,7 +98,7 @@ FLAGS = st.lists(
 def _files(root: Path, marker: Path) -> dict[str, Path]:
     namespace: dict[str, object] = {}
     exec(FACTORY_MODULE, namespace)
-    model, _ = namespace["layer"]()  # type: ignore[operator]
+    model, example = namespace["layer"]()  # type: ignore[operator]
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     files = {}
     files["good"] = root / "good.safetensors"
@@ -107,15 +118,63 @@ def _files(root: Path, marker: Path) -> dict[str, Path]:
 
     files["pickle"] = root / "pickle.pt"
     torch.save({"w": Payload()}, files["pickle"])
+    files["bool"] = root / "bool.safetensors"
+    save_file({k: v > 0 for k, v in state.items()}, str(files["bool"]))
     files["missing"] = root / "missing.safetensors"
     (root / "random.pt2").write_bytes(os.urandom(300))
     with zipfile.ZipFile(root / "zip.pt2", "w") as z:
         z.writestr("archive/data.pkl", b"\x80\x04junk")
+    _from_file_pt2(model, example, root / "from_file.pt2", marker)
+    deep = root / "deep"
+    deep.mkdir()
+    (deep / "config.json").write_text('{"a": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    (deep / "model.safetensors").write_bytes(files["good"].read_bytes())
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(files["good"].read_bytes())
+    shard = root / "outside_shard"
+    shard.mkdir()
+    config = {
+        "model_type": "llama",
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    (shard / "config.json").write_text(json.dumps(config))
+    index = {"weight_map": {"lm_head.weight": "../outside/model.safetensors"}}
+    (shard / "model.safetensors.index.json").write_text(json.dumps(index))
     return files
 
 
+def _from_file_pt2(
+    model: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, marker: Path
+) -> None:
+    """A real program whose first call names ``aten.from_file`` on ``marker``: loading
+    or running it as torch would creates the file."""
+    torch.export.save(torch.export.export(model, example), str(path))
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i.filename) for i in z.infolist()}
+    for name, data in members.items():
+        if name.endswith(".json") and "/models/" in f"/{name}":
+            text = data.decode()
+            program = json.loads(text)
+            nodes = program["graph_module"]["graph"]["nodes"]
+            nodes[0]["target"] = "torch.ops.aten.from_file.default"
+            nodes[0]["inputs"] = [
+                {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+                {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                {"name": "size", "arg": {"as_int": 1 << 20}, "kind": 1},
+            ]
+            members[name] = json.dumps(program).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
 @settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     database=None,
@@ -125,20 +184,67 @@ def _files(root: Path, marker: Path) -> dict[str, Path]:
 def test_every_input_gets_an_answer_by_the_contract(
     command: str, model: str | None, weights: str | None, out_kind: str, flags: list
 ) -> None:
+    _answers_by_the_contract(command, model, weights, out_kind, flags)
+
+
+# every hostile input at least once, with no flag that would stop it first (the draws
+# above mostly end at a flag a command does not take)
+HOSTILE = [
+    *[
+        ("export", model, None, "new")
+        for model in ("from_file.pt2", "hf:deep", "hf:outside", "long")
+    ],
+    ("export", f"{MODULE}:layer", "bool", "new"),
+    *[
+        (command, None, None, out)
+        for command in ("export", "check", "bench")
+        for out in ("links", "deep", "long", "not-utf8")
+    ],
+]
+
+
+@pytest.mark.parametrize(("command", "model", "weights", "out_kind"), HOSTILE)
+def test_each_hostile_input_gets_an_answer_by_the_contract(
+    command: str, model: str | None, weights: str | None, out_kind: str
+) -> None:
+    _answers_by_the_contract(command, model, weights, out_kind, [])
+
+
+def _answers_by_the_contract(
+    command: str, model: str | None, weights: str | None, out_kind: str, flags: list
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / f"{MODULE}.py").write_text(FACTORY_MODULE)
         marker = root / "payload-ran"
         files = _files(root, marker)
         out = root / "out"
+        victim = root / "outside" / "victim"
+        victim.write_text("precious")
         if out_kind == "file":
             out.write_text("not a folder")
         elif out_kind == "theirs":
             out.mkdir()
             (out / "manifest.json").write_text('{"theirs": true}')
+        elif out_kind == "links":
+            out.mkdir()
+            for name in ("manifest.json", "model.onnx", ".ultramem.lock", "bench.json"):
+                (out / name).symlink_to(victim)
+        elif out_kind == "deep":
+            out.mkdir()
+            (out / "manifest.json").write_text("[" * 50_000 + "]" * 50_000)
+        elif out_kind == "long":
+            out = root / ("o" * 300)
+        elif out_kind == "not-utf8":
+            out = root / "out\udcff"
+        outside_before = _snapshot(root / "outside")
         before = _snapshot(out)
         args = [command]
-        if model is not None:
+        if model == "long":
+            args.append(str(root / ("m" * 300)) + ".pt2")
+        elif model is not None and model.startswith("hf:"):
+            args.append(f"hf:{root / ('deep' if model == 'hf:deep' else 'outside_shard')}")
+        elif model is not None:
             args.append(str(root / model) if model.endswith(".pt2") else model)
         if weights is not None:
             args += ["--weights", str(files[weights])]
@@ -157,6 +263,9 @@ def test_every_input_gets_an_answer_by_the_contract(
         if command == "export":
             assert _snapshot(out) == before or _complete(out), (args, code, stderr[-500:])
         assert not marker.exists(), args
+        # nothing outside the target was written, whatever links the folder held
+        assert victim.read_text() == "precious", args
+        assert _snapshot(root / "outside") == outside_before, args
 
 
 def _run(args: list[str], root: Path) -> tuple[int, str, str]:
@@ -174,11 +283,16 @@ def _run(args: list[str], root: Path) -> tuple[int, str, str]:
 
 
 def _snapshot(path: Path) -> object:
-    if not path.exists():
+    try:
+        if not path.exists():
+            return None
+    except (OSError, ValueError):  # a name the system cannot take: nothing is there
         return None
     if path.is_file():
         return ("file", path.read_bytes())
-    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*"))
+    return sorted(
+        (str(p.relative_to(path)), p.lstat().st_size, p.is_symlink()) for p in path.rglob("*")
+    )
 
 
 def _complete(out: Path) -> bool:

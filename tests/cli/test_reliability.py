@@ -256,8 +256,9 @@ def test_two_exports_into_one_folder_the_second_is_refused(
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    with (out / ".ultramem.lock").open("w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as a running export holds it
+    held = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running export holds the folder
         bad(
             capsys,
             "export",
@@ -266,7 +267,9 @@ def test_two_exports_into_one_folder_the_second_is_refused(
             str(out),
             says=("another ultramem export",),
         )
-    assert {p.name for p in out.iterdir()} == {".ultramem.lock"}
+    finally:
+        os.close(held)
+    assert list(out.iterdir()) == []
 
 
 def test_check_leaves_the_folder_as_it_was(
