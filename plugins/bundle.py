@@ -14,9 +14,15 @@ runs on a CPU-only machine. Under ``TRITON_INTERPRET=1`` the kernels are interpr
 objects that cannot be compiled, so ``build_bundle`` then compiles in a subprocess
 without it (``python -m ultramem.plugins.bundle``).
 
-Specialisation: pointers are assumed 16-byte aligned (as the JIT assumes for torch's
-allocations; the launcher checks), integer scalars are 32-bit and never specialised on
-their value (the JIT would also specialise values equal to 1 and multiples of 16).
+Specialisation: the JIT's (``JITFunction.run``: Triton's binder), so a bundled kernel
+compiles to the cubin the JIT builds. Pointers are assumed 16-byte aligned (as for
+torch's allocations); an integer scalar whose value is fixed at build time (every one that
+does not depend on the token count or the table's rows) is compiled in as a constant when
+it is 1 and hinted divisible by 16 when it is a multiple of 16; the rest are plain
+32-bit. ``bundle.json`` records each (``fixed``, ``divisibility``, ``align``), and the
+launcher refuses a launch that breaks one (``launcher.scalar_values``, ``pack_args``).
+Before, scalars were never specialised: the paper-scale bf16 ``aggregate`` compiled to
+197 registers and scalar 2-byte loads where the JIT's kernel vectorises.
 
 Usage::
 
@@ -36,14 +42,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import triton
 
 from ..files import atomic_write
 from ..kernels import triton_kernels
-from .metadata import ArgInfo, BundleManifest, KernelMetadata
+from .metadata import ArgInfo, BundleManifest, KernelMetadata, evaluate
 from .sms import DEFAULT_SMS
 from .specs import KernelSpec
 
@@ -51,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 WARP_SIZE = 32
 POINTER_ALIGN = 16  # bytes; the JIT's tt.divisibility hint for torch's allocations
+SCALAR_DIVISIBILITY = 16  # the JIT hints an integer argument that is a multiple of this
 SCRATCH_NAMES = ("global_scratch", "profile_scratch")  # the order Triton appends them in
 
 
@@ -91,6 +99,47 @@ def kernel_signature(spec: KernelSpec) -> tuple[dict[str, str], list[ArgInfo]]:
     return signature, args
 
 
+def build_time_value(spec: KernelSpec, expr: str) -> int | None:
+    """A scalar's value when it depends only on dims fixed at build time, else None."""
+    static = {name: dim.value for name, dim in spec.dims.items() if dim.value is not None}
+    try:
+        return evaluate(expr, static)
+    except ValueError:  # names the token count or the table's rows
+        return None
+
+
+def jit_specialisation(
+    spec: KernelSpec,
+) -> tuple[dict[str, str], dict[tuple[int], Any], dict[tuple[int], list[Any]], list[ArgInfo]]:
+    """What ``JITFunction.run`` derives for a launch of this spec (Triton's binder, for
+    the arguments known at build time): the signature, the constexprs and the attributes
+    by parameter index, and the kernel's parameters (``ArgInfo``, the scalars compiled in
+    as constants marked with their ``value``)."""
+    fn = triton_kernels()[spec.op]
+    signature, args = kernel_signature(spec)
+    by_name = {a.name: a for a in args}
+    constexprs: dict[tuple[int], Any] = {}
+    attrs: dict[tuple[int], list[Any]] = {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            constexprs[(i,)] = spec.constexprs[p.name]
+            continue
+        arg = by_name[p.name]
+        if arg.kind == "pointer":
+            attrs[(i,)] = [["tt.divisibility", POINTER_ALIGN]]
+            continue
+        value = build_time_value(spec, arg.expr or "")
+        attrs[(i,)] = []
+        if value == 1:  # the JIT makes an integer 1 a constant
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = 1
+            by_name[p.name] = replace(arg, value=1)
+        elif value is not None and value % SCALAR_DIVISIBILITY == 0:
+            attrs[(i,)] = [["tt.divisibility", SCALAR_DIVISIBILITY]]
+            by_name[p.name] = replace(arg, divisibility=SCALAR_DIVISIBILITY)
+    return signature, constexprs, attrs, [by_name[a.name] for a in args]
+
+
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)")
 _PARAM = re.compile(r"\.param\s+\.(\w+)")
 
@@ -112,10 +161,10 @@ def compile_spec(spec: KernelSpec, sm: int) -> tuple[KernelMetadata, bytes, str]
     from triton.compiler import ASTSource
 
     fn = triton_kernels()[spec.op]
-    signature, args = kernel_signature(spec)
-    pointer_params = [i for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")]
-    attrs = {(i,): [["tt.divisibility", POINTER_ALIGN]] for i in pointer_params}
-    src = ASTSource(fn, signature, dict(spec.constexprs), attrs)
+    signature, constexprs, attrs, params = jit_specialisation(spec)
+    fixed = tuple(a for a in params if a.value is not None)
+    args = [a for a in params if a.value is None]
+    src = ASTSource(fn, signature, constexprs, attrs)
     compiled = triton.compile(
         src, target=GPUTarget("cuda", sm, WARP_SIZE), options={"num_warps": spec.num_warps}
     )
@@ -154,6 +203,7 @@ def compile_spec(spec: KernelSpec, sm: int) -> tuple[KernelMetadata, bytes, str]
         args=tuple(args),
         dims=dict(spec.dims),
         grid=dict(spec.grid),
+        fixed=fixed,
         options={
             "num_stages": md.num_stages,
             "enable_fp_fusion": md.enable_fp_fusion,

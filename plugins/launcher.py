@@ -84,6 +84,11 @@ def pack_args(
         integer = low is not None and high is not None
         if integer and (not isinstance(value, int) or not low <= value <= high):
             raise ValueError(f"{metadata.name}: {arg.name} = {value!r} does not fit {arg.dtype}")
+        if integer and value % arg.divisibility:
+            raise ValueError(
+                f"{metadata.name}: {arg.name} = {value} is not a multiple of "
+                f"{arg.divisibility}, which the kernel was compiled to assume"
+            )
         packed.append((ctype, value))
     return packed
 
@@ -111,8 +116,24 @@ def resolve_dims(metadata: KernelMetadata, shapes: Mapping[str, Sequence[int]]) 
 
 
 def scalar_values(metadata: KernelMetadata, dims: Mapping[str, int]) -> dict[str, int]:
-    """The scalar parameters' values: their expressions over ``dims``."""
-    return {a.name: evaluate(a.expr or "", dims) for a in metadata.args if a.kind == "scalar"}
+    """The scalar parameters' values: their expressions over ``dims``. ``ValueError`` when
+    these dims break what the kernel was compiled to assume: a scalar compiled in as a
+    constant (``fixed``) with another value, or one hinted divisible that is not."""
+    for a in metadata.fixed:
+        got = evaluate(a.expr or "", dims)
+        if got != a.value:
+            raise ValueError(
+                f"{metadata.name} was compiled with {a.name} = {a.value} ({a.expr}); these "
+                f"shapes give {got}: build a bundle for them"
+            )
+    values = {a.name: evaluate(a.expr or "", dims) for a in metadata.args if a.kind == "scalar"}
+    for a in metadata.args:
+        if a.kind == "scalar" and values[a.name] % a.divisibility:
+            raise ValueError(
+                f"{metadata.name} was compiled for {a.name} ({a.expr}) a multiple of "
+                f"{a.divisibility}; these shapes give {values[a.name]}: build a bundle for them"
+            )
+    return values
 
 
 def pick_kernel(manifest: BundleManifest, name: str, sm: int) -> KernelMetadata:

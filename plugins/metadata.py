@@ -20,7 +20,11 @@ One ``KernelMetadata`` per (specialisation, architecture):
   the kernel was specialised for), ``scalar`` (``expr`` over ``dims`` gives its value for
   contiguous tensors) or ``scratch`` (the pointers Triton appends; ``bytes_per_program``
   times the number of programs, or a null pointer when 0); ``ptx_type`` is the
-  parameter's type in the PTX prototype (``u64``, ``u32``), a check on the packing;
+  parameter's type in the PTX prototype (``u64``, ``u32``), a check on the packing; a
+  scalar's ``divisibility`` is the multiple the kernel was compiled to assume (16 where
+  its build-time value is one, as Triton's JIT specialises; else 1);
+- ``fixed``: scalars whose build-time value is 1, compiled in as constants as the JIT
+  does (``value``, ``expr``): not parameters of the cubin;
 - ``dims``: named sizes, each read from an input's shape (``tensor``, ``axis``) and,
   except for the token count and the table's rows, fixed at build time (``value``); the
   names are the op contract's (``kernels/contract.py``); a dim with no tensor is an integer
@@ -42,7 +46,8 @@ from typing import Any
 
 from ..files import atomic_write
 
-SCHEMA = "ultramem.kernel-bundle/2"  # 2: tensors and dims named by the op contract
+# 2: tensors and dims named by the op contract; 3: scalars specialised as the JIT does
+SCHEMA = "ultramem.kernel-bundle/3"
 ARG_KINDS = ("pointer", "scalar", "scratch")
 
 
@@ -58,6 +63,8 @@ class ArgInfo:
     align: int = 1
     bytes_per_program: int = 0
     ptx_type: str | None = None
+    divisibility: int = 1  # a scalar the kernel was compiled to assume a multiple of
+    value: int | None = None  # a scalar compiled in as a constant (``KernelMetadata.fixed``)
 
 
 @dataclass(frozen=True)
@@ -89,16 +96,21 @@ class KernelMetadata:
     dims: dict[str, DimInfo]
     grid: dict[str, str]
     options: dict[str, Any] = field(default_factory=dict)
+    # scalars the kernel was compiled with as constants (the JIT does so for a 1): no
+    # parameter of the cubin, but a launch whose ``expr`` gives another value is refused
+    fixed: tuple[ArgInfo, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["args"] = [asdict(a) for a in self.args]
+        out["fixed"] = [asdict(a) for a in self.fixed]
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KernelMetadata:
         fields = dict(data)
         fields["args"] = tuple(ArgInfo(**a) for a in data["args"])
+        fields["fixed"] = tuple(ArgInfo(**a) for a in data.get("fixed", ()))
         fields["dims"] = {k: DimInfo(**v) for k, v in data["dims"].items()}
         return cls(**fields)
 

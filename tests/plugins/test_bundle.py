@@ -74,7 +74,8 @@ def test_args_follow_the_jit_signature(bundle: BundleManifest) -> None:
     for k in bundle.kernels:
         fn = getattr(MODULES[k.op], k.function)
         params = jit_params(fn)
-        runtime = [name for name, is_constexpr in params if not is_constexpr]
+        fixed = {a.name for a in k.fixed}  # compiled in as constants, as the JIT does for a 1
+        runtime = [name for name, is_constexpr in params if not is_constexpr and name not in fixed]
         constexprs = {name for name, is_constexpr in params if is_constexpr}
         kernel_args = [a for a in k.args if a.kind != "scratch"]
         scratch = [a for a in k.args if a.kind == "scratch"]
@@ -139,7 +140,7 @@ def test_grid_covers_every_token(bundle: BundleManifest, tokens: int) -> None:
 def test_scalars_match_contiguous_strides(bundle: BundleManifest) -> None:
     for k in bundle.kernels:
         dims = dims_for(k, 7)
-        values = scalar_values(k, dims)
+        values = {**scalar_values(k, dims), **{a.name: a.value for a in k.fixed}}
         if k.op == "retrieve":
             shape = (7, dims["H"], dims["n"], dims["r"])
             strides = torch.empty(shape).stride()
@@ -166,7 +167,8 @@ def test_pack_args_in_signature_order(bundle: BundleManifest) -> None:
     k = bundle.kernels[0]
     values: dict[str, int] = {}
     for i, a in enumerate(k.args):
-        values[a.name] = 0 if a.kind == "scratch" else (i + 1) * (256 if a.kind == "pointer" else 1)
+        step = 256 if a.kind == "pointer" else 16  # aligned, and a multiple where hinted
+        values[a.name] = 0 if a.kind == "scratch" else (i + 1) * step
     packed = pack_args(k, values)
     assert [v for _, v in packed] == [values[a.name] for a in k.args]
     sizes = {"u64": 8, "u32": 4}

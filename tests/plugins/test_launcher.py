@@ -103,6 +103,8 @@ def test_launch_packs_the_parameter_array(bundle: BundleManifest) -> None:
         **{f"{side}_stride_{axis}": s for side in ("row", "col") for axis, s in strides.items()},
         "global_scratch": 0, "profile_scratch": 0,
     }  # fmt: skip
+    for fixed in kernel.fixed:  # compiled in (a stride of 1): no parameter
+        assert expected.pop(fixed.name) == fixed.value
     assert launch["args"] == expected
     assert list(launch["args"]) == [a.name for a in kernel.args]
 
