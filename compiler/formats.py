@@ -126,7 +126,7 @@ def _write_onnx(job: ExportJob) -> dict[str, Any]:
         "domain": {"name": DOMAIN, "version": DOMAIN_VERSION},
         "nodes": len(model.graph.node),
         "op_counts": count_nodes(model),
-        "functions": [f"{f.domain}::{f.name}:{f.overload}" for f in model.functions],
+        "functions": [f"{f.domain}::{f.name}" for f in model.functions],
     }
 
 

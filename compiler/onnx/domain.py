@@ -3,10 +3,14 @@
 One node per fused ``torch.library`` op, with the op's inputs, outputs and attributes as the
 contract declares them (``kernels/contract.py``: names, order, dtypes, defaults, choices):
 ``ultramem::Retrieve`` and ``ultramem::Aggregate``, domain version ``DOMAIN_VERSION``.
-Each node also names an ``overload`` (one per attribute set) whose model-local function
-holds the same computation in standard ONNX (``bodies``): stock ONNX Runtime runs that body,
-a runtime with our kernel can run the node itself, and ``portable`` files have the bodies
-inlined for tools that do not read functions.
+Each set of attributes (and of optional inputs present) is a variant with a model-local
+function of its own name, ``<Op>_<variant>`` (``Retrieve_topm8_topk8_none``), holding the
+same computation in standard ONNX (``bodies``): stock ONNX Runtime runs that body, a
+runtime with our kernel can run the node itself (``base_op`` gives the op), and
+``portable`` files have the bodies inlined for tools that do not read functions. The name,
+not the ONNX ``overload`` field, tells variants apart: onnxslim and onnx-graphsurgeon drop
+``overload``, and a file with two variants of one op then ran one variant's body for both
+(onnxslim, silently) or was refused ("Duplicate model-local function").
 
 The exporter only emits a custom node for an op that has a registered ``OpSchema``, so
 ``register_schemas`` runs before every export.
@@ -105,10 +109,21 @@ def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
+def base_op(node: onnx.NodeProto) -> str | None:
+    """The op an ``ultramem`` node runs (``Retrieve`` for ``Retrieve_topm8_topk8_none``),
+    or None for a node of another domain or op."""
+    if node.domain != DOMAIN:
+        return None
+    for spec in OPS:
+        if node.op_type == spec.onnx_name or node.op_type.startswith(f"{spec.onnx_name}_"):
+            return spec.onnx_name
+    return None
+
+
 def node_arguments(node: onnx.NodeProto) -> dict[str, Any]:
     """An ``ultramem`` node's attributes by name with the contract's defaults, and which
     optional inputs it has (``has_<name>``)."""
-    spec = op_spec(node.op_type)
+    spec = op_spec(base_op(node) or node.op_type)
     given = node_attributes(node)
     out: dict[str, Any] = {a.name: given.get(a.name, a.default) for a in spec.attributes}
     for i, t in enumerate(spec.inputs):
@@ -117,8 +132,8 @@ def node_arguments(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
-def overload_name(node: onnx.NodeProto) -> str:
-    """One function per attribute set and set of optional inputs present, e.g.
+def variant_name(node: onnx.NodeProto) -> str:
+    """One variant per attribute set and set of optional inputs present, e.g.
     ``topm8_topk8_none`` or ``groups4_add_row_map_group_map``."""
     parts = []
     for key, value in node_arguments(node).items():
@@ -130,21 +145,21 @@ def overload_name(node: onnx.NodeProto) -> str:
 
 
 def _function_for(node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
-    if node.domain != DOMAIN or node.op_type not in BODIES:
+    op = base_op(node)
+    if op is None or op not in BODIES:
         raise ValueError(
             f"{node.domain}::{node.op_type} is not an op of domain version {DOMAIN_VERSION}"
         )
-    spec = op_spec(node.op_type)
+    spec = op_spec(op)
     return helper.make_function(
         DOMAIN,
-        node.op_type,
+        f"{op}_{variant_name(node)}",
         list(spec.input_names),
         list(spec.output_names),
-        BODIES[node.op_type](**node_arguments(node)),
+        BODIES[op](**node_arguments(node)),
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=sorted(node_attributes(node)),
-        overload=overload_name(node),
-        doc_string=f"reference semantics of {DOMAIN}::{node.op_type} for these attributes",
+        doc_string=f"reference semantics of {DOMAIN}::{op} for these attributes",
     )
 
 
@@ -153,21 +168,22 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def attach_functions(model: onnx.ModelProto) -> int:
-    """Give every ``ultramem`` node its overload and the model its function; return the count."""
+    """Name every ``ultramem`` node after its variant and give the model that variant's
+    function; return the count of nodes."""
     opset = default_opset(model)
-    known = {(f.domain, f.name, f.overload) for f in model.functions}
+    known = {(f.domain, f.name) for f in model.functions}
     count = 0
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
         function = _function_for(node, opset)
-        node.overload = function.overload
+        node.op_type, node.overload = function.name, ""
         count += 1
-        if (DOMAIN, node.op_type, function.overload) not in known:
+        if (DOMAIN, function.name) not in known:
             model.functions.append(function)
-            known.add((DOMAIN, node.op_type, function.overload))
+            known.add((DOMAIN, function.name))
     if count:
-        model.ir_version = max(model.ir_version, 10)  # node overloads need IR 10
+        model.ir_version = max(model.ir_version, 8)  # model-local functions need IR 8
     return count
 
 

@@ -32,7 +32,7 @@ from ..capture import CaptureResult
 from ..inputs.errors import OpsetError
 from ..inputs.options import DEFAULT_OPSET
 from ..inputs.options import ONNX_FORMS as FORMS
-from .domain import attach_functions, inline_functions, translation_table
+from .domain import attach_functions, base_op, inline_functions, translation_table
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,10 @@ def _name_outputs(model: onnx.ModelProto, given: list[str] | None = None) -> Non
 
 
 def count_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per op (``ultramem`` variants counted under their op)."""
     counts: dict[str, int] = {}
     for node in model.graph.node:
-        key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
+        op = base_op(node) or node.op_type
+        key = op if not node.domain else f"{node.domain}::{op}"
         counts[key] = counts.get(key, 0) + 1
     return counts

@@ -17,8 +17,9 @@ import onnx
 import torch
 from onnx import helper
 
-from ...kernels import DOMAIN, RETRIEVE
+from ...kernels import RETRIEVE
 from ..parity.selections import RetrieveRecord, SiteRecord, TopkRecord
+from .domain import base_op
 
 _RANKED_FROM = ("row_scores", "col_scores", "cores", "row_weight", "col_weight")
 
@@ -49,7 +50,7 @@ def _probe_sites(model: onnx.ModelProto) -> list[_Site]:
             # what it ranked too: a half-precision near-tie reads the candidates' scores
             outputs = (node.output[0], node.output[1], node.input[0])
             sites.append(_Site("topk", outputs, shape, axis))
-        elif node.op_type == "Retrieve" and node.domain == DOMAIN:
+        elif base_op(node) == RETRIEVE.onnx_name:
             # what it ranked from too: the near-tie verdict recomputes the grid scores
             inputs = [node.input[RETRIEVE.input_names.index(n)] for n in _RANKED_FROM]
             sites.append(_Site("retrieve", (node.output[0], node.output[1], *inputs)))

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from ...kernels import DOMAIN, DOMAIN_VERSION, op_spec
 from ...plugins.trt_plugin import PLUGIN_NAMESPACE, attribute_order
-from ..onnx.domain import node_arguments
+from ..onnx.domain import base_op, node_arguments
 
 
 def plugin_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -31,9 +31,9 @@ def plugin_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if node.domain != DOMAIN:
             continue
         count += 1
-        op = op_spec(node.op_type)
+        op = op_spec(base_op(node) or node.op_type)
         arguments = node_arguments(node)
-        node.overload = ""
+        node.op_type, node.overload = op.onnx_name, ""  # the plugin's name, not the variant's
         inputs = list(node.input) + [""] * (len(op.inputs) - len(node.input))
         for i, t in enumerate(op.inputs):
             if t.optional and not inputs[i]:

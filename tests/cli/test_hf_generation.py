@@ -143,6 +143,33 @@ def test_a_memory_fork_exports_prefill_and_decode_fused_and_token_exact(
     assert _onnx_greedy(out, prompt, 10, LAYERS["fork"]) == _generate(directory, prompt, 10, True)
 
 
+@pytest.mark.parametrize("tool", ["onnxslim", "onnx-graphsurgeon"])
+def test_generation_programs_through_graph_tools_generate_the_same_tokens(
+    fork_export: tuple[Path, Path, dict], tool: str, tmp_path: Path
+) -> None:
+    """Both programs through onnxslim, or onnx-graphsurgeon's import, cleanup and export
+    (what ``polygraphy surgeon sanitize`` does): valid, and greedy decoding by ONNX
+    Runtime alone gives the tokens the exported files give."""
+    _, out, _ = fork_export
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    for program in ("prefill", "decode"):
+        path = copy / program / "model.onnx"
+        model = onnx.load(str(path))
+        if tool == "onnxslim":
+            import onnxslim
+
+            model = onnxslim.slim(model)
+        else:
+            import onnx_graphsurgeon as gs
+
+            model = gs.export_onnx(gs.import_onnx(model).cleanup().toposort())
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(path))
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 8]])
+    want = _onnx_greedy(out, prompt, 8, LAYERS["fork"])
+    assert _onnx_greedy(copy, prompt, 8, LAYERS["fork"]) == want
+
+
 def test_check_never_trusts_the_code_of_a_checkpoint_a_folder_names(
     fork_export: tuple[Path, Path, dict],
 ) -> None:
