@@ -22,7 +22,7 @@ from ..compiler.inputs.options import BENCH_SCHEMA
 from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import DEFAULT_MODEL
-from ..files import output_folder_problem
+from ..files import UnreadableFile, output_folder_problem, read_small_file
 from .check import check_task, model_named_by
 from .options import (
     InputError,
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from ..compiler.capture import CaptureResult
 
 
+REPORT_NAMES = ("bench.json", "bench.md", "bench.png")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -53,8 +56,8 @@ def _old_report(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"--compare {path}: no such file")
     try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        old = json.loads(read_small_file(path, 64 << 20, follow_links=True))
+    except (UnreadableFile, UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ArtifactError(f"--compare {path} is not JSON ({reason})") from None
     schema = old.get("schema") if isinstance(old, dict) else None
@@ -136,6 +139,9 @@ def bench(
     if not math.isfinite(budget) or not 0 < budget <= 3600:
         raise InputError(f"--budget {budget}: give seconds per point, above 0 and at most 3600")
     problem = output_folder_problem(out)
+    taken = [n for n in REPORT_NAMES if (out / n).is_dir() and not (out / n).is_symlink()]
+    if problem is None and taken:
+        problem = f"holds a folder named {taken[0]}, where the report goes"
     if problem is not None:
         raise InputError(f"--out {out} {problem}")
     wanted = [b for b in backends.split(",") if b.strip()]

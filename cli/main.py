@@ -20,6 +20,7 @@ import click
 
 from .. import __version__
 from ..compiler import first_line
+from ..files import system_error
 from .bench import bench
 from .check import check
 from .export import export
@@ -57,50 +58,39 @@ cli.add_command(inspect)
 cli.add_command(bench)
 
 
+_signalled: list[int] = []  # the signals this run received, first first
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    _signalled.append(signum)
     raise Terminated()
 
 
-# what the system says when the machine, not ultramem, is short of something; torch's C++
-# writers and compilers run as subprocesses report it only as text
-_SYSTEM_TEXTS = (
-    "No space left on device",
-    "Disk quota exceeded",
-    "File too large",
-    "Read-only file system",
-    "Permission denied",
-    "File name too long",
-)
-
-
-def system_error(exc: BaseException) -> str | None:
-    """One line for an error the operating system raised (a full disk, a read-only folder,
-    a name too long), wherever it surfaced and however a library wrapped it; None for
-    anything else. Such an error is the machine's state or the user's path: bad input
-    (exit 2), not a bug."""
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        if isinstance(link, OSError) and link.errno is not None:
-            where = link.filename if link.filename is not None else ""
-            reason = link.strerror or os.strerror(link.errno)
-            return f"{where}: {reason}" if where != "" else reason
-        text = str(link)
-        found = next((t for t in _SYSTEM_TEXTS if t in text), None)
-        if found is not None:
-            return f"{found} ({type(link).__name__}: {first_line(link, 200)})"
-        link = link.__cause__ or link.__context__
-    return None
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    _signalled.append(signum)
+    raise KeyboardInterrupt()
 
 
 def _say(line: str) -> None:
     click.echo(printable(line), err=True)
 
 
+def _signal_answer(signum: int) -> int:
+    if signum == signal.SIGTERM:
+        _say("ultramem: terminated; no half-written output is left")
+        return TERMINATED
+    _say("ultramem: interrupted; no half-written output is left")
+    return INTERRUPTED
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return its exit code (see the module docstring)."""
+    _signalled.clear()
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # a shell's Ctrl-C keeps Python's meaning; an ignored SIGINT (a background job) stays so
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
     try:
@@ -113,14 +103,14 @@ def run(argv: list[str] | None = None) -> int:
         _say(f"Error: {message} (see `{command} --help`)")
         return exc.exit_code
     except click.ClickException as exc:
+        if _signalled:  # an input error a signal caused while unwinding (an import cut short)
+            return _signal_answer(_signalled[0])
         _say(f"Error: {exc.format_message()}")
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _say("ultramem: interrupted; no half-written output is left")
-        return INTERRUPTED
+        return _signal_answer(signal.SIGINT)
     except Terminated:
-        _say("ultramem: terminated; no half-written output is left")
-        return TERMINATED
+        return _signal_answer(signal.SIGTERM)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BrokenPipeError:
@@ -128,6 +118,10 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, never read
         return 0
     except Exception as exc:
+        if _signalled:
+            # an error a signal caused while it unwound (a module it cut short mid-import
+            # fails later in odd ways): the signal is the answer, not a bug
+            return _signal_answer(_signalled[0])
         if verbose:
             traceback.print_exc()
         system = system_error(exc)
@@ -141,6 +135,8 @@ def run(argv: list[str] | None = None) -> int:
         return INTERNAL_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from ..files import output_folder_problem, path_name_problem
+from ..files import (
+    UnreadableFile,
+    output_folder_problem,
+    path_name_problem,
+    read_small_file,
+    system_error,
+)
 from .inputs.errors import ArtifactError
 from .inputs.options import FORMAT_MARKERS, FORMAT_NEEDS
 
@@ -33,6 +40,7 @@ MANIFEST = "manifest.json"
 MANIFEST_KIND = "ultramem-artifacts"
 # 2: source records --weights and the weights' fingerprint; stages not run have no verdict
 MANIFEST_SCHEMA = 2
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists files: thousands fit in a few MB
 
 
 def sha256_file(path: Path) -> str:
@@ -72,10 +80,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{directory} has no {MANIFEST}; run `ultramem export --out {directory}`"
         )
-    try:  # no link and no FIFO swapped in since: such a read fails, it does not wait
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
-            manifest = json.loads(f.read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    try:  # no link, FIFO or giant swapped in since: such a read fails, it does not wait
+        manifest = json.loads(read_small_file(path, MANIFEST_MAX_BYTES))
+    except (UnreadableFile, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise ArtifactError(f"{path} is not valid JSON ({reason}); export again") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
@@ -162,8 +169,8 @@ def check_out_folder(out: Path) -> bool:
             f"--out {out} is not empty and holds no ultramem manifest; choose a new or empty folder"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        manifest = json.loads(read_small_file(path, MANIFEST_MAX_BYTES))
+    except (UnreadableFile, UnicodeDecodeError, ValueError, RecursionError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise ArtifactError(
@@ -185,8 +192,8 @@ def _pending_publish(out: Path) -> list[str] | None:
     if folder.is_symlink() or not folder.is_dir():
         return None
     try:
-        names = json.loads((folder / PUBLISHING_NAMES).read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        names = json.loads(read_small_file(folder / PUBLISHING_NAMES, 1 << 20))
+    except (UnreadableFile, UnicodeDecodeError, ValueError, RecursionError):
         return None  # cut short before the rename: never published, staging to remove
     plain = isinstance(names, list) and all(
         isinstance(n, str)
@@ -332,6 +339,7 @@ class ArtifactWriter:
                 elif stale.name == LOCK_FILE and not stale.is_symlink() and stale.is_file():
                     stale.unlink()  # an earlier version's, left by a killed export
             self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+            self._staging_id = _identity(self.staging)
         except OSError as exc:
             self.abort()
             raise ArtifactError(f"cannot write into --out {out}: {exc.strerror}") from None
@@ -381,25 +389,46 @@ class ArtifactWriter:
         _prune(self.staging, listed)
         names = sorted({Path(name).parts[0] for name in listed})
         self.path(PUBLISHING_NAMES).write_text(json.dumps(names))
+        self._check_staging()
         with _signals_held():
             os.replace(self.staging, self.out / PUBLISHING)  # the new export counts now
+            if _identity(self.out / PUBLISHING) != self._staging_id:  # swapped at the last
+                _remove(self.out / PUBLISHING)  # a link or a folder not ours: not published
+                raise ArtifactError(f"--out {self.out} {self._staging_problem()}")
             self._committed = True
             _roll_forward(self.out)
         self._release()
         return manifest
 
-    def _check_staging(self) -> None:
-        if not self.staging.is_dir():
-            raise ArtifactError(
-                f"--out {self.out} was removed or moved while the export ran; nothing was published"
+    def _staging_problem(self) -> str | None:
+        """Why the staging folder is no longer the one this writer made, or None. The
+        exporters write into it by path: a process that can rename entries of ``--out``
+        could move it away and plant a link in its place, and what they write then goes
+        where the link points. That cannot be undone here; it is found, and nothing of it
+        is published."""
+        try:
+            now = _identity(self.staging)
+        except OSError:
+            return "was removed or moved while the export ran; nothing was published"
+        if now != self._staging_id:
+            return (
+                f"had its staging folder {self.staging.name} replaced while the export ran "
+                "(a link or another folder in its place: what was written after went there); "
+                "nothing was published. Export into a folder no other process can write"
             )
+        return None
+
+    def _check_staging(self) -> None:
+        problem = self._staging_problem()
+        if problem is not None:
+            raise ArtifactError(f"--out {self.out} {problem}")
 
     def abort(self) -> None:
         if self._committed:
             with _signals_held():  # a complete export: finish moving it, never drop it
                 _roll_forward(self.out)
-        else:
-            shutil.rmtree(getattr(self, "staging", self.out / "-"), ignore_errors=True)
+        elif hasattr(self, "staging") and self._staging_problem() is None:
+            shutil.rmtree(self.staging, ignore_errors=True)  # ours, and only ours
         self._release()
         self._remove_created()
 
@@ -426,13 +455,28 @@ class ArtifactWriter:
     ) -> None:
         if exc_type is None:
             return
-        vanished = not self._committed and hasattr(self, "staging") and not self.staging.is_dir()
+        problem = (
+            None if self._committed or not hasattr(self, "staging") else (self._staging_problem())
+        )
         self.abort()
-        if vanished and isinstance(exc, Exception) and not isinstance(exc, ArtifactError):
+        if not isinstance(exc, Exception) or isinstance(exc, ArtifactError):
+            return  # a signal, or already our one-line answer
+        if problem is not None:
             # whatever failed to write there, the cause is the folder gone: say that
+            raise ArtifactError(f"--out {self.out} {problem}") from None
+        system = system_error(exc)
+        if system is not None:  # a full disk, a file-size limit: said with the folder
             raise ArtifactError(
-                f"--out {self.out} was removed or moved while the export ran; nothing was published"
+                f"--out {self.out}: the export could not be finished: {system}"
             ) from None
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of ``path`` itself, not of what a link there points to."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return (-1, -1)
+    return info.st_dev, info.st_ino
 
 
 def _remove(path: Path) -> None:

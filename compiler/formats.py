@@ -344,6 +344,8 @@ def folder_stages(folder: Path, ctx: StageContext, formats: Collection[str]) -> 
         if fmt.name in formats:
             try:
                 stages += fmt.stages(folder, ctx)
+            except ArtifactError:
+                raise  # a file changed since it was checked: bad input, not a failed stage
             except Exception as exc:  # an artifact its runtime cannot load: that stage fails
                 stages.append(_failing_stage(fmt, exc))
     for stage in stages:

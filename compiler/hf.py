@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..files import UnreadableFile, read_small_file
 from ..models.builtin import LoadedModel
 from . import first_line
 from .inputs.sources import HF_PREFIX as PREFIX
@@ -49,6 +50,7 @@ class CausalLMLogits(torch.nn.Module):
 
 # what ``from_pretrained`` of a causal LM reads from DIR, besides code (``auto_map``)
 READ_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json")
+CONFIG_MAX_BYTES = 16 << 20  # a config is settings: kilobytes
 INDEX_MAX_BYTES = 64 << 20  # a weight map of a million tensors is ~100 MB less than this
 
 
@@ -76,25 +78,32 @@ def check_files(directory: Path) -> None:
         for path in sorted(directory.glob(pattern)):
             if _link_out(directory, path):
                 raise HFLoadError(f"hf:{directory}: {path.name} is a link out of the folder")
+            if not path.is_file():  # a FIFO would hang the load, a device never end
+                raise HFLoadError(f"hf:{directory}: {path.name} is not a regular file")
     for index in sorted(directory.glob("*.index.json")):
         for shard in sorted(set(_weight_map(index).values())):
             if not _plain_name(shard) or _link_out(directory, directory / shard):
                 raise HFLoadError(
                     f"{index} maps weights to {shard!r}, not a file in hf:{directory}"
                 )
+            if not (directory / shard).is_file():
+                raise HFLoadError(f"{index} maps weights to {shard!r}, not a regular file")
 
 
 def _weight_map(index: Path) -> dict[str, Any]:
     try:
-        if index.stat().st_size > INDEX_MAX_BYTES:
-            raise HFLoadError(f"{index} is over {INDEX_MAX_BYTES >> 20} MiB: not a weight index")
-        data = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        data = json.loads(read_small_file(index, INDEX_MAX_BYTES, follow_links=True))
+    except UnreadableFile as exc:
+        raise HFLoadError(f"{exc}: not a weight index") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise HFLoadError(f"{index} is not valid JSON: {reason}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise HFLoadError(f"{index} has no weight_map object")
+    odd = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+    if odd is not None:
+        raise HFLoadError(f"{index} maps weights to {odd!r}, not a file name")
     return weight_map
 
 
@@ -108,8 +117,10 @@ def read_config(directory: Path) -> dict[str, Any]:
     if _link_out(directory, path):
         raise HFLoadError(f"hf:{directory}: config.json is a link out of the folder")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        config = json.loads(read_small_file(path, CONFIG_MAX_BYTES, follow_links=True))
+    except UnreadableFile as exc:
+        raise HFLoadError(f"{exc}: not a model config") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise HFLoadError(f"{path} is not valid JSON: {reason}") from None
     if not isinstance(config, dict):
@@ -168,6 +179,7 @@ def load_hf(
     # offline before the import: transformers reads these when it loads
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -175,6 +187,7 @@ def load_hf(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load reports are pages; errors come as one line
+    hf_logging.disable_progress_bar()  # "Loading weights: 12/12" is a line on stderr too
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(directory),

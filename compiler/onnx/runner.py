@@ -7,6 +7,7 @@ unfused and the fused forms of a lookup, in graph order, as parity expects them.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -155,6 +156,51 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
             raise ValueError(f"tensor {name!r} names external data {location!r} outside {folder}")
 
 
+class RecordedHashes:
+    """The sha256 an artifacts folder's manifest records for its files, to hold what a
+    runtime reads to what ``check`` verified before. Files of a folder with no manifest
+    (an export's own staging) have no record and are not held to one."""
+
+    def __init__(self, folder: Path | None, hashes: dict[str, str]) -> None:
+        self.folder, self.hashes = folder, hashes
+
+    @classmethod
+    def around(cls, path: Path) -> RecordedHashes:
+        from ..artifacts import ArtifactError, read_manifest
+
+        for folder in (path.parent, path.parent.parent):  # a forward export, a program's
+            if (folder / "manifest.json").exists():
+                try:
+                    manifest = read_manifest(folder)
+                except ArtifactError:
+                    return cls(None, {})  # not ours: nothing recorded
+                listed = {
+                    a["path"]: a["sha256"]
+                    for a in manifest["artifacts"]
+                    if isinstance(a, dict) and isinstance(a.get("path"), str)
+                }
+                return cls(folder, listed)
+        return cls(None, {})
+
+    def check(self, path: Path, data: bytes | None = None) -> None:
+        from ..artifacts import ArtifactError, sha256_file
+
+        if self.folder is None:
+            return
+        try:
+            name = path.relative_to(self.folder).as_posix()
+        except ValueError:
+            return
+        expected = self.hashes.get(name)
+        if expected is None:
+            return
+        got = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+        if got != expected:
+            raise ArtifactError(
+                f"{path} changed since the folder was checked (sha256 differs); export again"
+            )
+
+
 class OnnxRunner:
     """An ONNX Runtime session whose outputs include every selection site.
 
@@ -170,8 +216,13 @@ class OnnxRunner:
     ) -> None:
         import onnxruntime as ort
 
-        # weights stay in the file (or its external data): only the graph is loaded
-        model = onnx.load(str(path), load_external_data=False)
+        # weights stay in the file (or its external data): only the graph is loaded, from
+        # the very bytes whose hash is checked (a file swapped after the folder's check
+        # must not run in its place)
+        recorded = RecordedHashes.around(path)
+        data = path.read_bytes()
+        recorded.check(path, data)
+        model = onnx.load_from_string(data)
         check_external_data(model, path.parent)
         self.output_count = len(model.graph.output)
         self.sites = _probe_sites(model) if probe_selections else []
@@ -196,6 +247,8 @@ class OnnxRunner:
             sess_options=options,
             providers=providers or ["CPUExecutionProvider"],
         )
+        for _, location in external_data(model):  # ONNX Runtime has read them by now
+            recorded.check(path.parent / location)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, inputs: tuple[Any, ...]) -> tuple[list[torch.Tensor], list[SiteRecord]]:

@@ -10,6 +10,7 @@ before the model loads. A suggested command quotes what the folder says. Native 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 from collections.abc import Callable, Iterator
@@ -449,3 +450,29 @@ def test_a_hugging_face_cache_snapshot_loads_and_only_its_blobs_are_followed(
     (snapshot / "config.json").unlink()
     (snapshot / "config.json").symlink_to(stranger)
     bad(capsys, "inspect", f"hf:{snapshot}", says=("config.json is a link out",))
+
+
+@pytest.mark.parametrize("which", ["index", "shard"])
+def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(
+    capsys: pytest.CaptureFixture[str], checkpoint: Path, which: str
+) -> None:
+    path = checkpoint / INDEX if which == "index" else sorted(checkpoint.glob("*.safetensors"))[-1]
+    path.unlink()
+    os.mkfifo(path)
+    bad(capsys, "inspect", f"hf:{checkpoint}", says=(path.name,))
+
+
+def test_an_index_mapping_to_something_other_than_a_name_is_refused(
+    capsys: pytest.CaptureFixture[str], checkpoint: Path
+) -> None:
+    index = json.loads((checkpoint / INDEX).read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = 123
+    (checkpoint / INDEX).write_text(json.dumps(index))
+    bad(capsys, "inspect", f"hf:{checkpoint}", says=(INDEX, "123"))
+
+
+def test_a_checkpoint_error_is_one_line_without_transformers_progress_bars(
+    capsys: pytest.CaptureFixture[str], checkpoint: Path, tmp_path: Path
+) -> None:
+    # loads (a progress bar's moment), then fails on an opset the model cannot be written in
+    bad(capsys, "export", f"hf:{checkpoint}", "--opset", "17", "--out", str(tmp_path / "o"))

@@ -50,13 +50,18 @@ def _hashes_hold(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_exports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An onnx export and an onnx+kernels export of the bundled model, made once: the
-    old and the new of every publishing test."""
+    """Two exports of the bundled model, made once: the old (opset 18) and the new (the
+    default opset) of every publishing test, told apart by their manifests."""
     root = tmp_path_factory.mktemp("exports")
     old, new = root / "old", root / "new"
-    assert run(["export", "--out", str(old)]) == 0
-    assert run(["export", "--format", "onnx,kernels", "--sm", "80", "--out", str(new)]) == 0
+    assert run(["export", "--opset", "18", "--out", str(old)]) == 0
+    assert run(["export", "--out", str(new)]) == 0
+    assert _opset(old) != _opset(new)
     return old, new
+
+
+def _opset(folder: Path) -> int:
+    return int(json.loads((folder / "manifest.json").read_text())["onnx"]["opset"])
 
 
 # ---- signals at the publishing moment ---------------------------------------------------------
@@ -91,7 +96,9 @@ def _as_a_shell_would() -> None:
 
 
 def _signalled_export(out: Path, sig: int, at: int) -> subprocess.CompletedProcess[bytes]:
-    args = ["export", "--format", "onnx,kernels", "--sm", "80", "--out", str(out)]
+    """The new export (the default opset) into ``out``, sent ``sig`` at rename ``at``:
+    0 the commit (staging to publishing), 1 model.onnx, 2 parity.json, 3 the manifest."""
+    args = ["export", "--out", str(out)]
     return subprocess.run(
         [PYTHON, "-c", _SIGNALLED_EXPORT, str(int(sig)), str(at), *args],
         capture_output=True,
@@ -109,8 +116,7 @@ def _signalled_export(out: Path, sig: int, at: int) -> subprocess.CompletedProce
         # SIGKILL cannot wait: at the commit rename (before it runs) the old export is
         # whole; after it, the next reader finishes the new one
         (signal.SIGKILL, 0, -9, "old"),
-        (signal.SIGKILL, 1, -9, "new"),
-        (signal.SIGKILL, 3, -9, "new"),
+        (signal.SIGKILL, 2, -9, "new"),
     ],
 )
 def test_a_signal_while_publishing_never_costs_the_last_good_export(
@@ -128,35 +134,31 @@ def test_a_signal_while_publishing_never_costs_the_last_good_export(
     done = _signalled_export(out, sig, at)
     assert done.returncode == code, done.stderr.decode()[-3000:]
     assert b"Traceback" not in done.stderr
-    # the next reader sees one whole export, the old or the new, every hash holding
-    outcome = cli(capsys, "check", "--artifacts", str(out))
-    assert outcome.code == 0, outcome.err
+    if sig == signal.SIGKILL:  # the next reader finishes (or never sees) the publish
+        outcome = cli(capsys, "check", "--artifacts", str(out))
+        assert outcome.code == 0, outcome.err
     assert not (out / PUBLISHING).exists()
-    want = _hashes_hold(old if expected == "old" else new)
-    assert _hashes_hold(out) == want
+    want = old if expected == "old" else new
+    assert _opset(out) == _opset(want)
+    assert _hashes_hold(out) == _hashes_hold(want)  # one whole export, every hash holding
     # (a killed export's staging stays until the next export: never read, then removed)
     names = {p.name for p in out.iterdir() if not p.name.startswith(".ultramem-staging-")}
-    assert names == {Path(n).parts[0] for n in want} | {"manifest.json", "parity.json"}
-    # and the next export takes the folder as its own
-    assert cli(capsys, "export", "--out", str(out)).code == 0
-    assert _hashes_hold(out) == _hashes_hold(old)
-    assert not any(p.name.startswith(".ultramem") for p in out.iterdir())
+    assert names == {"model.onnx", "manifest.json", "parity.json"}
 
 
 def test_a_publish_cut_short_is_finished_by_the_next_export(
     tmp_path: Path, two_exports: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    old, new = two_exports
+    old, _ = two_exports
     out = tmp_path / "out"
     shutil.copytree(old, out)
-    assert _signalled_export(out, signal.SIGKILL, 2).returncode == -9
+    assert _signalled_export(out, signal.SIGKILL, 1).returncode == -9
     assert (out / PUBLISHING).is_dir()
     # a killed export's folder is ours: the CLI's early check accepts it, and the export
-    # starts from the finished publish
-    assert (
-        cli(capsys, "export", "--format", "onnx,kernels", "--sm", "80", "--out", str(out)).code == 0
-    )
-    assert _hashes_hold(out) == _hashes_hold(new)
+    # starts from the finished publish, then replaces it
+    assert cli(capsys, "export", "--opset", "18", "--out", str(out)).code == 0
+    assert _opset(out) == _opset(old)
+    assert not any(p.name.startswith(".ultramem") for p in out.iterdir())
 
 
 def test_a_killed_writer_leaves_no_lock_behind(
@@ -187,7 +189,7 @@ def test_a_folder_removed_mid_export_is_a_clear_answer(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
     proc = subprocess.Popen(
-        [PYTHON, "-c", code, "export", "--format", "onnx,aoti", "--out", str(out)],
+        [PYTHON, "-c", code, "export", "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -284,6 +286,7 @@ def test_a_full_disk_under_out_is_bad_input_and_keeps_the_old_export(
     # files may grow to 64 KiB: the ONNX model (about 1 MB) cannot be written
     code, lines = _cli_in_child(["export", "--out", str(out)], fsize=64 << 10)
     assert code == 2 and len(lines) == 1 and "File too large" in lines[0], lines
+    assert str(out) in lines[0]  # which folder could not take it
     assert _tree(out) == before
 
 
@@ -367,7 +370,11 @@ def test_report_and_bench_out_that_cannot_be_written_are_refused_first(
         says=("does not exist",),
     )
     bad(capsys, "bench", "--tokens", "1", "--out", str(a_file / "b"), says=("is not a folder",))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    (tmp_path / "b" / "bench.md").mkdir(parents=True)
+    bad(capsys, "bench", "--tokens", "1", "--out", str(tmp_path / "b"), says=("bench.md",))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "b", "b/bench.md", "file",
+    ]  # fmt: skip
 
 
 def _nested(depth: int) -> str:
@@ -530,3 +537,117 @@ def test_a_manifest_path_the_system_cannot_take_is_bad_input(
     for command in (["check"], ["bench", "--tokens", "1", "--out", str(tmp_path / "b")]):
         bad(capsys, *command, "--artifacts", str(folder), says=("lists artifact",))
     assert not (tmp_path / "b").exists()
+
+
+# ---- a second hostile pass (an independent tester's findings) ---------------------------------
+
+
+def test_a_staging_folder_swapped_for_a_link_mid_export_is_found_and_not_published(
+    tmp_path: Path, two_exports: tuple[Path, Path]
+) -> None:
+    """Another process that can rename entries of --out moves the staging folder away and
+    plants a link to a folder of its own: the exporters, writing by path, write there. It
+    cannot be undone, but it must not be called a success nor published."""
+    old, _ = two_exports
+    out = tmp_path / "out"
+    shutil.copytree(old, out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [PYTHON, "-c", code, "export", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".ultramem-staging-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    staging = next(out.glob(".ultramem-staging-*"))
+    staging.rename(tmp_path / "moved")
+    staging.symlink_to(elsewhere)
+    _, err = proc.communicate(timeout=300)
+    lines = [ln for ln in err.decode().splitlines() if not ln.startswith("[ultramem]")]
+    assert proc.returncode == 2, err.decode()[-3000:]
+    assert len(lines) == 1 and "replaced while the export ran" in lines[0], lines
+    assert _hashes_hold(out) == _hashes_hold(old)  # the last good export, untouched
+    assert not (out / PUBLISHING).exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "link"])
+def test_a_report_path_that_is_not_a_regular_file_is_refused_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, two_exports: tuple[Path, Path], kind: str
+) -> None:
+    old, _ = two_exports
+    report = tmp_path / "report"
+    if kind == "fifo":
+        os.mkfifo(report)
+    elif kind == "device":
+        os.mknod(report, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # a null
+    else:
+        (tmp_path / "target.json").write_text("precious")
+        report.symlink_to(tmp_path / "target.json")
+    before = report.lstat()
+    start = time.monotonic()
+    bad(capsys, "check", "--artifacts", str(old), "--report", str(report), says=("regular file",))
+    assert time.monotonic() - start < 5
+    after = report.lstat()
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+
+
+def test_a_report_name_as_long_as_a_name_may_be_is_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, two_exports: tuple[Path, Path]
+) -> None:
+    old, _ = two_exports
+    report = tmp_path / ("r" * 250)
+    assert cli(capsys, "check", "--artifacts", str(old), "--report", str(report)).code == 0
+    assert json.loads(report.read_text())["passed"] is True
+
+
+def test_fifos_and_giants_where_json_is_read_are_refused_not_waited_on(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, two_exports: tuple[Path, Path]
+) -> None:
+    old, _ = two_exports
+    giant = tmp_path / "giant"
+    shutil.copytree(old, giant)
+    (giant / "manifest.json").unlink()
+    with (giant / "manifest.json").open("wb") as f:
+        f.truncate(64 << 30)  # sparse: 64 GiB that would be read whole
+    pending = tmp_path / "pending"
+    shutil.copytree(old, pending)
+    (pending / PUBLISHING).mkdir()
+    os.mkfifo(pending / PUBLISHING / ".ultramem-names.json")
+    compare = tmp_path / "compare.json"
+    os.mkfifo(compare)
+    for args in (
+        ["check", "--artifacts", str(giant)],
+        ["export", "--out", str(giant)],
+        ["check", "--artifacts", str(pending)],
+        ["bench", "--tokens", "1", "--out", str(tmp_path / "b"), "--compare", str(compare)],
+    ):
+        start = time.monotonic()
+        outcome = cli(capsys, *args)
+        assert outcome.code in (0, 2), (args, outcome.err)
+        assert time.monotonic() - start < 60, args
+        if outcome.code == 2:
+            outcome.error_line()
+
+
+def test_an_error_a_signal_caused_while_unwinding_is_the_signals_answer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C cut an import short and the half-imported module then failed in an odd way
+    (numpy: RecursionError): exit 130, not an internal error."""
+    (tmp_path / "cut_short.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    raise RecursionError('maximum recursion depth exceeded') from None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    outcome = cli(capsys, "export", "cut_short:make", "--out", str(tmp_path / "o"))
+    assert outcome.code == 130, outcome.err
+    assert "internal error" not in outcome.err
