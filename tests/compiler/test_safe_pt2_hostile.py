@@ -4,12 +4,18 @@ before it is inflated.
 
 The operators are checked against what their schemas say they take (a path, a message, a
 Python object), and fuzzed over every ATen operator with a string argument; the bombs are
-real deflate streams of hundreds of megabytes of zeros in an otherwise valid archive.
+real deflate streams of hundreds of megabytes of zeros in an otherwise valid archive. A
+symbolic size that would make sympy compute an enormous number (``9**9**99999``) is
+refused before torch parses it, while what real exports with dynamic shapes write loads.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+import time
 import tracemalloc
 import zipfile
 import zlib
@@ -19,6 +25,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.export import Dim
 
 from ultramem.compiler import safe_pt2
@@ -464,3 +472,234 @@ def test_checking_operators_leaves_torch_ops_as_it_was(saved: Path) -> None:
         safe_pt2._check_operator(target, "node target")
     assert torch.ops.aten.add is packet and torch.ops.aten.add.Tensor is overload
     assert torch.ops.aten.__and__ is dunder
+
+
+# ---- symbolic expressions ----------------------------------------------------------------
+
+S77 = "Symbol('s77', positive=True, integer=True)"  # what Small's batch size is written as
+BIG = "9999999999999999999"  # the most an int64-sized literal may spell
+
+# Each makes sympify (which evaluates what it parses) compute an enormous number, or spend
+# long, and the words its refusal must hold. The first two are a tester's: plain torch
+# never finishes loading either
+HOSTILE_EXPRESSIONS = {
+    "a power of a power": ("Pow(Integer(9), Pow(Integer(9), Integer(99999)))", "raises to"),
+    "a literal of 10**10**8": (f"{S77} + Integer(10**10**8)", "raises to"),
+    "** by a big exponent": (f"{S77}**99999", "raises to"),
+    "** of **": ("Integer(2)**Integer(2)**Integer(62)", "raises to"),
+    "Pow inside Pow's base": (f"Pow(Pow({S77}, Integer(64)), Integer(64))", "nests Pow inside"),
+    "nested PowByNatural": (
+        "PowByNatural(Integer(9), PowByNatural(Integer(9), Integer(64)))",
+        "raises to",
+    ),
+    "PowByNatural in a base": (
+        f"FloatPow(PowByNatural({S77}, Integer(64)), Integer(64))",
+        "nests PowByNatural inside FloatPow",
+    ),
+    "an exponent that cancels to a literal": (
+        f"PowByNatural(Symbol('s1'), Add({S77}, Mul(Integer(-1), {S77}), Integer({BIG})))",
+        "raises to",
+    ),
+    "an exponent of literals alone": (
+        f"PowByNatural({S77}, Add(Integer(1), Integer(-1), Mul(Add(1, -1), s5)))",
+        "raises to",
+    ),
+    "Pow by a symbol": (f"Pow(Integer(9), {S77})", "raises to"),
+    "a 30-digit literal": (f"Add({S77}, Integer({'1234567890' * 3}))", "more than 19 digits"),
+    "a 30-digit hex literal": (f"Add({S77}, 0x{'9' * 30})", "more than 19 digits"),
+    "deep brackets": ("Add(" * 40 + "s77" + ", 1)" * 40, "nests more than 32 brackets"),
+    "a shift": ("Integer(1) << Integer(999999999999999999)", "not sympy arithmetic"),
+    "^, which sympify reads as **": ("Integer(9)^Integer(9)^Integer(99)", "holds '^'"),
+    "factorial": ("Integer(99999999)!", "is not an expression"),
+    "a huge float": ("Float('1e999999', precision=53)", "not a finite double"),
+    "a float of a million bits": ("Float('1.5', precision=999999)", "not a double"),
+    "many Max arguments": (
+        "Max(" + ", ".join(f"Symbol('u{i}', integer=True)" for i in range(17)) + ")",
+        "Max and Min arguments",
+    ),
+    "many terms": ("+".join(f"s{i}" for i in range(300)), "more than 256 terms"),
+}
+
+
+def _first_size(expression: str, hint: Any = None) -> Callable[[dict], None]:
+    """Write ``expression`` as the size of the input's first dimension."""
+
+    def mutate(program: dict) -> None:
+        size = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]["as_expr"]
+        size["expr_str"] = expression
+        if hint is not None:
+            size["hint"] = hint
+
+    return mutate
+
+
+def _refusal(path: Path) -> tuple[str, float]:
+    started = time.perf_counter()
+    with pytest.raises(UnsafeArchive) as info:
+        load_untrusted_pt2(path)
+    return str(info.value), time.perf_counter() - started
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE_EXPRESSIONS))
+def test_an_expression_sympy_cannot_evaluate_quickly_is_refused_before_load(
+    saved: Path, tmp_path: Path, no_torch_load: list[str], attack: str
+) -> None:
+    expression, reason = HOSTILE_EXPRESSIONS[attack]
+    path = _rewrite(saved, tmp_path / "evil.pt2", _program(_first_size(expression)))
+    message, seconds = _refusal(path)
+    assert message.startswith(f"symbolic expression {expression[:60]!r} "), message
+    assert reason in message and "\n" not in message, message
+    assert seconds < 2 and not no_torch_load
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (_first_size(S77, {"as_int": 10**30}), "has the hint {'as_int': 1000000000000000000"),
+        (_first_size(S77, {"as_int": "3"}), "has the hint"),
+        (
+            lambda p: p["range_constraints"].__setitem__("s77", {"min_val": 0, "max_val": 10**30}),
+            "range constraint 's77' has bounds",
+        ),
+        (  # torch counts up to an unbacked symbol's number, one by one
+            lambda p: p["range_constraints"].__setitem__("u99999999999", {"min_val": 0}),
+            "range constraint 'u99999999999' is not an unbacked symbol's name",
+        ),
+        (
+            lambda p: p["range_constraints"].__setitem__("Pow(9, Pow(9, 99))", {"min_val": 0}),
+            "raises to",
+        ),
+    ],
+    ids=["huge hint", "string hint", "huge bound", "unbacked key", "expression key"],
+)
+def test_hints_and_range_constraints_are_bounded_before_load(
+    saved: Path,
+    tmp_path: Path,
+    no_torch_load: list[str],
+    mutate: Callable[[dict], None],
+    reason: str,
+) -> None:
+    path = _rewrite(saved, tmp_path / "evil.pt2", _program(mutate))
+    message, seconds = _refusal(path)
+    assert reason in message and "\n" not in message, message
+    assert seconds < 2 and not no_torch_load
+
+
+def test_the_testers_expressions_end_in_a_refusal_not_a_hang(saved: Path, tmp_path: Path) -> None:
+    # in a process of its own, with the real torch.export.load behind the check: a check
+    # that let them through would never return, and the timeout would say so
+    paths = [
+        _rewrite(saved, tmp_path / f"evil{i}.pt2", _program(_first_size(expression)))
+        for i, expression in enumerate(
+            [HOSTILE_EXPRESSIONS[a][0] for a in ("a power of a power", "a literal of 10**10**8")]
+        )
+    ]
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from ultramem.compiler.safe_pt2 import UnsafeArchive, load_untrusted_pt2\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        load_untrusted_pt2(Path(path))\n"
+        "    except UnsafeArchive as exc:\n"
+        "        print('refused', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, done.stderr[-2000:]
+    assert all(line.startswith("refused symbolic expression") for line in lines), lines
+
+
+# what torch.export writes for dynamic shapes, each of which must still load
+class Derived(nn.Module):  # s0 - 1 (a derived Dim whose range ends at int64's maximum)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x[:, :-1] + y
+
+
+class Doubled(nn.Module):  # 2*s0 (a derived Dim), a concatenation, a bounded Dim
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.reshape(-1, 2).sum(1), y]) * x.shape[0]
+
+
+class Unbacked(nn.Module):  # u0, u1 from data: sizes and assertions on them
+    def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        m = k.item()
+        torch._check(m >= 0)
+        torch._check(m < 1000)
+        rows = torch.nonzero(x > 0).float().sum(0)
+        return x.new_ones(m * 2 + 1, m // 3 + 1).sum() + rows.sum()
+
+
+class Powers(nn.Module):  # Pow(s0, 2), PowByNatural(2, s0 + 1), PowByNatural(s0, s1), FloatPow
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n, m = x.shape
+        return x.new_zeros(2 ** (n + 1)), x.new_zeros(n**m), x.new_zeros((3 * n) ** 2), x * n**0.5
+
+
+class Scaled(nn.Module):  # Float('1.5', precision=53), Max(1, TruncToInt(...)), FloatTrueDiv
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * (x.shape[0] / 3.0), F.interpolate(x[None, None], scale_factor=1.5)
+
+
+DIM = Dim("d", min=3, max=9223372036854775806)
+HALF = Dim("e", min=1, max=1000)
+DYNAMIC_EXPORTS: dict[str, Callable[[], tuple[nn.Module, tuple, Any]]] = {
+    "derived s0 - 1, int64 maximum": lambda: (
+        Derived(),
+        (torch.randn(2, 5), torch.randn(2, 4)),
+        ({1: DIM}, {1: DIM - 1}),
+    ),
+    "derived 2*s0, min and max": lambda: (
+        Doubled(),
+        (torch.randn(6), torch.randn(3)),
+        ({0: 2 * HALF}, {0: HALF}),
+    ),
+    "unbacked u0": lambda: (Unbacked(), (torch.randn(3, 4), torch.tensor(5)), None),
+    "powers": lambda: (
+        Powers(),
+        (torch.randn(3, 2),),
+        ({0: Dim("n", max=6), 1: Dim("m", max=4)},),
+    ),
+    "float scale": lambda: (Scaled(), (torch.randn(6, 4),), ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)),
+}
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC_EXPORTS))
+def test_what_exports_with_dynamic_shapes_write_loads(tmp_path: Path, name: str) -> None:
+    model, example, dynamic_shapes = DYNAMIC_EXPORTS[name]()
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic_shapes), path)
+    with zipfile.ZipFile(path) as archive:
+        program = json.loads(archive.read(next(n for n in archive.namelist() if "models/" in n)))
+    assert program["range_constraints"]  # the shapes are symbolic, so there is something to check
+    loaded = load_untrusted_pt2(path)
+    torch.testing.assert_close(loaded.module()(*example), model(*example))
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "Add(Symbol('s94', positive=True, integer=True), Integer(-1))",
+        "LessThan(Symbol('u0', integer=True), Mul(Symbol('s27', positive=True, integer=True), "
+        "Symbol('s77', positive=True, integer=True)))",
+        "Mul(Integer(9), Pow(Symbol('s77', positive=True, integer=True), Integer(2)))",
+        "PowByNatural(Integer(2), Add(Symbol('s77', positive=True, integer=True), Integer(1)))",
+        "FloatPow(ToFloat(Symbol('s77', positive=True, integer=True)), Float('0.5', precision=53))",
+        "Max(Integer(1), TruncToInt(Mul(Float('1.5', precision=53), "
+        "ToFloat(Symbol('s27', positive=True, integer=True)))))",
+        "Max(Integer(1), Add(FloorDiv(Symbol('u0', integer=True), Integer(3)), Integer(1)))",
+        "s94 + 1",  # range-constraint keys are printed, not srepr'd
+        "2*s17",
+        f"Add(Symbol('s0', positive=True, integer=True), Integer({BIG}))",
+        "Pow(Symbol('s0', positive=True, integer=True), Integer(-64))",
+        "Min(" + ", ".join(f"Symbol('u{i}', integer=True)" for i in range(16)) + ")",
+        "Add(" * 31 + "s0" + ", 1)" * 31,
+    ],
+)
+def test_what_torch_export_writes_is_within_the_bounds(expression: str) -> None:
+    safe_pt2._check_expression(expression)  # raises UnsafeArchive if not
