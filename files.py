@@ -4,10 +4,12 @@ of a path before any work, and the words for what the operating system refused."
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: Path, data: bytes | str) -> Path:
@@ -54,6 +56,18 @@ def read_small_file(path: Path, limit: int, follow_links: bool = False) -> bytes
     if len(data) > limit:  # grew while read
         raise UnreadableFile(f"{path} is more than {limit} bytes")
     return data
+
+
+def read_json(path: Path, limit: int, follow_links: bool = False) -> Any:
+    """``read_small_file`` parsed as JSON; ``UnreadableFile`` saying why it is none
+    (nested past the parser's depth included: a RecursionError is no bug of ours)."""
+    data = read_small_file(path, limit, follow_links)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise UnreadableFile(f"{path} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UnreadableFile(f"{path} is not valid JSON ({exc})") from None
 
 
 NAME_MAX = 255  # bytes in one path component: ext4, xfs, btrfs, tmpfs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..compiler.inputs.options import BENCH_SCHEMA
 from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import DEFAULT_MODEL
-from ..files import UnreadableFile, output_folder_problem, read_small_file
+from ..files import UnreadableFile, output_folder_problem, read_json
 from .check import check_task, model_named_by
 from .options import (
     InputError,
@@ -56,10 +55,9 @@ def _old_report(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"--compare {path}: no such file")
     try:
-        old = json.loads(read_small_file(path, 64 << 20, follow_links=True))
-    except (UnreadableFile, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise ArtifactError(f"--compare {path} is not JSON ({reason})") from None
+        old = read_json(path, 64 << 20, follow_links=True)
+    except UnreadableFile as exc:
+        raise ArtifactError(f"--compare {exc}") from None
     schema = old.get("schema") if isinstance(old, dict) else None
     if schema != BENCH_SCHEMA:
         raise ArtifactError(

@@ -30,7 +30,7 @@ from ..files import (
     UnreadableFile,
     output_folder_problem,
     path_name_problem,
-    read_small_file,
+    read_json,
     system_error,
 )
 from .inputs.errors import ArtifactError
@@ -81,10 +81,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{directory} has no {MANIFEST}; run `ultramem export --out {directory}`"
         )
     try:  # no link, FIFO or giant swapped in since: such a read fails, it does not wait
-        manifest = json.loads(read_small_file(path, MANIFEST_MAX_BYTES))
-    except (UnreadableFile, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise ArtifactError(f"{path} is not valid JSON ({reason}); export again") from None
+        manifest = read_json(path, MANIFEST_MAX_BYTES)
+    except UnreadableFile as exc:
+        raise ArtifactError(f"{exc}; export again") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise ArtifactError(f"{path} is not an ultramem manifest; export again")
     if manifest.get("schema") != MANIFEST_SCHEMA:
@@ -169,8 +168,8 @@ def check_out_folder(out: Path) -> bool:
             f"--out {out} is not empty and holds no ultramem manifest; choose a new or empty folder"
         )
     try:
-        manifest = json.loads(read_small_file(path, MANIFEST_MAX_BYTES))
-    except (UnreadableFile, UnicodeDecodeError, ValueError, RecursionError):
+        manifest = read_json(path, MANIFEST_MAX_BYTES)
+    except UnreadableFile:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise ArtifactError(
@@ -192,8 +191,8 @@ def _pending_publish(out: Path) -> list[str] | None:
     if folder.is_symlink() or not folder.is_dir():
         return None
     try:
-        names = json.loads(read_small_file(folder / PUBLISHING_NAMES, 1 << 20))
-    except (UnreadableFile, UnicodeDecodeError, ValueError, RecursionError):
+        names = read_json(folder / PUBLISHING_NAMES, 1 << 20)
+    except UnreadableFile:
         return None  # cut short before the rename: never published, staging to remove
     plain = isinstance(names, list) and all(
         isinstance(n, str)

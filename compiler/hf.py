@@ -18,14 +18,13 @@ loading it imports that code; pickled weights (``pytorch_model.bin``) only with
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import UnreadableFile, read_small_file
+from ..files import UnreadableFile, read_json
 from ..models.builtin import LoadedModel
 from . import first_line
 from .inputs.sources import HF_PREFIX as PREFIX
@@ -92,12 +91,9 @@ def check_files(directory: Path) -> None:
 
 def _weight_map(index: Path) -> dict[str, Any]:
     try:
-        data = json.loads(read_small_file(index, INDEX_MAX_BYTES, follow_links=True))
+        data = read_json(index, INDEX_MAX_BYTES, follow_links=True)
     except UnreadableFile as exc:
         raise HFLoadError(f"{exc}: not a weight index") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise HFLoadError(f"{index} is not valid JSON: {reason}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise HFLoadError(f"{index} has no weight_map object")
@@ -117,12 +113,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     if _link_out(directory, path):
         raise HFLoadError(f"hf:{directory}: config.json is a link out of the folder")
     try:
-        config = json.loads(read_small_file(path, CONFIG_MAX_BYTES, follow_links=True))
+        config = read_json(path, CONFIG_MAX_BYTES, follow_links=True)
     except UnreadableFile as exc:
         raise HFLoadError(f"{exc}: not a model config") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise HFLoadError(f"{path} is not valid JSON: {reason}") from None
     if not isinstance(config, dict):
         raise HFLoadError(f"{path} does not hold a config object")
     return config

@@ -185,8 +185,9 @@ def test_a_killed_writer_leaves_no_lock_behind(
     assert not any(p.name.startswith(".ultramem") for p in out.iterdir())
 
 
-def test_a_folder_removed_mid_export_is_a_clear_answer(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def _export_in_a_child(out: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """An export of the bundled model into ``out`` in a child process, caught mid-export:
+    the child and its staging folder, as soon as there is one."""
     code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
     proc = subprocess.Popen(
         [PYTHON, "-c", code, "export", "--out", str(out)],
@@ -194,9 +195,15 @@ def test_a_folder_removed_mid_export_is_a_clear_answer(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
-    while not any(out.glob(".ultramem-staging-*")):
+    while not (found := list(out.glob(".ultramem-staging-*"))):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
+    return proc, found[0]
+
+
+def test_a_folder_removed_mid_export_is_a_clear_answer(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc, _ = _export_in_a_child(out)
     time.sleep(0.5)
     while out.exists():
         shutil.rmtree(out, ignore_errors=True)
@@ -553,17 +560,7 @@ def test_a_staging_folder_swapped_for_a_link_mid_export_is_found_and_not_publish
     shutil.copytree(old, out)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
-    proc = subprocess.Popen(
-        [PYTHON, "-c", code, "export", "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while not list(out.glob(".ultramem-staging-*")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.01)
-    staging = next(out.glob(".ultramem-staging-*"))
+    proc, staging = _export_in_a_child(out)
     staging.rename(tmp_path / "moved")
     staging.symlink_to(elsewhere)
     _, err = proc.communicate(timeout=300)
