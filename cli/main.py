@@ -14,11 +14,10 @@ import signal
 import sys
 import traceback
 import warnings
-from types import FrameType
 
 import click
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..compiler import first_line
 from ..files import system_error
 from .bench import bench
@@ -31,11 +30,6 @@ BAD_INPUT = 2
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
 TERMINATED = 143
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is, so that every ``with`` block unwinds (a
-    ``BaseException``: no ``except Exception`` on the way swallows it)."""
 
 
 @click.group()
@@ -58,19 +52,6 @@ cli.add_command(inspect)
 cli.add_command(bench)
 
 
-_signalled: list[int] = []  # the signals this run received, first first
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    _signalled.append(signum)
-    raise Terminated()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    _signalled.append(signum)
-    raise KeyboardInterrupt()
-
-
 def _say(line: str) -> None:
     click.echo(printable(line), err=True)
 
@@ -85,16 +66,18 @@ def _signal_answer(signum: int) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return its exit code (see the module docstring)."""
-    _signalled.clear()
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    interrupts.received.clear()
+    previous = signal.signal(signal.SIGTERM, interrupts.record_and_raise)
     # a shell's Ctrl-C keeps Python's meaning; an ignored SIGINT (a background job) stays so
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGINT, interrupts.record_and_raise)
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
     try:
         result = cli.main(args=argv, prog_name="ultramem", standalone_mode=False)
+        if interrupts.received:  # swallowed on the way, and no progress report came after
+            return _signal_answer(interrupts.received[0])
         return result if isinstance(result, int) else 0
     except click.UsageError as exc:
         # one line, as every bad input gets, instead of click's usage block
@@ -103,13 +86,13 @@ def run(argv: list[str] | None = None) -> int:
         _say(f"Error: {message} (see `{command} --help`)")
         return exc.exit_code
     except click.ClickException as exc:
-        if _signalled:  # an input error a signal caused while unwinding (an import cut short)
-            return _signal_answer(_signalled[0])
+        if interrupts.received:  # an input error a signal caused (an import cut short)
+            return _signal_answer(interrupts.received[0])
         _say(f"Error: {exc.format_message()}")
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
         return _signal_answer(signal.SIGINT)
-    except Terminated:
+    except interrupts.Terminated:
         return _signal_answer(signal.SIGTERM)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -118,10 +101,10 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, never read
         return 0
     except Exception as exc:
-        if _signalled:
+        if interrupts.received:
             # an error a signal caused while it unwound (a module it cut short mid-import
             # fails later in odd ways): the signal is the answer, not a bug
-            return _signal_answer(_signalled[0])
+            return _signal_answer(interrupts.received[0])
         if verbose:
             traceback.print_exc()
         system = system_error(exc)

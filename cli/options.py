@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .. import interrupts
 from ..compiler.inputs.errors import INPUT_ERRORS
 from ..compiler.inputs.sources import DEFAULT_MODEL, preflight_model
 
@@ -107,6 +108,7 @@ def printable(text: str) -> str:
 
 
 def progress(message: str) -> None:
+    interrupts.raise_if_received()  # a signal a library swallowed ends the work here
     click.echo(printable(f"[ultramem] {message}"), err=True)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from .. import interrupts
 from ..files import (
     UnreadableFile,
     output_folder_problem,
@@ -389,6 +390,7 @@ class ArtifactWriter:
         names = sorted({Path(name).parts[0] for name in listed})
         self.path(PUBLISHING_NAMES).write_text(json.dumps(names))
         self._check_staging()
+        interrupts.raise_if_received()  # a signal a library swallowed: never publish
         with _signals_held():
             os.replace(self.staging, self.out / PUBLISHING)  # the new export counts now
             if _identity(self.out / PUBLISHING) != self._staging_id:  # swapped at the last

@@ -174,7 +174,7 @@ def _from_file_pt2(
 
 
 @settings(
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     derandomize=True,
     database=None,

@@ -112,7 +112,8 @@ def _signalled_export(out: Path, sig: int, at: int) -> subprocess.CompletedProce
     [
         # the signal waits for the renames: the new export is whole, then the exit
         (signal.SIGTERM, 0, 143, "new"),
-        (signal.SIGINT, 2, 130, "new"),
+        # SIGINT is deferred by the same code as SIGTERM
+        pytest.param(signal.SIGINT, 2, 130, "new", marks=pytest.mark.slow),
         # SIGKILL cannot wait: at the commit rename (before it runs) the old export is
         # whole; after it, the next reader finishes the new one
         (signal.SIGKILL, 0, -9, "old"),
@@ -144,21 +145,6 @@ def test_a_signal_while_publishing_never_costs_the_last_good_export(
     # (a killed export's staging stays until the next export: never read, then removed)
     names = {p.name for p in out.iterdir() if not p.name.startswith(".ultramem-staging-")}
     assert names == {"model.onnx", "manifest.json", "parity.json"}
-
-
-def test_a_publish_cut_short_is_finished_by_the_next_export(
-    tmp_path: Path, two_exports: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    old, _ = two_exports
-    out = tmp_path / "out"
-    shutil.copytree(old, out)
-    assert _signalled_export(out, signal.SIGKILL, 1).returncode == -9
-    assert (out / PUBLISHING).is_dir()
-    # a killed export's folder is ours: the CLI's early check accepts it, and the export
-    # starts from the finished publish, then replaces it
-    assert cli(capsys, "export", "--opset", "18", "--out", str(out)).code == 0
-    assert _opset(out) == _opset(old)
-    assert not any(p.name.startswith(".ultramem") for p in out.iterdir())
 
 
 def test_a_killed_writer_leaves_no_lock_behind(
@@ -514,14 +500,27 @@ def test_a_successful_export_prints_no_library_tracebacks(tmp_path: Path) -> Non
     assert "captured as static" in err  # it did fall back: there was something to log
     assert "Traceback" not in err and "torch/_guards.py" not in err, err[:3000]
     assert all(ln.startswith("[ultramem]") for ln in err.splitlines()), err[:3000]
-    verbose = subprocess.run(
-        [*args[:3], "-v", *args[3:-1], str(tmp_path / "v")],
-        capture_output=True,
-        env=env,
-        timeout=300,
-    )
+
+
+@pytest.mark.slow
+def test_verbose_still_shows_torchs_own_logs(tmp_path: Path) -> None:
+    (tmp_path / "noisy_positions.py").write_text(NOISY_MODULE)
+    code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("TORCH_LOGS", None)
+    args = [
+        PYTHON,
+        "-c",
+        code,
+        "-v",
+        "export",
+        "noisy_positions:make",
+        "--out",
+        str(tmp_path / "v"),
+    ]
+    verbose = subprocess.run(args, capture_output=True, env=env, timeout=300)
     assert verbose.returncode == 0
-    assert "torch/_guards.py" in verbose.stderr.decode()  # -v still shows torch's logs
+    assert "torch/_guards.py" in verbose.stderr.decode()
 
 
 def test_finish_interrupted_publish_leaves_a_plain_folder_alone(tmp_path: Path) -> None:
@@ -648,3 +647,28 @@ def test_an_error_a_signal_caused_while_unwinding_is_the_signals_answer(
     outcome = cli(capsys, "export", "cut_short:make", "--out", str(tmp_path / "o"))
     assert outcome.code == 130, outcome.err
     assert "internal error" not in outcome.err
+
+
+def test_a_signal_a_library_swallows_still_ends_the_command(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C 1.2 s into a capture was caught inside torch.export, and the export went
+    on to publish and exit 0. Here the model's factory swallows it: the command must
+    still end as interrupted, with nothing written."""
+    (tmp_path / "swallows.py").write_text(
+        "import os, signal, time, torch\n"
+        "def make():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(5)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass  # as a library may\n"
+        "    return torch.nn.Linear(4, 4).eval(), (torch.randn(2, 4),)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    out = tmp_path / "o"
+    outcome = cli(capsys, "export", "swallows:make", "--out", str(out))
+    assert outcome.code == 130, outcome.err
+    assert "interrupted" in outcome.err
+    assert not out.exists()

@@ -34,3 +34,43 @@ def test_a_reexport_removes_what_it_no_longer_writes_inside_its_subfolders(
         "prefill/model.onnx",
     ]
     assert (out / "prefill" / "model.onnx").read_text() == "a2"
+
+
+def _cut_short(out: Path) -> None:
+    """``out`` as SIGKILL leaves it mid-publish: the old export's files, one of the new
+    export's already moved into place (``a.txt``), the rest and the manifest still in
+    the publishing folder with the list of names."""
+    from ultramem.compiler.artifacts import PUBLISHING, PUBLISHING_NAMES
+
+    _export(out, {"a.txt": "old a", "old.txt": "old only"})
+    publishing = out / PUBLISHING
+    (publishing / "sub").mkdir(parents=True)
+    (publishing / "sub" / "b.txt").write_text("new b")
+    (publishing / "manifest.json").write_text('{"kind": "ultramem-artifacts", "new": true}')
+    (publishing / PUBLISHING_NAMES).write_text('["a.txt", "manifest.json", "sub"]')
+    (out / "a.txt").write_text("new a")
+
+
+def _files(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_publish_cut_short_is_finished_by_the_next_writer_and_by_a_reader(
+    tmp_path: Path,
+) -> None:
+    from ultramem.compiler.artifacts import finish_interrupted_publish
+
+    new = {
+        "a.txt": "new a",
+        "sub/b.txt": "new b",
+        "manifest.json": '{"kind": "ultramem-artifacts", "new": true}',
+    }
+    reader, writer = tmp_path / "reader", tmp_path / "writer"
+    _cut_short(reader)
+    finish_interrupted_publish(reader)
+    assert _files(reader) == new
+    finish_interrupted_publish(reader)  # a finished folder is left as it is
+    assert _files(reader) == new
+    _cut_short(writer)
+    ArtifactWriter(writer).abort()  # taking the folder finishes the publish first
+    assert _files(writer) == new
