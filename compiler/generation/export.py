@@ -30,6 +30,7 @@ from ..formats import (
     engine_profile,
     resolve,
 )
+from ..inputs.options import ONNX_FILE
 from ..parity.compare import ParityReport, tolerance_for
 from ..parity.stages import Stage
 from ..pipeline import (
@@ -54,6 +55,7 @@ from .programs import (
     build_programs,
     cache_names,
 )
+from .runtime_files import copy_checkpoint_files, program_metadata, stamp_metadata
 
 
 class ProgramWriter:
@@ -185,6 +187,13 @@ def export_generation(
             for fmt in chosen:
                 with step(progress, f"writing {name} {fmt.name} ({fmt.files})"):
                     sections[name][fmt.name] = fmt.write(job)
+        generation = generation_section(programs)
+        if "onnx" in names:  # each program says what it is, and for which cache
+            for name in PROGRAMS:
+                onnx_file = f"{name}/{ONNX_FILE}"
+                stamp_metadata(writer.path(onnx_file), program_metadata(name, generation))
+                writer.add(onnx_file, "onnx")
+        copied = copy_checkpoint_files(loaded.source, writer)
         report = _check_all(
             programs, compiled, writer.staging, names, progress, options.trt.package, True
         )
@@ -194,7 +203,8 @@ def export_generation(
         manifest = {
             "task": TASK,
             "source": source_record(loaded),
-            "generation": generation_section(programs),
+            "generation": generation,
+            "checkpoint_files": copied,
             "programs": sections,
             "formats": names,
             "parity": {

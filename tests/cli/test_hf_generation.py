@@ -143,6 +143,32 @@ def test_a_memory_fork_exports_prefill_and_decode_fused_and_token_exact(
     assert _onnx_greedy(out, prompt, 10, LAYERS["fork"]) == _generate(directory, prompt, 10, True)
 
 
+def test_the_files_a_runtime_reads_are_beside_the_programs(
+    fork_export: tuple[Path, Path, dict],
+) -> None:
+    """The checkpoint's config and generation config, byte for byte and hashed; each
+    program's ONNX file says what it is and for which cache, as the manifest does."""
+    directory, out, manifest = fork_export
+    copied = manifest["checkpoint_files"]
+    assert {"config.json", "generation_config.json"} <= set(copied)
+    listed = {a["path"]: a for a in manifest["artifacts"]}
+    for name in copied:
+        assert (out / name).read_bytes() == (directory / name).read_bytes()
+        assert listed[name]["sha256"] == sha256_file(out / name)
+    generation = manifest["generation"]
+    eos = json.loads((directory / "generation_config.json").read_text())["eos_token_id"]
+    assert generation["eos_token_ids"] == sorted([eos] if isinstance(eos, int) else eos)
+    for program in ("prefill", "decode"):
+        model = onnx.load(str(out / program / "model.onnx"), load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["ultramem.program"] == program
+        assert props["ultramem.task"] == "text-generation"
+        assert int(props["ultramem.max_cache_len"]) == generation["max_cache_len"] == CACHE
+        assert int(props["ultramem.cache_layers"]) == generation["cache_layers"]
+        assert props["ultramem.eos_token_ids"] == ",".join(map(str, generation["eos_token_ids"]))
+        assert props["producer"].startswith("ultramem ")
+
+
 @pytest.mark.parametrize("tool", ["onnxslim", "onnx-graphsurgeon"])
 def test_generation_programs_through_graph_tools_generate_the_same_tokens(
     fork_export: tuple[Path, Path, dict], tool: str, tmp_path: Path
