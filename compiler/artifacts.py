@@ -324,6 +324,7 @@ class ArtifactWriter:
         self._created = False
         self._committed = False
         self._lock: FolderLock | None = None
+        self._staging_id = (-2, -2)  # no staging folder of ours yet
         if not check_out_folder(out):
             try:
                 out.mkdir(parents=True)
