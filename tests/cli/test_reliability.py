@@ -295,7 +295,7 @@ def _as_a_shell_would() -> None:
 def _start_export(tmp_path: Path, out: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     code = "import sys; from ultramem.cli.main import run; sys.exit(run(sys.argv[1:]))"
-    args = [REPO_PYTHON, "-c", code, "export", "--format", "onnx,aoti", "--out", str(out)]
+    args = [REPO_PYTHON, "-c", code, "export", "--out", str(out)]
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_as_a_shell_would
     )
