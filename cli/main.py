@@ -117,6 +117,7 @@ def run(argv: list[str] | None = None) -> int:
         )
         return INTERNAL_ERROR
     finally:
+        interrupts.received.clear()  # this command's: none may end a later one in-process
         signal.signal(signal.SIGTERM, previous)
         if previous_int is signal.default_int_handler:
             signal.signal(signal.SIGINT, previous_int)
