@@ -70,6 +70,17 @@ def read_json(path: Path, limit: int, follow_links: bool = False) -> Any:
         raise UnreadableFile(f"{path} is not valid JSON ({exc})") from None
 
 
+def plain_name(name: object) -> bool:
+    """A file name in its folder and nothing else: no folder part, no ``..``, not absolute,
+    no NUL. What a file from elsewhere may name beside itself."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\x00" not in name
+    )
+
+
 NAME_MAX = 255  # bytes in one path component: ext4, xfs, btrfs, tmpfs
 PATH_MAX = 4095  # bytes in a whole path, as the kernel takes it
 

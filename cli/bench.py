@@ -12,9 +12,7 @@ import click
 from ..compiler.artifacts import (
     ArtifactError,
     finish_interrupted_publish,
-    manifest_formats,
     read_manifest,
-    verify_artifacts,
 )
 from ..compiler.inputs.options import BENCH_BACKENDS as ALL_BACKENDS
 from ..compiler.inputs.options import BENCH_SCHEMA
@@ -22,7 +20,7 @@ from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import DEFAULT_MODEL
 from ..files import UnreadableFile, output_folder_problem, read_json
-from .check import check_task, model_named_by
+from .check import check_task, model_named_by, verify_folder
 from .options import (
     InputError,
     PathOption,
@@ -156,17 +154,12 @@ def bench(
             finish_interrupted_publish(artifacts)  # a publish SIGKILL cut short
             manifest = read_manifest(artifacts)
             check_task(manifest, artifacts)
-            verify_artifacts(artifacts, manifest)
-            if manifest.get("task") == GENERATION:
-                if compare is not None:
-                    raise ArtifactError(
-                        f"--compare: {artifacts} is a text-generation export, whose bench "
-                        "reports are not compared yet"
-                    )
-                programs = tuple(f"{p}/" for p in PROGRAMS)
-                formats = manifest_formats(manifest, artifacts, programs)
-            else:
-                formats = manifest_formats(manifest, artifacts)
+            formats = verify_folder(manifest, artifacts)
+            if manifest.get("task") == GENERATION and compare is not None:
+                raise ArtifactError(
+                    f"--compare: {artifacts} is a text-generation export, whose bench "
+                    "reports are not compared yet"
+                )
     if model is None:  # a folder names no model to load: only a bundled one
         with bad_input():
             model = DEFAULT_MODEL if artifacts is None else model_named_by(manifest, artifacts)

@@ -31,6 +31,7 @@ from ..files import (
     UnreadableFile,
     output_folder_problem,
     path_name_problem,
+    plain_name,
     read_json,
     system_error,
 )
@@ -196,14 +197,7 @@ def _pending_publish(out: Path) -> list[str] | None:
     except UnreadableFile:
         return None  # cut short before the rename: never published, staging to remove
     plain = isinstance(names, list) and all(
-        isinstance(n, str)
-        and n
-        and "/" not in n
-        and "\0" not in n
-        and n not in (".", "..")
-        and not _ours(n)
-        and n != PUBLISHING_NAMES
-        for n in names
+        plain_name(n) and not _ours(n) and n != PUBLISHING_NAMES for n in names
     )
     return names if plain and MANIFEST in names else None
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..files import UnreadableFile, read_json
+from ..files import UnreadableFile, plain_name, read_json
 from ..models.builtin import LoadedModel
 from . import first_line
 from .inputs.sources import HF_PREFIX as PREFIX
@@ -65,10 +65,6 @@ def _link_out(directory: Path, path: Path) -> bool:
     return not any(target.is_relative_to(root) for root in roots)
 
 
-def _plain_name(name: object) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
-
-
 def check_files(directory: Path) -> None:
     """``HFLoadError`` unless every file ``transformers`` would read lies in ``directory``:
     none of them a link out of it, and each weight index (read as JSON, bounded) naming
@@ -81,7 +77,7 @@ def check_files(directory: Path) -> None:
                 raise HFLoadError(f"hf:{directory}: {path.name} is not a regular file")
     for index in sorted(directory.glob("*.index.json")):
         for shard in sorted(set(_weight_map(index).values())):
-            if not _plain_name(shard) or _link_out(directory, directory / shard):
+            if not plain_name(shard) or _link_out(directory, directory / shard):
                 raise HFLoadError(
                     f"{index} maps weights to {shard!r}, not a file in hf:{directory}"
                 )

@@ -16,10 +16,7 @@ Needs ``cuda-python`` (``cuda.bindings.driver``, or ``cuda.cuda`` before 12.6).
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
-import os
-import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..files import UnreadableFile, plain_name, read_small_file
 from ..kernels import op_spec
-from .metadata import BundleManifest, KernelMetadata, evaluate, load_bundle, plain_name
+from .metadata import BundleManifest, KernelMetadata, evaluate, load_bundle
 
 CType = type[ctypes._SimpleCData]
 _SCALAR_CTYPES: dict[str, tuple[CType, int | None, int | None]] = {
@@ -153,6 +151,9 @@ def pick_kernel(manifest: BundleManifest, name: str, sm: int) -> KernelMetadata:
         raise
 
 
+CUBIN_MAX_BYTES = 256 << 20  # a Triton kernel's cubin is kilobytes to a few megabytes
+
+
 def read_cubin(root: Path, kernel: KernelMetadata) -> bytes:
     """The bytes of ``kernel``'s cubin, read from a plain file beside ``bundle.json`` and
     checked against the sha256 it records, before anything hands them to the driver: a
@@ -160,15 +161,10 @@ def read_cubin(root: Path, kernel: KernelMetadata) -> bytes:
     if not plain_name(kernel.cubin):
         raise ValueError(f"{kernel.name}: cubin {kernel.cubin!r} is not a file name in {root}")
     path = root / kernel.cubin
-    try:  # O_NOFOLLOW: a link (out of the folder or not) is refused, not followed
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        why = "is a link" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror})"
-        raise ValueError(f"{kernel.name}: cubin {path} {why}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{kernel.name}: cubin {path} is not a regular file")
-        image = f.read()
+    try:  # a link (out of the folder or not) is refused, not followed
+        image = read_small_file(path, CUBIN_MAX_BYTES)
+    except UnreadableFile as exc:
+        raise ValueError(f"{kernel.name}: cubin {exc}") from None
     digest = hashlib.sha256(image).hexdigest()
     if digest != kernel.cubin_sha256:
         raise ValueError(

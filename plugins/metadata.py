@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
+from ..files import atomic_write, plain_name
 
 # 2: tensors and dims named by the op contract; 3: scalars specialised as the JIT does
 SCHEMA = "ultramem.kernel-bundle/3"
@@ -155,16 +155,6 @@ class BundleManifest:
     def write(self) -> Path:
         """Write ``bundle.json`` atomically (a half-written manifest never exists)."""
         return atomic_write(self.root / "bundle.json", json.dumps(self.to_json(), indent=1) + "\n")
-
-
-def plain_name(name: object) -> bool:
-    """A file name in its folder and nothing else: no folder part, no ``..``, not absolute."""
-    return (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and "/" not in name
-        and "\x00" not in name
-    )
 
 
 def bundle_files(path: Path) -> list[tuple[str, str]]:

@@ -33,6 +33,7 @@ from ..inputs.errors import OpsetError
 from ..inputs.options import DEFAULT_OPSET
 from ..inputs.options import ONNX_FORMS as FORMS
 from .domain import attach_functions, base_op, inline_functions, translation_table
+from .runner import external_data
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,9 @@ def export_onnx(
 
 
 def external_data_files(model: onnx.ModelProto, directory: Path) -> list[Path]:
-    locations = {
-        entry.value
-        for tensor in model.graph.initializer
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return [directory / loc for loc in sorted(locations)]
+    """The external-data files ``model`` names: those ``check`` will require listed
+    (``runner.external_data``, wherever a tensor lies)."""
+    return [directory / loc for loc in sorted({loc for _, loc in external_data(model)})]
 
 
 def _name_axes(model: onnx.ModelProto, capture: CaptureResult) -> None:
