@@ -16,7 +16,6 @@ from ..compiler.artifacts import (
 )
 from ..compiler.inputs.options import BENCH_BACKENDS as ALL_BACKENDS
 from ..compiler.inputs.options import BENCH_SCHEMA
-from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import DEFAULT_MODEL
 from ..files import UnreadableFile, output_folder_problem, read_json
@@ -220,7 +219,8 @@ def _bench_generation(
     threads: int,
     out: Path,
 ) -> None:
-    """Prefill and per-token decode of a text-generation export against eager transformers."""
+    """Prompts and per-token steps of a text-generation export's decoder against eager
+    transformers."""
     from ..compiler.artifacts import json_text
     from ..compiler.bench.generation import (
         GENERATION_BACKENDS,
@@ -229,7 +229,7 @@ def _bench_generation(
     )
     from ..compiler.capture import DEFAULT_MAX_BATCH
     from ..compiler.generation.export import recorded_cache_len
-    from ..compiler.generation.programs import build_programs
+    from ..compiler.generation.programs import build_program
     from ..compiler.pipeline import check_same_model, compile_model
     from ..files import atomic_write
 
@@ -243,16 +243,16 @@ def _bench_generation(
         if not lengths:
             raise ArtifactError(f"no --tokens size fits the export's cache of {length} tokens")
         if batch > DEFAULT_MAX_BATCH:
-            raise ArtifactError(f"--batch {batch}: the programs admit 1..{DEFAULT_MAX_BATCH}")
-        programs = build_programs(loaded, length)
-        compiled = {name: compile_model(programs.loaded(name), progress) for name in PROGRAMS}
+            raise ArtifactError(f"--batch {batch}: the decoder admits 1..{DEFAULT_MAX_BATCH}")
+        program = build_program(loaded, length)
+        compiled = compile_model(program.decoder, progress)
     chosen = [b for b in wanted if b in GENERATION_BACKENDS]
     left = [b for b in wanted if b not in GENERATION_BACKENDS]
     if left:
         progress(f"note: {', '.join(left)} not benched for text-generation")
     with bad_input():
         report = run_generation_bench(
-            programs, compiled, artifacts, chosen, formats, native_code,
+            program, compiled, artifacts, chosen, formats, native_code,
             lengths, batch, budget, progress, threads,
         )  # fmt: skip
     for name in left:

@@ -16,7 +16,6 @@ from ..compiler.artifacts import (
     read_manifest,
     verify_artifacts,
 )
-from ..compiler.inputs.options import GENERATION_PROGRAMS as PROGRAMS
 from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from ..compiler.inputs.sources import HF_PREFIX
 from ..files import atomic_write, output_file_problem
@@ -84,9 +83,7 @@ def verify_folder(manifest: dict[str, Any], artifacts: Path) -> list[str]:
     """The formats to check, once every file check reads from the folder (and every file
     those read) is known to be listed and hashed: said before any model loads."""
     verify_artifacts(artifacts, manifest)
-    generation = manifest.get("task") == GENERATION
-    programs = tuple(f"{p}/" for p in PROGRAMS) if generation else ("",)
-    return manifest_formats(manifest, artifacts, programs)
+    return manifest_formats(manifest, artifacts)
 
 
 def check_task(manifest: dict[str, Any], artifacts: Path) -> None:

@@ -71,8 +71,9 @@ from .options import InputError, PathOption, bad_input, load, model_options, pre
     type=click.Choice([FORWARD, GENERATION]),
     default=FORWARD,
     show_default=True,
-    help=f"forward: one program over whole sequences; {GENERATION} (hf:DIR): prefill and "
-    "decode programs with a static KV cache.",
+    help=f"forward: one program over whole sequences; {GENERATION} (hf:DIR): one decoder "
+    "program over a static KV cache (prompts and steps), with the files ONNX Runtime GenAI "
+    "reads.",
 )
 @click.option(
     "--max-cache-len",

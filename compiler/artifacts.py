@@ -498,13 +498,10 @@ def json_text(value: Any) -> str:
     return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
-def manifest_formats(
-    manifest: dict[str, Any], folder: Path, programs: tuple[str, ...] = ("",)
-) -> list[str]:
+def manifest_formats(manifest: dict[str, Any], folder: Path) -> list[str]:
     """The formats a manifest lists, each one this ultramem knows, its file and the files
     that one reads listed (after ``verify_artifacts``: those are parsed), or
-    ``ArtifactError``. ``programs``: the subfolders each format was written into (a
-    generation export's ``prefill/`` and ``decode/``)."""
+    ``ArtifactError``."""
     formats = manifest.get("formats")
     known = isinstance(formats, list) and all(
         isinstance(f, str) and f in FORMAT_NEEDS for f in formats
@@ -514,7 +511,7 @@ def manifest_formats(
     # each format's file must be a hashed entry: a format whose entry was removed would
     # be checked (and run) without its hash
     hashed = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict)}
-    expected = {f: [f"{p}{FORMAT_MARKERS[f]}" for p in programs] for f in formats}
+    expected = {f: [FORMAT_MARKERS[f]] for f in formats}
     unlisted = [path for f in formats for path in expected[f] if path not in hashed]
     if unlisted:
         raise ArtifactError(

@@ -1,9 +1,10 @@
-"""``ultramem bench`` of a text-generation export: prefill, and decode one token at a time.
+"""``ultramem bench`` of a text-generation export's decoder: a prompt, and one token at a time.
 
 Baseline: eager ``transformers`` as ``generate`` runs it (the model's forward with its
-default dynamic cache). Prefill is timed at each prompt length; decode per token at
-several cache fills (the eager cache is cropped back to the fill after each call, so every
-call decodes at the same fill; the static-cache programs take the same cache as input).
+default dynamic cache). A prompt from an empty cache (prefill) is timed at each prompt
+length; one new token (decode) at several cache fills (the eager cache is cropped back to
+the fill after each call, so every call decodes at the same fill; the decoder takes the
+same cache, filled by an eager run of it, as input).
 Each backend's logits are first checked against eager's on the same tokens (a wrong
 backend is not timed); then the backends are timed together, interleaved round by round,
 with the same thread count (``run.torch_threads``, ONNX Runtime's session options).
@@ -23,7 +24,7 @@ from .. import first_line
 from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import ArtifactError, versions
 from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
-from ..generation.programs import GenerationPrograms
+from ..generation.programs import GenerationProgram, positions_from
 from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
 from ..pipeline import Compiled
@@ -41,74 +42,64 @@ def cache_fills(max_cache_len: int) -> list[int]:
 
 
 def _program_backends(
-    compiled: dict[str, Compiled],
+    compiled: Compiled,
     artifacts: Path,
     wanted: Collection[str],
     formats: Collection[str],
     native_code: bool,
     threads: int,
-) -> dict[str, tuple[StepFn, StepFn] | str]:
-    """name -> (prefill, decode) callables on flat inputs, or why the backend cannot run."""
-    out: dict[str, tuple[StepFn, StepFn] | str] = {}
+) -> dict[str, StepFn | str]:
+    """name -> the decoder as a callable on flat inputs, or why the backend cannot run."""
+    out: dict[str, StepFn | str] = {}
 
-    def pair(make: Callable[[str], StepFn]) -> tuple[StepFn, StepFn] | str:
+    def load(make: Callable[[], StepFn]) -> StepFn | str:
         try:
-            return make("prefill"), make("decode")
+            return make()
         except Exception as exc:  # an artifact its runtime cannot load
             return f"cannot load: {type(exc).__name__}: {first_line(exc, 200)}"
 
     if "fused-ops" in wanted:
-
-        def fused(name: str) -> StepFn:
-            module = compiled[name].rewrite.program.module()
-            return lambda inputs: list(module(*inputs))
-
-        out["fused-ops"] = pair(fused)
+        module = compiled.rewrite.program.module()
+        out["fused-ops"] = lambda inputs: list(module(*inputs))
     if "onnxruntime-cpu" in wanted:
         if "onnx" not in formats:
             out["onnxruntime-cpu"] = "the export has no onnx format"
         else:
 
-            def onnx(name: str) -> StepFn:
-                runner = OnnxRunner(artifacts / name / ONNX_FILE, probe_selections=False,
+            def onnx() -> StepFn:
+                runner = OnnxRunner(artifacts / ONNX_FILE, probe_selections=False,
                                     threads=threads)  # fmt: skip
                 return lambda inputs: runner(inputs)[0]
 
-            out["onnxruntime-cpu"] = pair(onnx)
+            out["onnxruntime-cpu"] = load(onnx)
     if "aotinductor" in wanted:
         if "aoti" not in formats:
             out["aotinductor"] = "the export has no aoti format"
         elif not native_code:
-            out["aotinductor"] = native_code_refusal(artifacts / "prefill" / AOTI_FILE)
+            out["aotinductor"] = native_code_refusal(artifacts / AOTI_FILE)
         else:
 
-            def aoti(name: str) -> StepFn:
-                module = load_aoti(artifacts / name / AOTI_FILE)
+            def aoti() -> StepFn:
+                module = load_aoti(artifacts / AOTI_FILE)
                 return lambda inputs: list(module(*inputs))
 
-            out["aotinductor"] = pair(aoti)
+            out["aotinductor"] = load(aoti)
     if "tensorrt" in wanted:
         if "tensorrt" not in formats:
             out["tensorrt"] = "the export has no tensorrt format"
         else:
-            stages = [
-                engine_stage(artifacts / n / ENGINE_FILE, None) for n in ("prefill", "decode")
-            ]
-            runs = [s.run for s in stages]
-            if runs[0] is None or runs[1] is None:
-                out["tensorrt"] = stages[0].reason
+            stage = engine_stage(artifacts / ENGINE_FILE, None)
+            run = stage.run
+            if run is None:
+                out["tensorrt"] = stage.reason
             else:
-                prefill_run, decode_run = runs
-                out["tensorrt"] = (
-                    lambda inputs: prefill_run(inputs, [])[0],
-                    lambda inputs: decode_run(inputs, [])[0],
-                )
+                out["tensorrt"] = lambda inputs: run(inputs, [])[0]
     return out
 
 
 def run_generation_bench(
-    programs: GenerationPrograms,
-    compiled: dict[str, Compiled],
+    program: GenerationProgram,
+    compiled: Compiled,
     artifacts: Path,
     wanted: Collection[str],
     formats: Collection[str],
@@ -121,18 +112,18 @@ def run_generation_bench(
 ) -> dict[str, Any]:
     with torch_threads(threads) as applied, torch.no_grad():
         backends = _program_backends(compiled, artifacts, wanted, formats, native_code, applied)
-        runnable = [n for n in wanted if n == "eager" or isinstance(backends.get(n), tuple)]
+        runnable = [n for n in wanted if n == "eager" or callable(backends.get(n))]
         if not runnable:
             why = "; ".join(f"{n}: {r}" for n, r in backends.items() if isinstance(r, str))
             raise ArtifactError(f"no backend of --backends can run here ({why or 'none given'})")
         return _bench(
-            programs, backends, wanted, (prompt_lengths, batch), budget_s, progress, applied
+            program, backends, wanted, (prompt_lengths, batch), budget_s, progress, applied
         )
 
 
 def _bench(
-    programs: GenerationPrograms,
-    backends: dict[str, tuple[StepFn, StepFn] | str],
+    program: GenerationProgram,
+    backends: dict[str, StepFn | str],
     wanted: Collection[str],
     sizes: tuple[list[int], int],
     budget_s: float,
@@ -143,7 +134,7 @@ def _bench(
 
     prompt_lengths, batch = sizes
     device = _device()
-    model = programs.model
+    model = program.model
     vocab = int(model.config.get_text_config().vocab_size)
     tol = tolerance_for(next(model.parameters()).dtype)
     gen = torch.Generator().manual_seed(0)
@@ -151,14 +142,18 @@ def _bench(
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     reasons = {n: r for n, r in backends.items() if isinstance(r, str)}
     points: list[tuple[str, int]] = [("prefill", t) for t in prompt_lengths]
-    points += [("decode", f) for f in cache_fills(programs.max_cache_len)]
+    points += [("decode", f) for f in cache_fills(program.max_cache_len)]
     progress(f"threads: {threads} for every backend")
     for phase, size in points:
         prompt = torch.randint(0, vocab, (batch, size), generator=gen)
         token = torch.randint(0, vocab, (batch, 1), generator=gen)
         fns: dict[str, Callable[[], Any]] = {}
         if phase == "prefill":
-            inputs: tuple[Any, ...] = (prompt,)
+            inputs: tuple[Any, ...] = (
+                prompt,
+                positions_from(0, prompt),
+                *program.empty_cache(batch),
+            )
             reference = model(input_ids=prompt, use_cache=True).logits[:, -1]
             if "eager" in names:
                 fns["eager"] = lambda prompt=prompt: model(input_ids=prompt, use_cache=True)
@@ -167,9 +162,8 @@ def _bench(
             model(input_ids=prompt, cache=cache, use_cache=True)
             reference = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
             _crop(cache, size)
-            present = programs.prefill.model(prompt)[1:]
-            positions = torch.full((batch, 1), size, dtype=torch.long)
-            inputs = (token, positions, *present)
+            present = program.run(prompt, 0, program.empty_cache(batch))[1:]
+            inputs = (token, positions_from(size, token), *present)
 
             def eager_step(token: Tensor = token, cache: Any = cache, size: int = size) -> Any:
                 out = model(input_ids=token, cache=cache, use_cache=True)
@@ -179,10 +173,9 @@ def _bench(
             if "eager" in names:
                 fns["eager"] = eager_step
         for name in names:
-            entry = backends.get(name)
-            if name == "eager" or not isinstance(entry, tuple):
+            run = backends.get(name)
+            if name == "eager" or not callable(run):
                 continue
-            run = entry[0] if phase == "prefill" else entry[1]
             try:
                 logits = run(inputs)[0][:, -1].to(reference.dtype).cpu()
                 check = compare_outputs("logits", reference, logits, tol)
@@ -214,18 +207,18 @@ def _bench(
     return {
         "schema": GENERATION_BENCH_SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": programs.prefill.source,
+        "model": program.decoder.source,
         "device": device,
         "machine": _machine(device),
         "versions": versions(),
         "threads": threads,
         "batch": batch,
-        "max_cache_len": programs.max_cache_len,
+        "max_cache_len": program.max_cache_len,
         "budget_s": budget_s,
         "backends": [
             {
                 "name": name,
-                "available": name == "eager" or isinstance(backends.get(name), tuple),
+                "available": name == "eager" or callable(backends.get(name)),
                 "reason": reasons.get(name, ""),
                 "settings": {"torch_threads": threads}
                 if name in TORCH_BACKENDS

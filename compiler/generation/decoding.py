@@ -1,11 +1,11 @@
-"""Greedy generation through each backend's prefill and decode, against ``generate``.
+"""Greedy generation through each backend's decoder program, against ``generate``.
 
 The reference is ``transformers``' own ``generate`` on the original model (greedy, its
 default dynamic cache, stopping at the checkpoint's end-of-sequence tokens), recorded with
 the same dispatch mode as every parity run, so the slots each memory layer selected at
-each step are known. A backend is the pair of parity stages of one name (``onnxruntime-cpu``
-of both programs): prefill the prompt, then decode one token at a time, feeding each step
-the cache the one before returned, with the same stopping rule.
+each step are known. A backend is a parity stage of the decoder (``onnxruntime-cpu``): the
+prompt from an empty cache, then one token at a time, feeding each step the cache the one
+before returned, with the same stopping rule.
 
 Per prompt: the generated tokens must equal the reference's exactly (in half precision
 they may part where the reference's own logits for the two tokens are closer than the
@@ -33,6 +33,7 @@ from ..parity.compare import (
 )
 from ..parity.selections import SitePlan, SiteRecord, run_recording_sites
 from ..parity.stages import Stage, compare_lookups
+from .programs import GenerationProgram, positions_from
 
 NEW_TOKENS = 8
 
@@ -155,28 +156,28 @@ def reference_generation(
 
 
 def backend_generation(
-    prefill: Stage, decode: Stage, prompt: Tensor, new_tokens: int, eos: Collection[int]
-) -> Generated:
-    assert prefill.run is not None and decode.run is not None
-    outputs, records = prefill.run((prompt,), [])
+    stage: Stage, program: GenerationProgram, prompt: Tensor, new_tokens: int,
+    eos: Collection[int],
+) -> Generated:  # fmt: skip
+    assert stage.run is not None
+    cache = program.empty_cache(prompt.shape[0])
+    outputs, records = stage.run((prompt, positions_from(0, prompt), *cache), [])
     result = Generated([], [outputs[0][:, -1].float()], [records])
-    cache = outputs[1:]
     while True:
         token = int(result.logits[-1].argmax(-1)[0])
         result.tokens.append(token)
         if token in eos or len(result.tokens) == new_tokens:
             return result
+        ids = torch.tensor([[token]])
         position = prompt.shape[1] + len(result.tokens) - 1
-        inputs = (torch.tensor([[token]]), torch.tensor([[position]]), *cache)
-        outputs, records = decode.run(inputs, [])
+        outputs, records = stage.run((ids, positions_from(position, ids), *outputs[1:]), [])
         result.logits.append(outputs[0][:, -1].float())
         result.records.append(records)
-        cache = outputs[1:]
 
 
 def _compare_steps(
     report: BackendReport, index: int, reference: Generated, candidate: Generated,
-    plans: tuple[SitePlan, SitePlan], stage_plans: tuple[SitePlan, SitePlan], tol: Tolerance,
+    plan: SitePlan, stage_plan: SitePlan, tol: Tolerance,
 ) -> None:  # fmt: skip
     steps = min(len(reference.tokens), len(candidate.tokens))
     for step in range(steps):
@@ -184,14 +185,12 @@ def _compare_steps(
         report.logits.append(
             compare_outputs(f"logits @ {tag}", reference.logits[step], candidate.logits[step], tol)
         )
-        program = 0 if step == 0 else 1
-        if not reference.records[step] and plans[program].names:
+        if not reference.records[step] and plan.names:
             problem = "the reference's selections could not be split into steps"
             report.selections.append(SelectionComparison(f"all @ {tag}", 0, 0, 0, False, problem))
         else:
             report.selections += compare_lookups(
-                tag, reference.records[step], plans[program], candidate.records[step],
-                stage_plans[program], tol,
+                tag, reference.records[step], plan, candidate.records[step], stage_plan, tol,
             )  # fmt: skip
         if reference.tokens[step] != candidate.tokens[step]:
             if _near_tie(
@@ -213,29 +212,29 @@ def _near_tie(logits: Tensor, chosen: int, other: int, tol: Tolerance) -> bool:
 
 
 def run_generation_parity(
-    model: torch.nn.Module,
-    backends: Sequence[tuple[Stage, Stage]],
+    program: GenerationProgram,
+    stages: Sequence[Stage],
     prompts: list[tuple[Tensor, int]],
-    eos: Collection[int],
-    plans: tuple[SitePlan, SitePlan],
+    plan: SitePlan,
     tol: Tolerance,
 ) -> list[BackendReport]:
-    """Each backend's greedy generation of every prompt against ``generate``'s; ``plans``
-    are the reference's sites per prefill and per decode step."""
-    sites = (len(plans[0].sites), len(plans[1].sites))
-    references = [reference_generation(model, p, n, eos, sites) for p, n in prompts]
+    """Each stage's greedy generation of every prompt against ``generate``'s; ``plan``
+    is the reference's sites per call of the decoder."""
+    sites = len(plan.sites)
+    references = [
+        reference_generation(program.model, p, n, program.eos, (sites, sites)) for p, n in prompts
+    ]
     reports = []
-    for prefill, decode in backends:
-        report = BackendReport(prefill.name)
-        missing = next((s for s in (prefill, decode) if s.run is None), None)
-        if missing is not None:
-            report.executed, report.reason = False, missing.reason
+    for stage in stages:
+        report = BackendReport(stage.name)
+        if stage.run is None:
+            report.executed, report.reason = False, stage.reason
             reports.append(report)
             continue
-        stage_plans = (prefill.plan or plans[0], decode.plan or plans[1])
+        stage_plan = stage.plan or plan
         for index, ((prompt, new), reference) in enumerate(zip(prompts, references, strict=True)):
             try:
-                candidate = backend_generation(prefill, decode, prompt, new, eos)
+                candidate = backend_generation(stage, program, prompt, new, program.eos)
             except Exception as exc:  # a runtime's own error: this backend fails
                 message = f"generation raised {type(exc).__name__}: {first_line(exc, 300)}"
                 inf = float("inf")
@@ -244,6 +243,6 @@ def run_generation_parity(
                 )
                 break
             report.prompts.append(PromptResult(prompt.shape[1], reference.tokens, candidate.tokens))
-            _compare_steps(report, index, reference, candidate, plans, stage_plans, tol)
+            _compare_steps(report, index, reference, candidate, plan, stage_plan, tol)
         reports.append(report)
     return reports

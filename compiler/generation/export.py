@@ -1,16 +1,17 @@
-"""``--task text-generation``: export, and check, the prefill and decode programs.
+"""``--task text-generation``: export, and check, the decoder program.
 
-Each program goes through the same compile (capture, passes, proven rewrite) and the same
-exporters as a plain forward, into its own subfolder (``prefill/model.onnx``,
-``decode/model.engine``, ...), and its parity is checked stage by stage on real inputs
-(decode on caches a prefill filled). Then generation parity: every backend's greedy
-generation against ``transformers``' ``generate`` (``decoding``). One manifest describes
-both programs; ``parity.json`` holds the three reports.
+The program goes through the same compile (capture, passes, proven rewrite) and the same
+exporters as a plain forward, into the export's root (``model.onnx``, ``model.engine``,
+...), and its parity is checked stage by stage on real inputs (prompts from an empty
+cache, steps and a follow-up chunk against filled ones). Then generation parity: every
+backend's greedy generation against ``transformers``' ``generate`` (``decoding``). Beside
+the program: the checkpoint's config and tokenizer files and ``genai_config.json``
+(``runtime_files``), so that ONNX Runtime GenAI runs the folder as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,9 @@ from ..artifacts import (
     read_manifest,
     verify_artifacts,
 )
-from ..formats import (
-    ExportJob,
-    ExportOptions,
-    ProgressFn,
-    engine_profile,
-    resolve,
-)
+from ..formats import ExportJob, ExportOptions, ProgressFn, engine_profile, resolve
 from ..inputs.options import ONNX_FILE
 from ..parity.compare import ParityReport, tolerance_for
-from ..parity.stages import Stage
 from ..pipeline import (
     PARITY_FILE,
     Compiled,
@@ -47,48 +41,29 @@ from ..pipeline import (
     step,
 )
 from .decoding import BackendReport, prompts_for, run_generation_parity
-from .programs import (
-    PROGRAMS,
-    TASK,
-    GenerationError,
-    GenerationPrograms,
-    build_programs,
-    cache_names,
+from .programs import TASK, GenerationError, GenerationProgram, build_program, cache_names
+from .runtime_files import (
+    GENAI_CONFIG,
+    GENAI_FORMAT,
+    copy_checkpoint_files,
+    genai_config,
+    program_metadata,
+    stamp_metadata,
 )
-from .runtime_files import copy_checkpoint_files, program_metadata, stamp_metadata
-
-
-class ProgramWriter:
-    """An ``ArtifactWriter`` seen from one program's subfolder: what the exporters write
-    through it lands in ``<name>/`` and is recorded as such."""
-
-    def __init__(self, writer: ArtifactWriter, name: str) -> None:
-        self._writer, self._name = writer, name
-        self.staging = writer.staging / name
-        self.staging.mkdir(exist_ok=True)
-
-    def path(self, name: str) -> Path:
-        return self._writer.path(f"{self._name}/{name}")
-
-    def add(self, name: str, fmt: str) -> dict[str, Any]:
-        return self._writer.add(f"{self._name}/{name}", fmt)
 
 
 @dataclass
 class GenerationReport:
-    """Parity of both programs, stage by stage, and of generation, backend by backend."""
+    """Parity of the decoder program, stage by stage, and of generation, backend by
+    backend."""
 
-    programs: dict[str, ParityReport]
+    program: ParityReport
     generation: list[BackendReport]
 
     @property
     def passed(self) -> bool:
         ran = [b for b in self.generation if b.executed]
-        return (
-            all(r.passed for r in self.programs.values())
-            and bool(ran)
-            and all(b.passed for b in ran)
-        )
+        return self.program.passed and bool(ran) and all(b.passed for b in ran)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -97,7 +72,7 @@ class GenerationReport:
         word = "PASSED" if self.passed else "FAILED"
         skipped = [b.stage for b in self.generation if not b.executed]
         ran = len(self.generation) - len(skipped)
-        word += f" (prefill, decode and greedy generation on {ran} backends"
+        word += f" (the decoder and greedy generation on {ran} backends"
         if skipped:
             word += f"; {len(skipped)} not executed: {', '.join(skipped)}"
         return word + ")"
@@ -109,44 +84,33 @@ class GenerationReport:
         return {
             "task": TASK,
             "passed": self.passed,
-            "programs": {name: r.to_json() for name, r in self.programs.items()},
+            "program": self.program.to_json(),
             "generation": [b.to_json() for b in self.generation],
         }
 
 
 def _check_all(
-    programs: GenerationPrograms,
-    compiled: dict[str, Compiled],
+    program: GenerationProgram,
+    compiled: Compiled,
     folder: Path,
     formats: list[str],
     progress: ProgressFn,
     trt_package: str | None,
     native_code: bool,
 ) -> GenerationReport:
-    stages: dict[str, list[Stage]] = {}
-    reports: dict[str, ParityReport] = {}
-    for name in PROGRAMS:
-        progress(f"{name}:")
-        stages[name] = parity_stages(
-            compiled[name], folder / name, formats, trt_package, native_code
-        )
-        reports[name] = run_checks(
-            compiled[name], folder / name, progress, formats, stages=stages[name]
-        )
-    decode_stages = {s.name: s for s in stages["decode"]}
-    backends = [(s, decode_stages[s.name]) for s in stages["prefill"] if s.name in decode_stages]
-    vocab = int(programs.model.config.get_text_config().vocab_size)
-    prompts = prompts_for(programs.max_cache_len, vocab)
-    plans = (compiled["prefill"].rewrite.plan, compiled["decode"].rewrite.plan)
-    dtype = next(programs.model.parameters()).dtype
-    with step(progress, f"greedy generation of {len(prompts)} prompts on {len(backends)} backends"):
+    stages = parity_stages(compiled, folder, formats, trt_package, native_code)
+    report = run_checks(compiled, folder, progress, formats, stages=stages)
+    vocab = int(program.model.config.get_text_config().vocab_size)
+    prompts = prompts_for(program.max_cache_len, vocab)
+    dtype = next(program.model.parameters()).dtype
+    with step(progress, f"greedy generation of {len(prompts)} prompts on {len(stages)} backends"):
         generation = run_generation_parity(
-            programs.model, backends, prompts, programs.eos, plans, tolerance_for(dtype)
+            program, stages, prompts, compiled.rewrite.plan, tolerance_for(dtype)
         )
-    report = GenerationReport(reports, generation)
-    for line in report.summary_lines():
+    result = GenerationReport(report, generation)
+    for line in result.summary_lines():
         progress(line)
-    return report
+    return result
 
 
 def export_generation(
@@ -157,59 +121,46 @@ def export_generation(
     options: ExportOptions | None = None,
     max_cache_len: int | None = None,
 ) -> tuple[dict[str, Any], GenerationReport]:
-    """Both programs of ``loaded`` (an ``hf:DIR`` causal LM) through compile and every
-    format into ``out``, then parity of each and of generation; published only whole."""
+    """The decoder program of ``loaded`` (an ``hf:DIR`` causal LM) through compile and
+    every format into ``out``, with the files a runtime reads, then parity of the program
+    and of generation; published only whole."""
     options = options or ExportOptions()
     chosen = resolve(formats, options)
-    if options.trt.mode == "plugin" and any(f.name == "tensorrt" for f in chosen):
-        raise GenerationError(f"--task {TASK} builds native TensorRT engines (--trt-mode native)")
-    programs = build_programs(loaded, max_cache_len)
     names = [f.name for f in chosen]
+    if options.trt.mode == "plugin" and "tensorrt" in names:
+        raise GenerationError(f"--task {TASK} builds native TensorRT engines (--trt-mode native)")
+    program = build_program(loaded, max_cache_len)
     with ArtifactWriter(out) as writer:
-        compiled: dict[str, Compiled] = {}
-        sections: dict[str, dict[str, Any]] = {}
-        for name in PROGRAMS:
-            progress(f"{name} program:")
-            compiled[name] = compile_model(programs.loaded(name), progress)
-            program_options = options
-            if name == "decode":  # one token: the tokens range is the prefill's
-                program_options = replace(options, trt=replace(options.trt, profile_tokens=None))
-            if "tensorrt" in names:
-                engine_profile(program_options.trt, compiled[name].capture)
-            job = ExportJob(
-                compiled[name].rewrite.program,
-                compiled[name].capture,
-                ProgramWriter(writer, name),  # type: ignore[arg-type]
-                program_options,
-                progress,
-            )
-            sections[name] = program_record(compiled[name])
-            for fmt in chosen:
-                with step(progress, f"writing {name} {fmt.name} ({fmt.files})"):
-                    sections[name][fmt.name] = fmt.write(job)
-        generation = generation_section(programs)
-        if "onnx" in names:  # each program says what it is, and for which cache
-            for name in PROGRAMS:
-                onnx_file = f"{name}/{ONNX_FILE}"
-                stamp_metadata(writer.path(onnx_file), program_metadata(name, generation))
-                writer.add(onnx_file, "onnx")
+        compiled = compile_model(program.decoder, progress)
+        if "tensorrt" in names:
+            engine_profile(options.trt, compiled.capture)
+        job = ExportJob(compiled.rewrite.program, compiled.capture, writer, options, progress)
+        sections: dict[str, Any] = {}
+        for fmt in chosen:
+            with step(progress, f"writing {fmt.name} ({fmt.files})"):
+                sections[fmt.name] = fmt.write(job)
+        generation = generation_section(program)
         copied = copy_checkpoint_files(loaded.source, writer)
+        if "onnx" in names:  # the file says what it is, and GenAI finds its config beside it
+            stamp_metadata(writer.path(ONNX_FILE), program_metadata(generation))
+            writer.add(ONNX_FILE, "onnx")
+            writer.path(GENAI_CONFIG).write_text(json_text(genai_config(program, ONNX_FILE)))
+            writer.add(GENAI_CONFIG, GENAI_FORMAT)
         report = _check_all(
-            programs, compiled, writer.staging, names, progress, options.trt.package, True
+            program, compiled, writer.staging, names, progress, options.trt.package, True
         )
         writer.path(PARITY_FILE).write_text(json_text(report.to_json()))
-        if "tensorrt" in sections["decode"]:  # one token: decode's engine has no tokens axis
-            sections["decode"]["tensorrt"].get("profile", {}).pop("tokens", None)
         manifest = {
             "task": TASK,
             "source": source_record(loaded),
             "generation": generation,
             "checkpoint_files": copied,
-            "programs": sections,
+            **program_record(compiled),
             "formats": names,
+            **sections,
             "parity": {
                 "passed": report.passed,
-                "programs": {n: parity_summary(r) for n, r in report.programs.items()},
+                "program": parity_summary(report.program),
                 "generation": {
                     b.stage: {"executed": b.executed, "passed": b.passed} for b in report.generation
                 },
@@ -220,15 +171,15 @@ def export_generation(
     return manifest, report
 
 
-def generation_section(programs: GenerationPrograms) -> dict[str, Any]:
+def generation_section(program: GenerationProgram) -> dict[str, Any]:
     """What a runtime reads from the manifest to drive the loop (``check`` holds a
     folder's to what the model gives, so a runtime is never fed edited values)."""
-    past, present = cache_names(programs.layers)
+    past, present = cache_names(program.layers)
     return {
-        "max_cache_len": programs.max_cache_len,
-        "cache_layers": programs.layers,
-        "eos_token_ids": sorted(programs.eos),
-        "inputs": {"prefill": ["input_ids"], "decode": ["input_ids", "position_ids", *past]},
+        "max_cache_len": program.max_cache_len,
+        "cache_layers": program.layers,
+        "eos_token_ids": sorted(program.eos),
+        "inputs": ["input_ids", "position_ids", *past],
         "outputs": ["logits", *present],
     }
 
@@ -267,21 +218,16 @@ def check_generation(
     """Re-run parity of a generation export in ``directory`` against ``loaded``."""
     manifest = read_manifest(directory)
     verify_artifacts(directory, manifest)
-    formats = manifest_formats(manifest, directory, tuple(f"{p}/" for p in PROGRAMS))
+    formats = manifest_formats(manifest, directory)
     check_same_model(loaded, manifest, directory)
     try:
-        programs = build_programs(loaded, recorded_cache_len(manifest, directory))
+        program = build_program(loaded, recorded_cache_len(manifest, directory))
     except GenerationError as exc:
         raise ArtifactError(f"{directory}: {exc}") from None
-    if manifest.get("generation") != generation_section(programs):
+    if manifest.get("generation") != generation_section(program):
         raise ArtifactError(
             f"{directory}: its manifest's generation section (cache, end tokens, tensor "
             "names) is not what this model gives; export again"
         )
-    if not isinstance(manifest.get("programs"), dict) or set(manifest["programs"]) != set(PROGRAMS):
-        raise ArtifactError(f"{directory}: its manifest does not list prefill and decode")
-    compiled = {}
-    for name in PROGRAMS:
-        progress(f"{name} program:")
-        compiled[name] = compile_model(programs.loaded(name), progress)
-    return _check_all(programs, compiled, directory, formats, progress, None, native_code)
+    compiled = compile_model(program.decoder, progress)
+    return _check_all(program, compiled, directory, formats, progress, None, native_code)

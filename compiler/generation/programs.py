@@ -1,20 +1,30 @@
-"""A causal LM as two programs over a static KV cache: prefill and decode.
+"""A causal LM as one decoder program over a static KV cache.
 
-    prefill(input_ids[batch, tokens]) -> logits, present.<i>.key, present.<i>.value, ...
-    decode(input_ids[batch, 1], position_ids[batch, 1], past_key_values.<i>.key, ...)
-        -> logits, present.<i>.key, present.<i>.value, ...
+    decoder(input_ids[batch, tokens], position_ids[batch, tokens],
+            past_key_values.<i>.key, past_key_values.<i>.value, ...)
+        -> logits[batch, tokens, vocab], present.<i>.key, present.<i>.value, ...
 
-Every cache tensor is ``[batch, kv_heads, max_cache_len, head_dim]``. The cache is
+A prompt, one new token, a follow-up turn and a chunk of a long prompt are all the same
+call: the new keys and values are written at ``position_ids``, and every position attends
+to the cache up to itself. A fresh sequence starts from a cache of zeros at position 0.
+This is the form of Optimum's and ONNX Runtime GenAI's model builder (one program, the
+weights stored once), with their tensor names.
+
+Every cache tensor is ``[batch, kv_heads, max_cache_len, head_dim]``, the length fixed in
+the program's own input shapes: that is how a runtime learns it (GenAI reads it there and
+then shares one buffer between past and present, its ``past_present_share_buffer``); the
+export's ``genai_config.json`` and ONNX ``metadata_props`` say it too. The cache is
 ``transformers``' own ``StaticCache`` (what its ExecuTorch recipe exports), built inside
-each call from the tensors passed in, so both programs are pure functions of their inputs:
-the model's attention writes the new keys and values at the position (``index_copy_``) and
-masks the slots past it, exactly as ``generate`` with a static cache does. The names are
-Optimum's and ONNX Runtime GenAI's (past and present share the static shape, GenAI's
-``past_present_share_buffer``).
+each call from the tensors passed in, so the program is a pure function of its inputs: the
+model's attention writes the new keys and values (``index_copy_``) and masks the slots past
+each position, exactly as ``generate`` with a static cache does.
 
-A batch's sequences share one position (the cache writes one column for all of them):
-prompts of one length, or one prompt per call. Sliding-window layers are accepted when the
-window holds the whole cache (they are then full attention); other cache kinds are refused.
+The sequences of a batch share their positions (the cache writes one column for all of
+them): prompts of one length, as GenAI batches them when none is padded. There is no
+``attention_mask`` input: the static cache masks by position, and a padded batch would need
+per-sequence columns the cache does not keep; so GenAI is given none to pass (it passes
+only the inputs a model has). Sliding-window layers are accepted when the window holds the
+whole cache (they are then full attention); other cache kinds are refused.
 """
 
 from __future__ import annotations
@@ -30,17 +40,16 @@ from ...models.builtin import LoadedModel
 from .. import first_line
 from ..capture import DEFAULT_MAX_BATCH, DynamicAxis, ProgramSpec
 from ..inputs.errors import GenerationError
-from ..inputs.options import GENERATION_PROGRAMS, GENERATION_TASK
+from ..inputs.options import GENERATION_TASK
 
 TASK = GENERATION_TASK
-PROGRAMS = GENERATION_PROGRAMS
 DEFAULT_MAX_CACHE_LEN = 256
 EXAMPLE_BATCH = 2  # not 1: torch.export would pin a size-1 batch
 EXAMPLE_TOKENS = 8
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
-    """The decode program's cache inputs and both programs' cache outputs."""
+    """The program's cache inputs and its cache outputs."""
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     return past, present
@@ -67,29 +76,8 @@ def _static_cache(model: torch.nn.Module, max_cache_len: int) -> Any:
     return cache
 
 
-def _present(cache: Any) -> list[Tensor]:
-    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
-
-
-class PrefillProgram(torch.nn.Module):
-    """Prompt tokens into an empty cache: logits at every position, and the filled cache."""
-
-    def __init__(self, model: torch.nn.Module, max_cache_len: int) -> None:
-        super().__init__()
-        self.model = model
-        self.max_cache_len = max_cache_len
-
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
-        cache = _static_cache(self.model, self.max_cache_len)
-        for layer in cache.layers:
-            # a fresh tensor per call: the layer's own is a constant it would add_ into
-            layer.cumulative_length = torch.zeros((), dtype=torch.long, device=input_ids.device)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True)
-        return (out.logits, *_present(cache))
-
-
-class DecodeProgram(torch.nn.Module):
-    """One token per sequence at ``position_ids`` against the cache: logits, new cache.
+class DecoderProgram(torch.nn.Module):
+    """New tokens at ``position_ids`` against the cache: their logits, and the new cache.
 
     ``forward`` takes the cache as one argument per tensor (named in its signature, so that
     ``torch.export`` and the exporters see ``past_key_values_<i>_key``)."""
@@ -102,7 +90,9 @@ class DecodeProgram(torch.nn.Module):
     def step(self, input_ids: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]) -> Any:
         cache = _static_cache(self.model, self.max_cache_len)
         if len(past) != 2 * len(cache.layers):
-            raise ValueError(f"decode takes {2 * len(cache.layers)} cache tensors, got {len(past)}")
+            raise ValueError(
+                f"the decoder takes {2 * len(cache.layers)} cache tensors, got {len(past)}"
+            )
         start = position_ids[0, 0]
         for i, layer in enumerate(cache.layers):
             keys, values = past[2 * i].clone(), past[2 * i + 1].clone()  # inputs stay inputs
@@ -112,22 +102,33 @@ class DecodeProgram(torch.nn.Module):
         out = self.model(
             input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True
         )
-        return (out.logits, *_present(cache))
+        return (out.logits, *(t for layer in cache.layers for t in (layer.keys, layer.values)))
 
 
-def _decode_program(model: torch.nn.Module, max_cache_len: int, layers: int) -> DecodeProgram:
+def _decoder_program(model: torch.nn.Module, max_cache_len: int, layers: int) -> DecoderProgram:
     past, _ = cache_names(layers)
     names = ["input_ids", "position_ids", *(n.replace(".", "_") for n in past)]
 
-    def forward(self: DecodeProgram, *args: Tensor) -> Any:
+    def forward(self: DecoderProgram, *args: Tensor) -> Any:
         return self.step(args[0], args[1], args[2:])
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(n, positional) for n in ("self", *names)]
     )
-    cls = type("DecodeProgram", (DecodeProgram,), {"forward": forward})
+    cls = type("DecoderProgram", (DecoderProgram,), {"forward": forward})
     return cls(model, max_cache_len)
+
+
+def _fresh_cache_layout(model: torch.nn.Module, max_cache_len: int) -> list[tuple[Any, ...]]:
+    """Each cache tensor's ``(kv_heads, max_cache_len, head_dim)`` and dtype, as the model's
+    own attention sizes a static cache (heads and head sizes may differ by layer)."""
+    cache = _static_cache(model, max_cache_len)
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long), cache=cache, use_cache=True)
+    return [
+        (tuple(t.shape[1:]), t.dtype) for layer in cache.layers for t in (layer.keys, layer.values)
+    ]
 
 
 def _check_rope(model: torch.nn.Module, length: int) -> None:
@@ -143,22 +144,44 @@ def _check_rope(model: torch.nn.Module, length: int) -> None:
     if kind in ("longrope", "dynamic") and isinstance(original, int) and length > original:
         raise GenerationError(
             f"its {kind} rotary embeddings change past {original} positions, which the "
-            f"exported programs do not follow: use a KV cache of at most {original} tokens "
+            f"exported program does not follow: use a KV cache of at most {original} tokens "
             f"(--max-cache-len {original})"
         )
 
 
 @dataclass
-class GenerationPrograms:
+class GenerationProgram:
     model: torch.nn.Module  # the transformers model, as loaded
-    prefill: LoadedModel
-    decode: LoadedModel
+    decoder: LoadedModel
     max_cache_len: int
     layers: int  # cache layers: 2 cache tensors each
     eos: frozenset[int]
+    cache_layout: list[tuple[Any, ...]]  # per cache tensor: its shape past batch, its dtype
 
-    def loaded(self, name: str) -> LoadedModel:
-        return self.prefill if name == "prefill" else self.decode
+    def empty_cache(self, batch: int) -> tuple[Tensor, ...]:
+        """The zeros a fresh sequence starts from (what GenAI allocates)."""
+        return empty_cache(self.cache_layout, batch)
+
+    def run(self, input_ids: Tensor, start: int, cache: tuple[Tensor, ...]) -> list[Tensor]:
+        """The decoder, eagerly, on ``input_ids`` written from position ``start``."""
+        return _run(self.decoder.model, input_ids, start, cache)
+
+
+def _run(
+    decoder: torch.nn.Module, input_ids: Tensor, start: int, cache: tuple[Tensor, ...]
+) -> list[Tensor]:
+    with torch.no_grad():
+        return list(decoder(input_ids, positions_from(start, input_ids), *cache))
+
+
+def empty_cache(layout: list[tuple[Any, ...]], batch: int) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros((batch, *shape), dtype=dtype) for shape, dtype in layout)
+
+
+def positions_from(start: int, input_ids: Tensor) -> Tensor:
+    """``position_ids`` of ``input_ids`` written from ``start``, one row per sequence."""
+    batch, tokens = input_ids.shape
+    return (torch.arange(tokens, dtype=torch.long) + start).expand(batch, tokens).contiguous()
 
 
 def max_cache_limit(model: torch.nn.Module) -> int | None:
@@ -170,12 +193,7 @@ def default_max_cache_len(model: torch.nn.Module) -> int:
     return min(DEFAULT_MAX_CACHE_LEN, max_cache_limit(model) or DEFAULT_MAX_CACHE_LEN)
 
 
-def build_programs(hf: LoadedModel, max_cache_len: int | None = None) -> GenerationPrograms:
-    """The prefill and decode programs of an ``hf:DIR`` model, each with its example,
-    axes, names and real parity inputs (decode's caches filled by an eager prefill)."""
-    model = getattr(hf.model, "model", None)
-    if model is None or not hasattr(model, "generate"):
-        raise GenerationError(f"--task {TASK} applies to hf:DIR causal LMs, not {hf.source}")
+def _cache_length(model: torch.nn.Module, max_cache_len: int | None) -> int:
     limit = max_cache_limit(model)
     length = max_cache_len or default_max_cache_len(model)
     if limit is not None and limit < 2:
@@ -186,18 +204,19 @@ def build_programs(hf: LoadedModel, max_cache_len: int | None = None) -> Generat
             "max_position_embeddings)"
         )
     _check_rope(model, length)
-    vocab = int(model.config.get_text_config().vocab_size)
-    gen = torch.Generator().manual_seed(0)
+    return length
 
-    def tokens(batch: int, count: int) -> Tensor:
-        return torch.randint(0, vocab, (batch, count), generator=gen)
 
-    prefill = PrefillProgram(model, length).eval()
-    sizes = [(EXAMPLE_BATCH, min(EXAMPLE_TOKENS, length)), (1, 1), (3, 5), (1, length)]
-    prompts = [tokens(b, min(t, length)) for b, t in sizes]
+def build_program(hf: LoadedModel, max_cache_len: int | None = None) -> GenerationProgram:
+    """The decoder program of an ``hf:DIR`` model, with its example, axes, names and real
+    parity inputs: prompts from an empty cache, single steps and a follow-up chunk against
+    caches an eager run of the program filled."""
+    model = getattr(hf.model, "model", None)
+    if model is None or not hasattr(model, "generate"):
+        raise GenerationError(f"--task {TASK} applies to hf:DIR causal LMs, not {hf.source}")
+    length = _cache_length(model, max_cache_len)
     try:
-        with torch.no_grad():
-            filled = [prefill(p) for p in prompts]
+        layout = _fresh_cache_layout(model, length)
     except GenerationError:
         raise
     except Exception as exc:  # an architecture whose forward takes no static cache
@@ -205,39 +224,46 @@ def build_programs(hf: LoadedModel, max_cache_len: int | None = None) -> Generat
             f"{hf.source} does not run with transformers' StaticCache: "
             f"{type(exc).__name__}: {first_line(exc, 200)}"
         ) from None
-    layers = (len(filled[0]) - 1) // 2
+    layers = len(layout) // 2
+    decoder = _decoder_program(model, length, layers).eval()
+    inputs = _parity_inputs(decoder, layout, int(model.config.get_text_config().vocab_size))
     past, present = cache_names(layers)
-    batch = [DynamicAxis(0, 0, "batch", 1, DEFAULT_MAX_BATCH, "named")]
-    prefill_spec = ProgramSpec(
-        [*batch, DynamicAxis(0, 1, "tokens", 1, length, "named")],
-        [(p,) for p in prompts],
-        ["input_ids"],
-        ["logits", *present],
-    )
-    decode = _decode_program(model, length, layers).eval()
-    decode_inputs = []
-    for prompt, outputs in zip(prompts, filled, strict=True):
-        fill = min(prompt.shape[1], length - 1)  # a full prefill: write its last slot again
-        positions = torch.full((prompt.shape[0], 1), fill, dtype=torch.long)
-        decode_inputs.append((tokens(prompt.shape[0], 1), positions, *outputs[1:]))
-    decode_spec = ProgramSpec(
-        [DynamicAxis(i, 0, "batch", 1, DEFAULT_MAX_BATCH, "named") for i in range(2 + len(past))],
-        decode_inputs,
-        ["input_ids", "position_ids", *past],
-        ["logits", *present],
-    )
+    axes = [DynamicAxis(i, 0, "batch", 1, DEFAULT_MAX_BATCH, "named") for i in range(2 + len(past))]
+    axes += [DynamicAxis(i, 1, "tokens", 1, length, "named") for i in (0, 1)]
+    spec = ProgramSpec(axes, inputs, ["input_ids", "position_ids", *past], ["logits", *present])
+    metadata = {**hf.metadata, "program_spec": spec, "program": "decoder", "max_tokens": length}
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos_ids = frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos or []])
+    return GenerationProgram(
+        model, LoadedModel(decoder, inputs[0], hf.source, metadata), length, layers, eos_ids,
+        layout,
+    )  # fmt: skip
 
-    def program(module: torch.nn.Module, spec: ProgramSpec, name: str) -> LoadedModel:
-        metadata = {**hf.metadata, "program_spec": spec, "program": name, "max_tokens": length}
-        return LoadedModel(module, spec.inputs[0], hf.source, metadata)
 
-    return GenerationPrograms(
-        model,
-        program(prefill, prefill_spec, "prefill"),
-        program(decode, decode_spec, "decode"),
-        length,
-        layers,
-        eos_ids,
-    )
+def _parity_inputs(
+    decoder: DecoderProgram, layout: list[tuple[Any, ...]], vocab: int
+) -> list[tuple[Tensor, ...]]:
+    """The capture's example first (two sequences, several tokens: no axis pinned at 1),
+    then prompts from an empty cache (one token, a few, a full cache), single steps and a
+    follow-up chunk at positions an eager run of the program filled up to."""
+    length = decoder.max_cache_len
+    gen = torch.Generator().manual_seed(0)
+
+    def tokens(batch: int, count: int) -> Tensor:
+        return torch.randint(0, vocab, (batch, count), generator=gen)
+
+    example_tokens = min(EXAMPLE_TOKENS, max(2, length - 1))
+    out: list[tuple[Tensor, ...]] = []
+    for batch, count in ((EXAMPLE_BATCH, example_tokens), (1, 1), (3, min(5, length)), (1, length)):
+        ids = tokens(batch, count)
+        out.append((ids, positions_from(0, ids), *empty_cache(layout, batch)))
+    for batch, filled in ((EXAMPLE_BATCH, min(example_tokens, length - 1)), (1, length - 1)):
+        cache = _run(decoder, tokens(batch, filled), 0, empty_cache(layout, batch))[1:]
+        ids = tokens(batch, 1)
+        out.append((ids, positions_from(filled, ids), *cache))
+    chunk = min(3, length - example_tokens)
+    if chunk >= 1:  # a follow-up turn of several tokens after a prompt
+        cache = _run(decoder, out[0][0], 0, out[0][2:])[1:]
+        ids = tokens(EXAMPLE_BATCH, chunk)
+        out.append((ids, positions_from(example_tokens, ids), *cache))
+    return out

@@ -25,7 +25,6 @@ ONNX_FORMS = ("custom", "portable")
 
 FORWARD_TASK = "forward"
 GENERATION_TASK = "text-generation"
-GENERATION_PROGRAMS = ("prefill", "decode")
 
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"

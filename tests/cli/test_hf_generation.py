@@ -1,11 +1,12 @@
-"""``export hf:DIR --task text-generation``: prefill and decode with a static KV cache.
+"""``export hf:DIR --task text-generation``: one decoder program over a static KV cache.
 
-Checkpoints are made here with ``save_pretrained`` (``hf/checkpoints.py``). For each: both
-programs exported (every memory layer fused in both), ONNX tensors named as Optimum and
-ONNX Runtime GenAI name them, greedy generation token-exact against ``transformers``'
-``generate``: in the export's own parity, and here, independently, by a loop written
-against ``onnxruntime`` alone. TensorRT engines are built where ``tensorrt_rtx`` is
-installed (it builds on a CPU; running them needs a GPU, so their stages are not executed).
+Checkpoints are made here with ``save_pretrained`` (``hf/checkpoints.py``). For each: the
+decoder exported (every memory layer fused), ONNX tensors named as Optimum and ONNX Runtime
+GenAI name them, greedy generation token-exact against ``transformers``' ``generate``: in
+the export's own parity, and here, independently, by a loop written against
+``onnxruntime`` alone (GenAI itself: ``test_genai.py``). TensorRT engines are built where
+``tensorrt_rtx`` is installed (it builds on a CPU; running them needs a GPU, so their stages
+are not executed).
 """
 
 from __future__ import annotations
@@ -58,25 +59,23 @@ def fork_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
 
 
 def _onnx_greedy(folder: Path, prompt: torch.Tensor, new_tokens: int, layers: int) -> list[int]:
-    """Greedy decoding with onnxruntime alone, by the tensor names (no ultramem code)."""
-    prefill = ort.InferenceSession(str(folder / "prefill" / "model.onnx"))
-    decode = ort.InferenceSession(str(folder / "decode" / "model.onnx"))
+    """Greedy decoding with onnxruntime alone, by the tensor names (no ultramem code): the
+    prompt from a cache of zeros at position 0, then one token at a time."""
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    outputs = prefill.run(["logits", *present], {"input_ids": prompt.numpy()})
-    tokens: list[int] = []
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    cache = [np.zeros([1, *shapes[name][1:]], dtype=np.float32) for name in past]
+    ids, start, tokens = prompt.numpy(), 0, []
     while True:
-        token = int(outputs[0][0, -1].argmax())
-        tokens.append(token)
+        positions = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]
+        feeds = {"input_ids": ids, "position_ids": positions, **dict(zip(past, cache, strict=True))}
+        logits, *cache = session.run(["logits", *present], feeds)
+        tokens.append(int(logits[0, -1].argmax()))
         if len(tokens) == new_tokens:
             return tokens
-        feeds = {
-            "input_ids": np.array([[token]], dtype=np.int64),
-            "position_ids": np.array([[prompt.shape[1] + len(tokens) - 1]], dtype=np.int64),
-        }
-        for i in range(layers):
-            for j, kv in enumerate(("key", "value")):
-                feeds[f"past_key_values.{i}.{kv}"] = outputs[1 + 2 * i + j]
-        outputs = decode.run(["logits", *present], feeds)
+        start += ids.shape[1]
+        ids = np.array([[tokens[-1]]], dtype=np.int64)
 
 
 def _generate(directory: Path, prompt: torch.Tensor, new_tokens: int, remote: bool) -> list[int]:
@@ -94,46 +93,48 @@ def _assert_generation_export(directory: Path, out: Path, manifest: dict, name: 
     assert manifest["task"] == "text-generation"
     assert manifest["generation"]["max_cache_len"] == CACHE
     assert manifest["generation"]["cache_layers"] == layers
-    for program in ("prefill", "decode"):
-        model = onnx.load(str(out / program / "model.onnx"), load_external_data=False)
-        inputs = [i.name for i in model.graph.input]
-        outputs = [o.name for o in model.graph.output]
-        assert outputs == ["logits"] + [
-            f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
-        ]
-        if program == "decode":
-            assert inputs[:2] == ["input_ids", "position_ids"]
-            assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
-            dims = [
-                d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim
-            ]
-            assert dims[0] == "batch" and dims[2] == CACHE
-        else:
-            assert inputs == ["input_ids"]
-        if HAS_TRT_BUILDER:
-            assert (out / program / "model.engine").stat().st_size > 0
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert outputs == ["logits"] + [
+        f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
+    ]
+    assert inputs[:4] == [
+        "input_ids", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
+    ]  # fmt: skip
+
+    def dims(value: onnx.ValueInfoProto) -> list[str | int]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert dims(model.graph.input[0]) == dims(model.graph.input[1]) == ["batch", "tokens"]
+    cache = dims(model.graph.input[2])
+    assert cache[0] == "batch" and cache[2] == CACHE  # the length a runtime reads
+    if HAS_TRT_BUILDER:
+        assert (out / "model.engine").stat().st_size > 0
     parity = json.loads((out / "parity.json").read_text())
     by_stage = {b["stage"]: b for b in parity["generation"]}
     ran = by_stage["onnxruntime-cpu"]
     assert ran["executed"] and ran["passed"], ran
     assert ran["prompts"] and all(p["exact"] for p in ran["prompts"])
     assert max(c["max_abs"] for c in ran["logits"]) <= 1e-4
-    for program in parity["programs"].values():
-        assert program["passed"]
+    assert parity["program"]["passed"]
 
 
-def test_a_memory_fork_exports_prefill_and_decode_fused_and_token_exact(
+def test_a_memory_fork_exports_one_decoder_fused_and_token_exact(
     fork_export: tuple[Path, Path, dict],
 ) -> None:
     directory, out, manifest = fork_export
     _assert_generation_export(directory, out, manifest, "fork")
-    for program in ("prefill", "decode"):
-        layers = manifest["programs"][program]["memory_layers"]
-        assert len(layers) == 2 and all(
-            layer["fused"] == ["selection", "aggregation"] for layer in layers
-        ), layers
-        after = manifest["programs"][program]["ops"]["after"]
-        assert after.get("ultramem.retrieve") == 2 and after.get("ultramem.aggregate") == 2
+    layers = manifest["memory_layers"]
+    assert len(layers) == 2 and all(
+        layer["fused"] == ["selection", "aggregation"] for layer in layers
+    ), layers
+    after = manifest["ops"]["after"]
+    assert after.get("ultramem.retrieve") == 2 and after.get("ultramem.aggregate") == 2
+    # the weights once: the one program holds every parameter, and nothing else does
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    onnx_bytes = (out / "model.onnx").stat().st_size
+    assert weights <= onnx_bytes < 1.5 * weights + (1 << 20)
     parity = json.loads((out / "parity.json").read_text())
     onnx = next(b for b in parity["generation"] if b["stage"] == "onnxruntime-cpu")
     compared = sum(c["rows"] for c in onnx["selections"])
@@ -143,7 +144,7 @@ def test_a_memory_fork_exports_prefill_and_decode_fused_and_token_exact(
     assert _onnx_greedy(out, prompt, 10, LAYERS["fork"]) == _generate(directory, prompt, 10, True)
 
 
-def test_the_files_a_runtime_reads_are_beside_the_programs(
+def test_the_files_a_runtime_reads_are_beside_the_program(
     fork_export: tuple[Path, Path, dict],
 ) -> None:
     """The checkpoint's config and generation config, byte for byte and hashed; each
@@ -158,39 +159,41 @@ def test_the_files_a_runtime_reads_are_beside_the_programs(
     generation = manifest["generation"]
     eos = json.loads((directory / "generation_config.json").read_text())["eos_token_id"]
     assert generation["eos_token_ids"] == sorted([eos] if isinstance(eos, int) else eos)
-    for program in ("prefill", "decode"):
-        model = onnx.load(str(out / program / "model.onnx"), load_external_data=False)
-        props = {p.key: p.value for p in model.metadata_props}
-        assert props["ultramem.program"] == program
-        assert props["ultramem.task"] == "text-generation"
-        assert int(props["ultramem.max_cache_len"]) == generation["max_cache_len"] == CACHE
-        assert int(props["ultramem.cache_layers"]) == generation["cache_layers"]
-        assert props["ultramem.eos_token_ids"] == ",".join(map(str, generation["eos_token_ids"]))
-        assert props["producer"].startswith("ultramem ")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["ultramem.program"] == "decoder"
+    assert props["ultramem.task"] == "text-generation"
+    assert int(props["ultramem.max_cache_len"]) == generation["max_cache_len"] == CACHE
+    assert int(props["ultramem.cache_layers"]) == generation["cache_layers"]
+    assert props["ultramem.eos_token_ids"] == ",".join(map(str, generation["eos_token_ids"]))
+    assert props["producer"].startswith("ultramem ")
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == CACHE
+    assert genai["model"]["decoder"]["num_hidden_layers"] == generation["cache_layers"]
+    assert listed["genai_config.json"]["sha256"] == sha256_file(out / "genai_config.json")
 
 
 @pytest.mark.parametrize("tool", ["onnxslim", "onnx-graphsurgeon"])
-def test_generation_programs_through_graph_tools_generate_the_same_tokens(
+def test_the_decoder_through_graph_tools_generates_the_same_tokens(
     fork_export: tuple[Path, Path, dict], tool: str, tmp_path: Path
 ) -> None:
-    """Both programs through onnxslim, or onnx-graphsurgeon's import, cleanup and export
+    """The decoder through onnxslim, or onnx-graphsurgeon's import, cleanup and export
     (what ``polygraphy surgeon sanitize`` does): valid, and greedy decoding by ONNX
-    Runtime alone gives the tokens the exported files give."""
+    Runtime alone gives the tokens the exported file gives."""
     _, out, _ = fork_export
     copy = Path(shutil.copytree(out, tmp_path / "copy"))
-    for program in ("prefill", "decode"):
-        path = copy / program / "model.onnx"
-        model = onnx.load(str(path))
-        if tool == "onnxslim":
-            import onnxslim
+    path = copy / "model.onnx"
+    model = onnx.load(str(path))
+    if tool == "onnxslim":
+        import onnxslim
 
-            model = onnxslim.slim(model)
-        else:
-            import onnx_graphsurgeon as gs
+        model = onnxslim.slim(model)
+    else:
+        import onnx_graphsurgeon as gs
 
-            model = gs.export_onnx(gs.import_onnx(model).cleanup().toposort())
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, str(path))
+        model = gs.export_onnx(gs.import_onnx(model).cleanup().toposort())
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
     prompt = torch.tensor([[5, 17, 3, 99, 42, 8]])
     want = _onnx_greedy(out, prompt, 8, LAYERS["fork"])
     assert _onnx_greedy(copy, prompt, 8, LAYERS["fork"]) == want
@@ -211,7 +214,7 @@ def test_check_reruns_generation_parity_and_refuses_another_model(
 ) -> None:
     directory, out, _ = fork_export
     code, output = _run("check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(out))
-    assert code == 0 and "parity PASSED (prefill, decode and greedy generation" in output, output
+    assert code == 0 and "parity PASSED (the decoder and greedy generation" in output, output
     other = checkpoints.llama(tmp_path / "llama")
     code, output = _run("check", f"hf:{other}", "--artifacts", str(out))
     assert code == 2 and "not the model" in output, output
@@ -226,16 +229,16 @@ def test_plain_and_moe_checkpoints_generate_token_exact(name: str, tmp_path: Pat
     manifest = _export(directory, out)
     _assert_generation_export(directory, out, manifest, name)
     # OLMoE's routers (4 experts, top 2: experts = k², as the real 64/8) are no memory layer
-    assert manifest["programs"]["decode"]["memory_layers"] == []
+    assert manifest["memory_layers"] == []
     prompt = torch.tensor([[7, 1, 30]])
     assert _onnx_greedy(out, prompt, 8, LAYERS[name]) == _generate(directory, prompt, 8, False)
     if name == "llama":  # an hf:DIR without code of its own loads as data: MODEL may go
         code, output = _run("check", "--artifacts", str(out))
-        assert code == 0 and "parity PASSED (prefill, decode" in output, output
+        assert code == 0 and "parity PASSED (the decoder" in output, output
 
 
 def test_a_bf16_memory_checkpoint_generates_by_the_half_precision_rule(tmp_path: Path) -> None:
-    """A bf16 save_pretrained checkpoint: every memory layer fused in both programs,
+    """A bf16 save_pretrained checkpoint: every memory layer fused in the decoder,
     greedy generation agrees with generate's, tokens parting only at near-ties of its own
     logits (counted); ONNX Runtime's CPU provider runs no bfloat16, so its backend is not
     executed, saying why."""
@@ -247,9 +250,8 @@ def test_a_bf16_memory_checkpoint_generates_by_the_half_precision_rule(tmp_path:
     )  # fmt: skip
     assert code == 0 and "parity PASSED" in output, output
     manifest = json.loads((out / "manifest.json").read_text())
-    for program in ("prefill", "decode"):
-        layers = manifest["programs"][program]["memory_layers"]
-        assert layers and all(set(e["fused"]) == {"selection", "aggregation"} for e in layers)
+    layers = manifest["memory_layers"]
+    assert layers and all(set(e["fused"]) == {"selection", "aggregation"} for e in layers)
     report = json.loads((out / "parity.json").read_text())["generation"]
     backends = {b["stage"]: b for b in report}
     fused = backends["fused-ops"]
@@ -263,7 +265,7 @@ def test_a_bf16_memory_checkpoint_generates_by_the_half_precision_rule(tmp_path:
     assert ort["passed"] is None and "no kernel for" in ort["reason"]
 
 
-def test_bench_times_prefill_and_decode_against_eager(
+def test_bench_times_prompts_and_steps_against_eager(
     fork_export: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
     directory, out, _ = fork_export
@@ -305,15 +307,16 @@ def test_generation_options_are_one_line_errors(args: list[str], says: str, tmp_
 def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     fork_export: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
-    """prefill/ and decode/ ONNX files swapped, the manifest's hashes made to match: the
-    bench says the backend is wrong, it does not crash (and times the others)."""
+    """The ONNX file's cache length edited (a cache it no longer takes), the manifest's
+    hashes made to match: the bench says the backend is wrong, it does not crash (and
+    times the others)."""
     directory, out, _ = fork_export
     swapped = tmp_path / "swapped"
     shutil.copytree(out, swapped)
-    prefill, decode = swapped / "prefill" / "model.onnx", swapped / "decode" / "model.onnx"
-    data = prefill.read_bytes()
-    prefill.write_bytes(decode.read_bytes())
-    decode.write_bytes(data)
+    model = onnx.load(str(swapped / "model.onnx"))
+    for value in model.graph.input[2:]:
+        value.type.tensor_type.shape.dim[2].dim_value = CACHE + 1
+    onnx.save(model, str(swapped / "model.onnx"))
     manifest = json.loads((swapped / "manifest.json").read_text())
     for artifact in manifest["artifacts"]:
         artifact["sha256"] = sha256_file(swapped / artifact["path"])
@@ -335,10 +338,10 @@ def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     [
         (lambda m: m["generation"].update(eos_token_ids=[99]), "generation section"),
         (lambda m: m["generation"].update(cache_layers=1), "generation section"),
-        (lambda m: m["programs"].pop("decode"), "does not list prefill and decode"),
+        (lambda m: m["generation"].update(inputs=["input_ids"]), "generation section"),
         (lambda m: m.update(task="translation"), "names task 'translation'"),
     ],
-    ids=["eos", "cache-layers", "no-decode", "unknown-task"],
+    ids=["eos", "cache-layers", "inputs", "unknown-task"],
 )
 def test_check_refuses_a_manifest_whose_generation_metadata_was_edited(
     fork_export: tuple[Path, Path, dict], tmp_path: Path, edit: object, says: str
@@ -392,7 +395,7 @@ def _save(model_class: str, config_class: str, directory: Path, **config: object
     ],
     ids=["sliding-window-shorter-than-the-cache", "longrope-past-its-original-length"],
 )  # fmt: skip
-def test_attention_the_static_programs_cannot_follow_is_refused_up_front(
+def test_attention_the_static_program_cannot_follow_is_refused_up_front(
     tmp_path: Path, model: str, config: str, settings: dict, cache: int, says: str
 ) -> None:
     directory = _save(model, config, tmp_path / "ckpt", **settings)

@@ -2,9 +2,10 @@
 passes, and the reference's selections are split per step (compared, not skipped), and the
 checkpoint's own sampling defaults (a repetition penalty) stay out of the greedy reference.
 
-The programs run eagerly here (torch stages of the prefill/decode modules), against
+The decoder program runs eagerly here (a torch stage of its module), against
 ``transformers``' ``generate`` on the checkpoint's model; the wrong backend is the same
-decode program over a copy of the model with its output head nudged by 1e-3.
+program over a copy of the model with its output head nudged by 1e-3 for single steps
+only (its prompts are exact).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ultramem.compiler.capture import capture
 from ultramem.compiler.generation.decoding import prompts_for, run_generation_parity
-from ultramem.compiler.generation.programs import build_programs
+from ultramem.compiler.generation.programs import build_program
 from ultramem.compiler.loading import load_model
 from ultramem.compiler.parity.compare import tolerance_for
 from ultramem.compiler.parity.selections import site_plan
@@ -26,10 +27,10 @@ from ultramem.tests.cli.hf import checkpoints
 
 
 @pytest.fixture(scope="module")
-def programs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def program(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     directory = checkpoints.memory_fork(tmp_path_factory.mktemp("fork"))
     loaded = load_model(f"hf:{Path(directory)}", trust_remote_code=True)
-    return build_programs(loaded, 16)
+    return build_program(loaded, 16)
 
 
 def _plan(program):  # type: ignore[no-untyped-def]
@@ -37,24 +38,28 @@ def _plan(program):  # type: ignore[no-untyped-def]
     return site_plan(capture(program.model, program.example_inputs, spec=spec).program.graph)
 
 
-def test_an_exact_backend_passes_and_a_nudged_one_fails(programs) -> None:  # type: ignore[no-untyped-def]
-    plans = (_plan(programs.prefill), _plan(programs.decode))
-    assert plans[0].names and len(plans[0].names) == len(plans[1].names) == 2
-    nudged = copy.deepcopy(programs.decode.model)
+def test_an_exact_backend_passes_and_a_nudged_one_fails(program) -> None:  # type: ignore[no-untyped-def]
+    plan = _plan(program.decoder)
+    assert len(plan.names) == 2
+    exact_module = program.decoder.model
+    nudged = copy.deepcopy(exact_module)
     with torch.no_grad():
         nudged.model.lm_head.weight.add_(1e-3)
-    backends = [
-        (torch_stage("exact", programs.prefill.model), torch_stage("exact", programs.decode.model)),
-        (torch_stage("nudged", programs.prefill.model), torch_stage("nudged", nudged)),
-    ]
-    prompts = prompts_for(programs.max_cache_len, 128)
+
+    def steps_nudged(*inputs):  # type: ignore[no-untyped-def]
+        return (nudged if inputs[0].shape[1] == 1 and int(inputs[1][0, 0]) > 0 else exact_module)(
+            *inputs
+        )
+
+    stages = [torch_stage("exact", exact_module), torch_stage("nudged", steps_nudged)]
+    prompts = prompts_for(program.max_cache_len, 128)
     # a checkpoint's sampling defaults must not leak into the greedy reference
-    config = programs.model.generation_config
+    config = program.model.generation_config
     config.do_sample, config.repetition_penalty, config.top_k = True, 3.0, 4
     assert [p.shape[1] for p, _ in prompts] == [1, 5, 12]
-    assert all(p.shape[1] + n <= programs.max_cache_len for p, n in prompts)
+    assert all(p.shape[1] + n <= program.max_cache_len for p, n in prompts)
     exact, wrong = run_generation_parity(
-        programs.model, backends, prompts, programs.eos, plans, tolerance_for(torch.float32)
+        program, stages, prompts, plan, tolerance_for(torch.float32)
     )
     assert exact.passed, exact.summary_line()
     assert all(p.exact for p in exact.prompts)
@@ -64,7 +69,7 @@ def test_an_exact_backend_passes_and_a_nudged_one_fails(programs) -> None:  # ty
     assert len(exact.selections) == 2 * steps and all(c.rows > 0 for c in exact.selections)
     assert not wrong.passed
     failed = [c for c in wrong.logits if not c.passed]
-    assert failed and all("step 0" not in c.name for c in failed)  # its prefill is exact
+    assert failed and all("step 0" not in c.name for c in failed)  # its prompts are exact
 
 
 def test_half_precision_tokens_may_part_only_at_a_near_tie_of_the_reference_logits() -> None:

@@ -3,6 +3,7 @@
 - ``llama``: a plain ``LlamaForCausalLM``;
 - ``memory_fork``: a research fork's Llama with product-key memories in two MLP slots,
   shipped as remote code (its modeling file beside the weights, ``auto_map`` in config);
+- ``tokenizer``: a byte-level BPE tokenizer (``tokenizer.json``) saved beside one;
 - ``olmoe``: an ``OlmoeForCausalLM`` (the paper authors' code is an OLMoE fork), with
   experts = top-k² as the real OLMoE's 64 experts, top 8.
 """
@@ -22,10 +23,10 @@ from ultramem.tests.foreign.hf_llama_memory import tiny_llama_config
 FORK = Path(__file__).with_name("modeling_memllama.py")
 
 
-def llama(directory: Path) -> Path:
+def llama(directory: Path, vocab_size: int = 128) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
     LlamaForCausalLM(config).eval().save_pretrained(directory)
@@ -74,4 +75,36 @@ def olmoe(directory: Path) -> Path:
         num_experts=4, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1,
     )  # fmt: skip
     OlmoeForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+TOKENIZER_VOCAB = 272  # 256 bytes, 4 special tokens, a few merges: within the model's
+
+
+def tokenizer(directory: Path) -> Path:
+    """A byte-level BPE tokenizer trained on a few sentences, saved into ``directory`` as
+    ``transformers`` saves one (``<pad>``, ``<s>``, ``</s>`` are ids 0, 1, 2, as in the
+    checkpoints' configs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    made = Tokenizer(models.BPE(unk_token="<unk>"))
+    made.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    made.decoder = decoders.ByteLevel()
+    corpus = [
+        "the memory layer keeps the top slots of a product key table",
+        "each token scores keys and sums the values of the slots it keeps",
+    ] * 10
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    made.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=made, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>",
+    )  # fmt: skip
+    fast.save_pretrained(directory)
     return directory
