@@ -102,7 +102,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def verify_artifacts(directory: Path, manifest: dict[str, Any]) -> None:
     """Every artifact the manifest lists is a file in the folder, reached through no link
-    (a linked subfolder such as ``decode/`` leads wherever it points, as a linked file
+    (a linked subfolder leads wherever it points, as a linked file
     does), and has its recorded sha256."""
     for art in manifest.get("artifacts", []):
         name = art.get("path") if isinstance(art, dict) else None

@@ -9,9 +9,9 @@ which dimension fell back and why. Every capture must run the user's example as 
 (a batch-1 example is widened to 2 for tracing, and a fallback must not keep the 2).
 Parity and engines use only the shapes the capture admits.
 
-A program whose inputs are not all (batch, tokens, ...) tensors (a decode step with its KV
+A program whose inputs are not all (batch, tokens, ...) tensors (a decoder with its KV
 cache) names its axes itself (``axes``): those are captured as named, nothing else, and
-its own ``inputs`` (real activations, such as a cache filled by a prefill) are what
+its own ``inputs`` (real activations, such as a cache a prompt filled) are what
 parity runs on; ``input_names``/``output_names`` are what exporters call its tensors.
 """
 

@@ -1,1 +1,1 @@
-"""Text generation: prefill and decode programs, their export, parity and timing."""
+"""Text generation: one decoder program over a KV cache, its export, parity and timing."""

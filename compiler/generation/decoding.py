@@ -120,8 +120,8 @@ def reference_generation(
     model: torch.nn.Module, prompt: Tensor, new_tokens: int, eos: Collection[int],
     sites: tuple[int, int],
 ) -> Generated:  # fmt: skip
-    """``generate`` (greedy) on the original model; ``sites`` = sites per prefill and per
-    decode step, to split its recorded sites by step."""
+    """``generate`` (greedy) on the original model; ``sites`` = sites per call on the
+    prompt and per later step, to split its recorded sites by step."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(

@@ -11,10 +11,12 @@ the program: the checkpoint's config and tokenizer files and ``genai_config.json
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...files import UnreadableFile, read_json
 from ...models.builtin import LoadedModel
 from ..artifacts import (
     ArtifactError,
@@ -209,6 +211,25 @@ def recorded_cache_len(manifest: dict[str, Any], directory: Path) -> int:
     return value
 
 
+def _check_genai_config(
+    manifest: dict[str, Any], directory: Path, program: GenerationProgram
+) -> None:
+    """GenAI drives its loop from ``genai_config.json`` (hashed, so as exported): it must
+    still be what this model gives, as the manifest's generation section must."""
+    listed = {a.get("path") for a in manifest.get("artifacts", []) if isinstance(a, dict)}
+    if GENAI_CONFIG not in listed:
+        return
+    try:
+        written = read_json(directory / GENAI_CONFIG, 1 << 20)
+    except UnreadableFile as exc:
+        raise ArtifactError(str(exc)) from None
+    if written != json.loads(json_text(genai_config(program, ONNX_FILE))):
+        raise ArtifactError(
+            f"{directory / GENAI_CONFIG} is not what this model gives (cache, heads, end "
+            "tokens, names); export again"
+        )
+
+
 def check_generation(
     loaded: LoadedModel,
     directory: Path,
@@ -229,5 +250,6 @@ def check_generation(
             f"{directory}: its manifest's generation section (cache, end tokens, tensor "
             "names) is not what this model gives; export again"
         )
+    _check_genai_config(manifest, directory, program)
     compiled = compile_model(program.decoder, progress)
     return _check_all(program, compiled, directory, formats, progress, None, native_code)

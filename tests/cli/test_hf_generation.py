@@ -333,6 +333,26 @@ def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     assert all(r["status"] == "ok" for r in rows["eager"])
 
 
+def test_check_refuses_a_genai_config_that_is_not_what_the_model_gives(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    """A runtime drives its loop from genai_config.json: an edited one (its hash made to
+    match) is refused, as an edited generation section is."""
+    directory, out, _ = fork_export
+    edited = Path(shutil.copytree(out, tmp_path / "edited"))
+    config = json.loads((edited / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = 99
+    (edited / "genai_config.json").write_text(json.dumps(config))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        artifact["sha256"] = sha256_file(edited / artifact["path"])
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    code, output = _run(
+        "check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(edited)
+    )
+    assert code == 2 and "genai_config.json is not what this model gives" in output, output
+
+
 @pytest.mark.parametrize(
     ("edit", "says"),
     [

@@ -1,7 +1,8 @@
 """ArtifactWriter: a re-export owns its folder, subfolders included.
 
-A text-generation export writes into ``prefill/`` and ``decode/``; a format written
-there by the previous export and not by this one must go with it (the manifest no longer
+An export may write into subfolders (text-generation exports before the one decoder
+program wrote ``prefill/`` and ``decode/``); a format written there by the previous export
+and not by this one must go with it (the manifest no longer
 lists it, so nothing would ever hash-check it).
 """
 

@@ -3,7 +3,7 @@
 ``external_data`` walks every place a tensor can sit: the graph's initializers and sparse
 initializers, node attributes, the bodies of If/Loop/Scan at any depth, model-local
 functions. ``check_reads`` holds each to the manifest's list, relative to the model's own
-subfolder (a generation export's ``prefill/``).
+subfolder (``prefill/`` of an older generation export).
 """
 
 from __future__ import annotations
