@@ -26,21 +26,16 @@ from .artifacts import (
     verify_artifacts,
 )
 from .capture import DEFAULT_MAX_TOKENS, CaptureResult, capture, parity_inputs
-from .formats import (
-    ExportJob,
-    ExportOptions,
-    ProgressFn,
-    StageContext,
-    engine_profile,
-    folder_stages,
-    resolve,
-)
+from .formats import ExportJob, ExportOptions, ProgressFn, engine_profile, resolve
 from .inspection import Inspection, fused_layer_table
 from .loading import model_fingerprint
 from .parity.compare import ParityReport, StageReport
 from .parity.selections import memory_layer_names, site_plan
-from .parity.stages import Stage, run_parity, torch_stage
+from .parity.stages import Stage, run_parity
 from .rewrite import RewriteResult, op_counts, rewrite
+from .runners import Programs, RunContext
+from .runners import parity_stages as runner_stages
+from .runners.torch_programs import FUSED_STAGE
 from .tensorrt.package import TensorRTError, import_tensorrt, package_name
 
 PARITY_FILE = "parity.json"
@@ -133,7 +128,11 @@ def _check_plugin_mode(package: str | None, precision: str) -> int:
     return major * 10 + minor
 
 
-FUSED_STAGE = "fused-ops"  # the rewritten program, which every artifact is made from
+def programs_of(compiled: Compiled) -> Programs:
+    program = compiled.rewrite.program
+    return Programs(
+        compiled.loaded.model, compiled.capture.program, program, site_plan(program.graph)
+    )
 
 
 def parity_stages(
@@ -144,15 +143,9 @@ def parity_stages(
     native_code: bool = False,
 ) -> list[Stage]:
     """The program as captured, as rewritten, and each of ``formats``' artifacts in
-    ``directory``: every stage parity compares with the original model."""
-    program = compiled.rewrite.program
-    fused_plan = site_plan(program.graph)
-    context = StageContext(program, fused_plan, trt_package, native_code)
-    return [
-        torch_stage("torch.export", compiled.capture.program.module()),
-        torch_stage(FUSED_STAGE, program.module(), fused_plan),
-        *folder_stages(directory, context, formats),
-    ]
+    ``directory``: every stage parity compares with the original model (the runners')."""
+    context = RunContext(programs_of(compiled), directory, formats, trt_package, native_code)
+    return runner_stages(context)
 
 
 def run_checks(

@@ -21,80 +21,22 @@ import torch
 from torch import Tensor
 
 from .. import first_line
-from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import ArtifactError, versions
-from ..formats import ENGINE_FILE, ONNX_FILE, ProgressFn, engine_stage, native_code_refusal
+from ..formats import ProgressFn
 from ..generation.programs import GenerationProgram, positions_from
-from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
 from ..pipeline import Compiled
-from .run import TORCH_BACKENDS, _device, _machine, torch_threads
+from .run import TORCH_BACKENDS, _device, _machine, make_backends, torch_threads
 from .timing import interleave, too_noisy
 
 GENERATION_BENCH_SCHEMA = "ultramem-bench-generation/1"
 GENERATION_BACKENDS = ("eager", "fused-ops", "onnxruntime-cpu", "aotinductor", "tensorrt")
 
-StepFn = Callable[[tuple[Any, ...]], list[Tensor]]
+StepFn = Callable[[tuple[Any, ...]], Any]  # the decoder: flat inputs -> (logits, cache...)
 
 
 def cache_fills(max_cache_len: int) -> list[int]:
     return sorted({1, max_cache_len // 4, max_cache_len // 2, max_cache_len - 1} - {0})
-
-
-def _program_backends(
-    compiled: Compiled,
-    artifacts: Path,
-    wanted: Collection[str],
-    formats: Collection[str],
-    native_code: bool,
-    threads: int,
-) -> dict[str, StepFn | str]:
-    """name -> the decoder as a callable on flat inputs, or why the backend cannot run."""
-    out: dict[str, StepFn | str] = {}
-
-    def load(make: Callable[[], StepFn]) -> StepFn | str:
-        try:
-            return make()
-        except Exception as exc:  # an artifact its runtime cannot load
-            return f"cannot load: {type(exc).__name__}: {first_line(exc, 200)}"
-
-    if "fused-ops" in wanted:
-        module = compiled.rewrite.program.module()
-        out["fused-ops"] = lambda inputs: list(module(*inputs))
-    if "onnxruntime-cpu" in wanted:
-        if "onnx" not in formats:
-            out["onnxruntime-cpu"] = "the export has no onnx format"
-        else:
-
-            def onnx() -> StepFn:
-                runner = OnnxRunner(artifacts / ONNX_FILE, probe_selections=False,
-                                    threads=threads)  # fmt: skip
-                return lambda inputs: runner(inputs)[0]
-
-            out["onnxruntime-cpu"] = load(onnx)
-    if "aotinductor" in wanted:
-        if "aoti" not in formats:
-            out["aotinductor"] = "the export has no aoti format"
-        elif not native_code:
-            out["aotinductor"] = native_code_refusal(artifacts / AOTI_FILE)
-        else:
-
-            def aoti() -> StepFn:
-                module = load_aoti(artifacts / AOTI_FILE)
-                return lambda inputs: list(module(*inputs))
-
-            out["aotinductor"] = load(aoti)
-    if "tensorrt" in wanted:
-        if "tensorrt" not in formats:
-            out["tensorrt"] = "the export has no tensorrt format"
-        else:
-            stage = engine_stage(artifacts / ENGINE_FILE, None)
-            run = stage.run
-            if run is None:
-                out["tensorrt"] = stage.reason
-            else:
-                out["tensorrt"] = lambda inputs: run(inputs, [])[0]
-    return out
 
 
 def run_generation_bench(
@@ -111,7 +53,10 @@ def run_generation_bench(
     threads: int,
 ) -> dict[str, Any]:
     with torch_threads(threads) as applied, torch.no_grad():
-        backends = _program_backends(compiled, artifacts, wanted, formats, native_code, applied)
+        loaded = make_backends(
+            compiled, artifacts, [n for n in wanted if n != "eager"], formats, native_code, applied
+        )  # eager is transformers' own forward, with its dynamic cache (below)
+        backends = {b.name: b.run or b.reason for b in loaded}
         runnable = [n for n in wanted if n == "eager" or callable(backends.get(n))]
         if not runnable:
             why = "; ".join(f"{n}: {r}" for n, r in backends.items() if isinstance(r, str))

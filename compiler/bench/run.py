@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...kernels import AGGREGATE, AGGREGATE_OP, RETRIEVE, RETRIEVE_OP, OpSpec
-from .. import first_line
-from ..aoti import AOTI_FILE, load_aoti
 from ..artifacts import versions
 from ..capture import like_inputs
-from ..formats import (
-    ENGINE_FILE,
-    KERNELS_ARE,
-    KERNELS_DIR,
-    ONNX_FILE,
-    ProgressFn,
-    engine_stage,
-    native_code_refusal,
-)
-from ..inputs.options import BENCH_BACKENDS as ALL_BACKENDS
+from ..formats import ProgressFn
 from ..inputs.options import BENCH_SCHEMA as BENCH_SCHEMA
-from ..onnx.runner import OnnxRunner
 from ..parity.compare import compare_outputs, tolerance_for
 from ..parity.stages import tensor_leaves
-from ..pipeline import Compiled
+from ..pipeline import Compiled, programs_of
+from ..runners import Backend, RunContext, RunFn, bench_backends
 from .timing import (
     BLOCK_S,
     BUSY_CORES,
@@ -68,7 +56,6 @@ from .timing import (
 # the backends whose CPU work runs on torch's intra-op pool (``torch_threads``)
 TORCH_BACKENDS = ("eager", "torch.compile", "fused-ops", "aotinductor")
 
-RunFn = Callable[[tuple[Any, ...]], Any]
 WARMUP = 3
 # interleaving spreads other processes' load over all backends, but not evenly: a backend
 # whose every operator waits for all its threads suffers far more than one that runs a
@@ -81,15 +68,6 @@ NOISE_RULE = (
     f"too noisy to compare: (p90 - p10) / p50 > {NOISE_SPREAD}; within noise of eager: "
     "p10-p90 ranges overlap and the medians differ by less than the wider range"
 )
-
-
-@dataclass
-class Backend:
-    name: str
-    run: RunFn | None
-    reason: str = ""
-    # what the backend runs with, read back from it where it can say (bench.json)
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @contextmanager
@@ -118,94 +96,12 @@ def make_backends(
     native_code: bool = False,
     threads: int | None = None,
 ) -> list[Backend]:
-    """The backends in ``wanted``; those that run a file of ``artifacts`` only where its
-    manifest lists the format (``formats``), and the AOTInductor package, a shared
-    library, only with ``native_code``. ``threads``: ONNX Runtime's operator threads (the
-    torch backends take torch's count, ``torch_threads``)."""
-    model = compiled.loaded.model
-    on_gpu = _device() == "cuda"
-
-    def listed(fmt: str, file: str) -> Path | None:
-        return artifacts / file if artifacts is not None and fmt in formats else None
-
-    onnx_path = listed("onnx", ONNX_FILE)
-    no_onnx = f"no {ONNX_FILE} (pass --artifacts DIR from `ultramem export`)"
-    out = []
-    for name in wanted:
-        if name not in ALL_BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(ALL_BACKENDS)}")
-        try:
-            if name == "eager":
-                out.append(Backend(name, lambda x: model(*x)))
-            elif name == "torch.compile":
-                compiled_model = torch.compile(model, dynamic=True)
-                out.append(Backend(name, lambda x, m=compiled_model: m(*x)))
-            elif name == "fused-ops":
-                fused = compiled.rewrite.program.module()
-                out.append(Backend(name, lambda x, m=fused: m(*x)))
-            elif name == "onnxruntime-cpu":
-                if onnx_path is None or not onnx_path.is_file():
-                    out.append(Backend(name, None, no_onnx))
-                else:
-                    runner = OnnxRunner(onnx_path, probe_selections=False, threads=threads)
-                    applied = runner.session.get_session_options()
-                    spinning = "session.intra_op.allow_spinning"
-                    settings = {
-                        "intra_op_num_threads": applied.intra_op_num_threads,
-                        "inter_op_num_threads": applied.inter_op_num_threads,
-                        "allow_spinning": applied.get_session_config_entry(spinning),
-                    }
-                    out.append(Backend(name, lambda x, r=runner: r(x)[0], settings=settings))
-            elif name == "onnxruntime-cuda":
-                out.append(Backend(name, None, _ort_cuda_reason(on_gpu)))
-            elif name == "plugin-kernels":
-                bundle = listed("kernels", KERNELS_DIR)
-                reason = (
-                    "the launcher runs the lookup's AOT kernels, not a whole model; needs a GPU"
-                    if not on_gpu
-                    # the bundle's cubins are native code: the rule of the AOTI package
-                    else native_code_refusal(bundle, KERNELS_ARE)
-                    if bundle is not None and not native_code
-                    else "whole-model runs through the launcher are not wired yet"
-                )
-                out.append(Backend(name, None, reason))
-            elif name == "aotinductor":
-                path = listed("aoti", AOTI_FILE)
-                if path is None or not path.is_file():
-                    out.append(Backend(name, None, f"no {AOTI_FILE} (export --format aoti)"))
-                elif not native_code:
-                    out.append(Backend(name, None, native_code_refusal(path)))
-                else:
-                    package = load_aoti(path)
-                    out.append(Backend(name, lambda x, p=package: p(*x)))
-            elif name == "tensorrt":
-                engine = listed("tensorrt", ENGINE_FILE)
-                if engine is None or not engine.is_file():
-                    out.append(Backend(name, None, f"no {ENGINE_FILE} (export --format tensorrt)"))
-                else:
-                    stage = engine_stage(engine, None)
-                    runner = stage.run
-                    out.append(
-                        Backend(name, None, stage.reason)
-                        if runner is None
-                        else Backend(name, lambda x, r=runner: r(x, [])[0])
-                    )
-        except Exception as exc:  # an artifact its runtime cannot load: that backend is out
-            text = first_line(exc, 200)
-            out.append(
-                Backend(name, None, f"cannot load its artifact: {type(exc).__name__}: {text}")
-            )
-    return out
-
-
-def _ort_cuda_reason(on_gpu: bool) -> str:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "onnxruntime-gpu is not installed (CPU build only)"
-    return "" if on_gpu else "no GPU"
+    """The backends in ``wanted`` (the runners'); those that run a file of ``artifacts``
+    only where its manifest lists the format (``formats``), and native code (the
+    AOTInductor package, the kernel bundle) only with ``native_code``. ``threads``: ONNX
+    Runtime's operator threads (the torch backends take torch's count, ``torch_threads``)."""
+    context = RunContext(programs_of(compiled), artifacts, formats, None, native_code, threads)
+    return bench_backends(context, wanted)
 
 
 class _LookupRecorder(TorchDispatchMode):

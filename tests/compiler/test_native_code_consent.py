@@ -11,9 +11,16 @@ from types import SimpleNamespace
 import pytest
 
 from ultramem.compiler.aoti import AOTI_FILE
-from ultramem.compiler.bench import run as bench_run
-from ultramem.compiler.formats import KERNELS_DIR, NATIVE_CODE_FLAG, StageContext, folder_stages
+from ultramem.compiler.inputs.options import KERNELS_DIR
 from ultramem.compiler.parity.stages import Stage
+from ultramem.compiler.runners import (
+    NATIVE_CODE_FLAG,
+    Programs,
+    RunContext,
+    bench_backends,
+    parity_stages,
+)
+from ultramem.compiler.runners import plugin_kernels as plugin_kernels_runner
 
 NATIVE = {"plugin-kernels": "kernels holds GPU kernels", "aotinductor": "is a shared library"}
 
@@ -27,8 +34,9 @@ def _folder(tmp_path: Path) -> Path:
 
 
 def _stages(folder: Path, native_code: bool) -> dict[str, Stage]:
-    context = StageContext(None, None, native_code=native_code)  # type: ignore[arg-type]
-    return {s.name: s for s in folder_stages(folder, context, ["kernels", "aoti"])}
+    program = SimpleNamespace()  # never run: the decision comes first
+    context = RunContext(Programs(program=program), folder, ["kernels", "aoti"], None, native_code)  # type: ignore[arg-type]
+    return {s.name: s for s in parity_stages(context)}
 
 
 def test_without_consent_no_native_code_is_read(tmp_path: Path) -> None:
@@ -55,13 +63,7 @@ def test_with_consent_the_folder_is_loaded(tmp_path: Path) -> None:
 def test_bench_asks_consent_for_the_bundled_kernels_on_a_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_code: bool, says: str
 ) -> None:
-    monkeypatch.setattr(bench_run, "_device", lambda: "cuda")  # as on a GPU machine
-    compiled = SimpleNamespace(loaded=SimpleNamespace(model=None))
-    backends = bench_run.make_backends(
-        compiled,  # type: ignore[arg-type]
-        _folder(tmp_path),
-        ["plugin-kernels"],
-        ["kernels"],
-        native_code,
-    )
+    monkeypatch.setattr(plugin_kernels_runner, "on_gpu", lambda: True)  # as on a GPU machine
+    context = RunContext(Programs(), _folder(tmp_path), ["kernels"], native_code=native_code)
+    backends = bench_backends(context, ["plugin-kernels"])
     assert backends[0].run is None and says in backends[0].reason

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 from ultramem.compiler.aoti import AOTI_FILE
-from ultramem.compiler.bench.run import make_backends
 from ultramem.compiler.formats import ENGINE_FILE, ONNX_FILE
+from ultramem.compiler.runners import Programs, RunContext, bench_backends
 
 
 def _folder(tmp_path: Path) -> Path:
@@ -18,9 +17,9 @@ def _folder(tmp_path: Path) -> Path:
 
 
 def _reasons(folder: Path, formats: list[str], native_code: bool) -> dict[str, str]:
-    compiled = SimpleNamespace(loaded=SimpleNamespace(model=None))
     wanted = ["onnxruntime-cpu", "aotinductor", "tensorrt"]
-    backends = make_backends(compiled, folder, wanted, formats, native_code)  # type: ignore[arg-type]
+    context = RunContext(Programs(), folder, formats, native_code=native_code)
+    backends = bench_backends(context, wanted)
     return {b.name: b.reason for b in backends if b.run is None}
 
 

@@ -4,16 +4,16 @@ session (its idle threads told not to spin), torch's set for the run and restore
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ultramem.compiler.bench.run import make_backends, torch_threads
+from ultramem.compiler.bench.run import torch_threads
 from ultramem.compiler.formats import ONNX_FILE
 from ultramem.compiler.onnx.runner import OnnxRunner
+from ultramem.compiler.runners import Programs, RunContext, bench_backends
 
 
 def _tiny_onnx(folder: Path) -> Path:
@@ -44,8 +44,8 @@ def test_without_threads_onnx_runtime_keeps_its_defaults(tmp_path: Path) -> None
 
 def test_the_bench_backend_records_what_its_session_runs_with(tmp_path: Path) -> None:
     _tiny_onnx(tmp_path)
-    compiled = SimpleNamespace(loaded=SimpleNamespace(model=None))
-    (backend,) = make_backends(compiled, tmp_path, ["onnxruntime-cpu"], ["onnx"], threads=2)  # type: ignore[arg-type]
+    context = RunContext(Programs(), tmp_path, ["onnx"], threads=2)
+    (backend,) = bench_backends(context, ["onnxruntime-cpu"])
     assert backend.run is not None
     assert backend.settings == {
         "intra_op_num_threads": 2,

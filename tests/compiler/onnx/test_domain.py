@@ -17,7 +17,6 @@ import torch
 from onnx import helper
 
 from ultramem.compiler.capture import capture
-from ultramem.compiler.formats import onnx_stage
 from ultramem.compiler.onnx.domain import attach_functions, register_schemas
 from ultramem.compiler.onnx.export import count_nodes, export_onnx
 from ultramem.compiler.parity.selections import (
@@ -28,6 +27,7 @@ from ultramem.compiler.parity.selections import (
 )
 from ultramem.compiler.parity.stages import run_parity
 from ultramem.compiler.rewrite import rewrite
+from ultramem.compiler.runners.onnxruntime import onnx_stage
 from ultramem.kernels import (
     AGGREGATE,
     DOMAIN,
