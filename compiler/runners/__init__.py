@@ -126,9 +126,11 @@ def parity_stages(ctx: RunContext) -> list[Stage]:
             raise
         except Exception as exc:  # an artifact its runtime cannot load: that stage fails
             stage = _failing_stage(runner, exc)
-        if stage is not None:
+        if stage is None:
+            continue
+        if runner.fmt is not None:  # every artifact holds the rewritten program's lookups
             stage.plan = stage.plan or ctx.programs.plan
-            stages.append(stage)
+        stages.append(stage)
     return stages
 
 
