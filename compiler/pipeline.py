@@ -169,6 +169,31 @@ def run_checks(
     return report
 
 
+class Task:
+    """What a task adds to the export of its program: the forward task adds nothing.
+    ``manifest_task``: the manifest's ``task`` (None: forward); ``source``: the model the
+    manifest names (default: the program's own); ``add_files`` writes the task's files
+    beside the formats' and returns its manifest sections; ``check`` is its parity."""
+
+    manifest_task: str | None = None
+
+    def source(self, loaded: LoadedModel) -> dict[str, Any]:
+        return source_record(loaded)
+
+    def add_files(self, writer: ArtifactWriter, formats: list[str]) -> dict[str, Any]:
+        return {}
+
+    def check(
+        self, compiled: Compiled, folder: Path, formats: list[str], progress: ProgressFn,
+        trt_package: str | None,
+    ) -> Any:  # fmt: skip
+        # what this export just wrote is ours: its shared library may be loaded
+        return run_checks(compiled, folder, progress, formats, trt_package, True)
+
+    def parity_summary(self, report: Any) -> dict[str, Any]:
+        return parity_summary(report)
+
+
 def export_model(
     loaded: LoadedModel,
     out: Path,
@@ -176,9 +201,11 @@ def export_model(
     formats: tuple[str, ...] = ("onnx",),
     options: ExportOptions | None = None,
     compiled: Compiled | None = None,
-) -> tuple[dict[str, Any], ParityReport]:
-    """Capture, rewrite (unless ``compiled`` is given), write each format, check parity;
-    publish only when all steps ran."""
+    task: Task | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Capture, rewrite (unless ``compiled`` is given), write each format and the task's
+    files, check parity; publish only when all steps ran."""
+    task = task or Task()
     options = options or ExportOptions()
     chosen = resolve(formats, options)
     trt = options.trt
@@ -195,26 +222,36 @@ def export_model(
         for fmt in chosen:
             with step(progress, f"writing {fmt.name} ({fmt.files})"):
                 sections[fmt.name] = fmt.write(job)
-        # what this export just wrote is ours: its shared library may be loaded
         names = [f.name for f in chosen]
-        report = run_checks(compiled, writer.staging, progress, names, trt.package, True)
+        task_sections = task.add_files(writer, names)
+        report = task.check(compiled, writer.staging, names, progress, trt.package)
         writer.path(PARITY_FILE).write_text(json_text(report.to_json()))
         manifest = {
-            "source": source_record(loaded),
-            "capture": compiled.capture.to_json(),
-            "memory_layers": compiled.layer_table,
-            "passes": compiled.rewrite.log_json(),
-            "ops": {
-                "before": op_counts(compiled.capture.program),
-                "after": op_counts(compiled.rewrite.program),
-            },
+            **({"task": task.manifest_task} if task.manifest_task else {}),
+            "source": task.source(loaded),
+            **program_record(compiled),
+            **task_sections,
             "formats": names,
             **sections,
-            "parity": parity_summary(report),
+            "parity": task.parity_summary(report),
         }
         manifest = writer.publish(manifest, extra_files=(PARITY_FILE,))
         progress(f"wrote {out}")
     return manifest, report
+
+
+def program_record(compiled: Compiled) -> dict[str, Any]:
+    """The manifest's record of a compiled program: its capture, memory layers, passes,
+    op counts before and after the rewrite."""
+    return {
+        "capture": compiled.capture.to_json(),
+        "memory_layers": compiled.layer_table,
+        "passes": compiled.rewrite.log_json(),
+        "ops": {
+            "before": op_counts(compiled.capture.program),
+            "after": op_counts(compiled.rewrite.program),
+        },
+    }
 
 
 def source_record(loaded: LoadedModel) -> dict[str, Any]:

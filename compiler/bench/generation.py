@@ -26,7 +26,7 @@ from ..formats import ProgressFn
 from ..generation.programs import GenerationProgram, positions_from
 from ..parity.compare import compare_outputs, tolerance_for
 from ..pipeline import Compiled
-from .run import TORCH_BACKENDS, _device, _machine, make_backends, torch_threads
+from .run import TORCH_BACKENDS, bench_device, machine_record, make_backends, torch_threads
 from .timing import interleave, too_noisy
 
 GENERATION_BENCH_SCHEMA = "ultramem-bench-generation/1"
@@ -78,7 +78,7 @@ def _bench(
     from transformers import DynamicCache
 
     prompt_lengths, batch = sizes
-    device = _device()
+    device = bench_device()
     model = program.model
     vocab = int(model.config.get_text_config().vocab_size)
     tol = tolerance_for(next(model.parameters()).dtype)
@@ -154,7 +154,7 @@ def _bench(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": program.decoder.source,
         "device": device,
-        "machine": _machine(device),
+        "machine": machine_record(device),
         "versions": versions(),
         "threads": threads,
         "batch": batch,

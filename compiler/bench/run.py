@@ -84,7 +84,7 @@ def torch_threads(threads: int | None) -> Iterator[int]:
             torch.set_num_threads(before)
 
 
-def _device() -> str:
+def bench_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -157,7 +157,7 @@ def _run_bench(
     progress: ProgressFn,
     threads: int,
 ) -> dict[str, Any]:
-    device = _device()
+    device = bench_device()
     progress(f"threads: {threads} for every backend")
     for b in backends:
         if b.run is not None and b.name in TORCH_BACKENDS:
@@ -244,7 +244,7 @@ def _run_bench(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": compiled.loaded.source,
         "device": device,
-        "machine": _machine(device),
+        "machine": machine_record(device),
         "versions": versions(),
         "batch": batch,
         "tokens": tokens,
@@ -344,7 +344,7 @@ def _time_lookups(
     return rows
 
 
-def _machine(device: str) -> dict[str, Any]:
+def machine_record(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

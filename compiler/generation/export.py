@@ -26,16 +26,16 @@ from ..artifacts import (
     read_manifest,
     verify_artifacts,
 )
-from ..formats import ExportJob, ExportOptions, ProgressFn, engine_profile, resolve
+from ..formats import ExportOptions, ProgressFn, resolve
 from ..inputs.options import ONNX_FILE
 from ..parity.compare import ParityReport, tolerance_for
 from ..pipeline import (
-    PARITY_FILE,
     Compiled,
+    Task,
     check_same_model,
     compile_model,
+    export_model,
     no_progress,
-    op_counts,
     parity_stages,
     parity_summary,
     run_checks,
@@ -115,6 +115,44 @@ def _check_all(
     return result
 
 
+class GenerationTask(Task):
+    """The decoder program's export: the files a runtime reads beside it, and generation
+    parity after the program's own."""
+
+    manifest_task = TASK
+
+    def __init__(self, program: GenerationProgram, loaded: LoadedModel) -> None:
+        self.program, self.loaded = program, loaded
+
+    def source(self, _: LoadedModel) -> dict[str, Any]:
+        return source_record(self.loaded)  # the checkpoint, not the program around it
+
+    def add_files(self, writer: ArtifactWriter, formats: list[str]) -> dict[str, Any]:
+        generation = generation_section(self.program)
+        copied = copy_checkpoint_files(self.loaded.source, writer)
+        if "onnx" in formats:  # the file says what it is, and GenAI finds its config beside it
+            stamp_metadata(writer.path(ONNX_FILE), program_metadata(generation))
+            writer.add(ONNX_FILE, "onnx")
+            writer.path(GENAI_CONFIG).write_text(json_text(genai_config(self.program, ONNX_FILE)))
+            writer.add(GENAI_CONFIG, GENAI_FORMAT)
+        return {"generation": generation, "checkpoint_files": copied}
+
+    def check(
+        self, compiled: Compiled, folder: Path, formats: list[str], progress: ProgressFn,
+        trt_package: str | None,
+    ) -> GenerationReport:  # fmt: skip
+        return _check_all(self.program, compiled, folder, formats, progress, trt_package, True)
+
+    def parity_summary(self, report: GenerationReport) -> dict[str, Any]:
+        return {
+            "passed": report.passed,
+            "program": parity_summary(report.program),
+            "generation": {
+                b.stage: {"executed": b.executed, "passed": b.passed} for b in report.generation
+            },
+        }
+
+
 def export_generation(
     loaded: LoadedModel,
     out: Path,
@@ -127,50 +165,11 @@ def export_generation(
     every format into ``out``, with the files a runtime reads, then parity of the program
     and of generation; published only whole."""
     options = options or ExportOptions()
-    chosen = resolve(formats, options)
-    names = [f.name for f in chosen]
-    if options.trt.mode == "plugin" and "tensorrt" in names:
+    if options.trt.mode == "plugin" and "tensorrt" in [f.name for f in resolve(formats, options)]:
         raise GenerationError(f"--task {TASK} builds native TensorRT engines (--trt-mode native)")
     program = build_program(loaded, max_cache_len)
-    with ArtifactWriter(out) as writer:
-        compiled = compile_model(program.decoder, progress)
-        if "tensorrt" in names:
-            engine_profile(options.trt, compiled.capture)
-        job = ExportJob(compiled.rewrite.program, compiled.capture, writer, options, progress)
-        sections: dict[str, Any] = {}
-        for fmt in chosen:
-            with step(progress, f"writing {fmt.name} ({fmt.files})"):
-                sections[fmt.name] = fmt.write(job)
-        generation = generation_section(program)
-        copied = copy_checkpoint_files(loaded.source, writer)
-        if "onnx" in names:  # the file says what it is, and GenAI finds its config beside it
-            stamp_metadata(writer.path(ONNX_FILE), program_metadata(generation))
-            writer.add(ONNX_FILE, "onnx")
-            writer.path(GENAI_CONFIG).write_text(json_text(genai_config(program, ONNX_FILE)))
-            writer.add(GENAI_CONFIG, GENAI_FORMAT)
-        report = _check_all(
-            program, compiled, writer.staging, names, progress, options.trt.package, True
-        )
-        writer.path(PARITY_FILE).write_text(json_text(report.to_json()))
-        manifest = {
-            "task": TASK,
-            "source": source_record(loaded),
-            "generation": generation,
-            "checkpoint_files": copied,
-            **program_record(compiled),
-            "formats": names,
-            **sections,
-            "parity": {
-                "passed": report.passed,
-                "program": parity_summary(report.program),
-                "generation": {
-                    b.stage: {"executed": b.executed, "passed": b.passed} for b in report.generation
-                },
-            },
-        }
-        manifest = writer.publish(manifest, extra_files=(PARITY_FILE,))
-        progress(f"wrote {out}")
-    return manifest, report
+    task = GenerationTask(program, loaded)
+    return export_model(program.decoder, out, progress, formats, options, task=task)
 
 
 def generation_section(program: GenerationProgram) -> dict[str, Any]:
@@ -183,18 +182,6 @@ def generation_section(program: GenerationProgram) -> dict[str, Any]:
         "eos_token_ids": sorted(program.eos),
         "inputs": ["input_ids", "position_ids", *past],
         "outputs": ["logits", *present],
-    }
-
-
-def program_record(compiled: Compiled) -> dict[str, Any]:
-    return {
-        "capture": compiled.capture.to_json(),
-        "memory_layers": compiled.layer_table,
-        "passes": compiled.rewrite.log_json(),
-        "ops": {
-            "before": op_counts(compiled.capture.program),
-            "after": op_counts(compiled.rewrite.program),
-        },
     }
 
 
