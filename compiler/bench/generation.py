@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import first_line
 from ..artifacts import ArtifactError, versions
 from ..formats import ProgressFn
-from ..generation.programs import GenerationProgram, positions_from
+from ..generation.programs import GenerationProgram, decoder_inputs
 from ..parity.compare import compare_outputs, tolerance_for
 from ..pipeline import Compiled
 from .run import TORCH_BACKENDS, bench_device, machine_record, make_backends, torch_threads
@@ -94,11 +94,7 @@ def _bench(
         token = torch.randint(0, vocab, (batch, 1), generator=gen)
         fns: dict[str, Callable[[], Any]] = {}
         if phase == "prefill":
-            inputs: tuple[Any, ...] = (
-                prompt,
-                positions_from(0, prompt),
-                *program.empty_cache(batch),
-            )
+            inputs: tuple[Any, ...] = decoder_inputs(prompt, 0, program.empty_cache(batch))
             reference = model(input_ids=prompt, use_cache=True).logits[:, -1]
             if "eager" in names:
                 fns["eager"] = lambda prompt=prompt: model(input_ids=prompt, use_cache=True)
@@ -108,7 +104,7 @@ def _bench(
             reference = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
             _crop(cache, size)
             present = program.run(prompt, 0, program.empty_cache(batch))[1:]
-            inputs = (token, positions_from(size, token), *present)
+            inputs = decoder_inputs(token, size, tuple(present))
 
             def eager_step(token: Tensor = token, cache: Any = cache, size: int = size) -> Any:
                 out = model(input_ids=token, cache=cache, use_cache=True)

@@ -33,7 +33,7 @@ from ..parity.compare import (
 )
 from ..parity.selections import SitePlan, SiteRecord, run_recording_sites
 from ..parity.stages import Stage, compare_lookups
-from .programs import GenerationProgram, positions_from
+from .programs import GenerationProgram, decoder_inputs
 
 NEW_TOKENS = 8
 
@@ -160,8 +160,9 @@ def backend_generation(
     eos: Collection[int],
 ) -> Generated:  # fmt: skip
     assert stage.run is not None
-    cache = program.empty_cache(prompt.shape[0])
-    outputs, records = stage.run((prompt, positions_from(0, prompt), *cache), [])
+    outputs, records = stage.run(
+        decoder_inputs(prompt, 0, program.empty_cache(prompt.shape[0])), []
+    )
     result = Generated([], [outputs[0][:, -1].float()], [records])
     while True:
         token = int(result.logits[-1].argmax(-1)[0])
@@ -170,7 +171,7 @@ def backend_generation(
             return result
         ids = torch.tensor([[token]])
         position = prompt.shape[1] + len(result.tokens) - 1
-        outputs, records = stage.run((ids, positions_from(position, ids), *outputs[1:]), [])
+        outputs, records = stage.run(decoder_inputs(ids, position, tuple(outputs[1:])), [])
         result.logits.append(outputs[0][:, -1].float())
         result.records.append(records)
 

@@ -43,7 +43,14 @@ from ..pipeline import (
     step,
 )
 from .decoding import BackendReport, prompts_for, run_generation_parity
-from .programs import TASK, GenerationError, GenerationProgram, build_program, cache_names
+from .programs import (
+    INPUTS,
+    TASK,
+    GenerationError,
+    GenerationProgram,
+    build_program,
+    cache_names,
+)
 from .runtime_files import (
     GENAI_CONFIG,
     GENAI_FORMAT,
@@ -180,7 +187,7 @@ def generation_section(program: GenerationProgram) -> dict[str, Any]:
         "max_cache_len": program.max_cache_len,
         "cache_layers": program.layers,
         "eos_token_ids": sorted(program.eos),
-        "inputs": ["input_ids", "position_ids", *past],
+        "inputs": [*INPUTS, *past],
         "outputs": ["logits", *present],
     }
 

@@ -1,14 +1,25 @@
 """A causal LM as one decoder program over a static KV cache.
 
-    decoder(input_ids[batch, tokens], position_ids[batch, tokens],
+    decoder(input_ids[batch, tokens], attention_mask[batch, total],
+            position_ids[batch, tokens],
             past_key_values.<i>.key, past_key_values.<i>.value, ...)
         -> logits[batch, tokens, vocab], present.<i>.key, present.<i>.value, ...
 
 A prompt, one new token, a follow-up turn and a chunk of a long prompt are all the same
-call: the new keys and values are written at ``position_ids``, and every position attends
-to the cache up to itself. A fresh sequence starts from a cache of zeros at position 0.
-This is the form of Optimum's and ONNX Runtime GenAI's model builder (one program, the
-weights stored once), with their tensor names.
+call: the new keys and values are written at the cache columns after those already seen,
+and every position attends to the cache up to itself. A fresh sequence starts from a cache
+of zeros. This is the form of Optimum's and ONNX Runtime GenAI's model builder (one
+program, the weights stored once), with their tensor names.
+
+Columns and positions: the sequences of a batch share the cache's columns (its static
+cache writes one column for all), so a batch of prompts of different lengths is padded
+on the left, as GenAI pads it. ``attention_mask`` (1: a token, 0: padding) covers the
+columns seen so far, new tokens included (``total`` = columns seen + tokens), or the
+whole cache (GenAI's static mask under graph capture); columns past it count as unseen.
+``position_ids`` are each token's rotary position: the new tokens are written from column
+``max(position_ids[:, -1]) - tokens + 1``, which is the column count in both ways of
+numbering a padded batch (GenAI's, where a position is its column, and ``transformers``',
+where padding is not counted: the longest sequence is unpadded).
 
 Every cache tensor is ``[batch, kv_heads, max_cache_len, head_dim]``, the length fixed in
 the program's own input shapes: that is how a runtime learns it (GenAI reads it there and
@@ -17,14 +28,9 @@ export's ``genai_config.json`` and ONNX ``metadata_props`` say it too. The cache
 ``transformers``' own ``StaticCache`` (what its ExecuTorch recipe exports), built inside
 each call from the tensors passed in, so the program is a pure function of its inputs: the
 model's attention writes the new keys and values (``index_copy_``) and masks the slots past
-each position, exactly as ``generate`` with a static cache does.
-
-The sequences of a batch share their positions (the cache writes one column for all of
-them): prompts of one length, as GenAI batches them when none is padded. There is no
-``attention_mask`` input: the static cache masks by position, and a padded batch would need
-per-sequence columns the cache does not keep; so GenAI is given none to pass (it passes
-only the inputs a model has). Sliding-window layers are accepted when the window holds the
-whole cache (they are then full attention); other cache kinds are refused.
+each position and the padding, exactly as ``generate`` with a static cache does.
+Sliding-window layers are accepted when the window holds the whole cache (they are then
+full attention); other cache kinds are refused.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ TASK = GENERATION_TASK
 DEFAULT_MAX_CACHE_LEN = 256
 EXAMPLE_BATCH = 2  # not 1: torch.export would pin a size-1 batch
 EXAMPLE_TOKENS = 8
+INPUTS = ("input_ids", "attention_mask", "position_ids")  # before the cache
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
@@ -87,30 +94,38 @@ class DecoderProgram(torch.nn.Module):
         self.model = model
         self.max_cache_len = max_cache_len
 
-    def step(self, input_ids: Tensor, position_ids: Tensor, past: tuple[Tensor, ...]) -> Any:
+    def step(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+        past: tuple[Tensor, ...],
+    ) -> Any:  # fmt: skip
         cache = _static_cache(self.model, self.max_cache_len)
         if len(past) != 2 * len(cache.layers):
             raise ValueError(
                 f"the decoder takes {2 * len(cache.layers)} cache tensors, got {len(past)}"
             )
-        start = position_ids[0, 0]
+        start = position_ids[:, -1].max() - (input_ids.shape[1] - 1)  # the columns seen
+        # the columns past the mask are unseen: the cache's full width, as the model masks it
+        mask = torch.nn.functional.pad(
+            attention_mask, (0, self.max_cache_len - attention_mask.shape[1])
+        )
         for i, layer in enumerate(cache.layers):
             keys, values = past[2 * i].clone(), past[2 * i + 1].clone()  # inputs stay inputs
             layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
             layer.keys, layer.values = keys, values
             layer.cumulative_length = start.clone()  # where update() writes
         out = self.model(
-            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True
-        )
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+            use_cache=True,
+        )  # fmt: skip
         return (out.logits, *(t for layer in cache.layers for t in (layer.keys, layer.values)))
 
 
 def _decoder_program(model: torch.nn.Module, max_cache_len: int, layers: int) -> DecoderProgram:
     past, _ = cache_names(layers)
-    names = ["input_ids", "position_ids", *(n.replace(".", "_") for n in past)]
+    names = [*INPUTS, *(n.replace(".", "_") for n in past)]
 
     def forward(self: DecoderProgram, *args: Tensor) -> Any:
-        return self.step(args[0], args[1], args[2:])
+        return self.step(args[0], args[1], args[2], args[3:])
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -171,7 +186,14 @@ def _run(
     decoder: torch.nn.Module, input_ids: Tensor, start: int, cache: tuple[Tensor, ...]
 ) -> list[Tensor]:
     with torch.no_grad():
-        return list(decoder(input_ids, positions_from(start, input_ids), *cache))
+        return list(decoder(*decoder_inputs(input_ids, start, cache)))
+
+
+def decoder_inputs(input_ids: Tensor, start: int, cache: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The decoder's inputs for unpadded ``input_ids`` written from column ``start``."""
+    batch, tokens = input_ids.shape
+    mask = torch.ones((batch, start + tokens), dtype=torch.long)
+    return (input_ids, mask, positions_from(start, input_ids), *cache)
 
 
 def empty_cache(layout: list[tuple[Any, ...]], batch: int) -> tuple[Tensor, ...]:
@@ -228,9 +250,11 @@ def build_program(hf: LoadedModel, max_cache_len: int | None = None) -> Generati
     decoder = _decoder_program(model, length, layers).eval()
     inputs = _parity_inputs(decoder, layout, int(model.config.get_text_config().vocab_size))
     past, present = cache_names(layers)
-    axes = [DynamicAxis(i, 0, "batch", 1, DEFAULT_MAX_BATCH, "named") for i in range(2 + len(past))]
-    axes += [DynamicAxis(i, 1, "tokens", 1, length, "named") for i in (0, 1)]
-    spec = ProgramSpec(axes, inputs, ["input_ids", "position_ids", *past], ["logits", *present])
+    count = len(INPUTS) + len(past)
+    axes = [DynamicAxis(i, 0, "batch", 1, DEFAULT_MAX_BATCH, "named") for i in range(count)]
+    axes += [DynamicAxis(i, 1, "tokens", 1, length, "named") for i in (0, 2)]
+    axes += [DynamicAxis(1, 1, "total", 1, length, "named")]
+    spec = ProgramSpec(axes, inputs, [*INPUTS, *past], ["logits", *present])
     metadata = {**hf.metadata, "program_spec": spec, "program": "decoder", "max_tokens": length}
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos_ids = frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos or []])
@@ -245,7 +269,10 @@ def _parity_inputs(
 ) -> list[tuple[Tensor, ...]]:
     """The capture's example first (two sequences, several tokens: no axis pinned at 1),
     then prompts from an empty cache (one token, a few, a full cache), single steps and a
-    follow-up chunk at positions an eager run of the program filled up to."""
+    follow-up chunk at positions an eager run of the program filled up to. No padded
+    batch: a padding position attends to nothing, and what each runtime makes of such a
+    row differs (no later position reads it); padded batches are compared where only real
+    positions count, in generation (``tests/cli/test_genai.py``)."""
     length = decoder.max_cache_len
     gen = torch.Generator().manual_seed(0)
 
@@ -255,15 +282,12 @@ def _parity_inputs(
     example_tokens = min(EXAMPLE_TOKENS, max(2, length - 1))
     out: list[tuple[Tensor, ...]] = []
     for batch, count in ((EXAMPLE_BATCH, example_tokens), (1, 1), (3, min(5, length)), (1, length)):
-        ids = tokens(batch, count)
-        out.append((ids, positions_from(0, ids), *empty_cache(layout, batch)))
+        out.append(decoder_inputs(tokens(batch, count), 0, empty_cache(layout, batch)))
     for batch, filled in ((EXAMPLE_BATCH, min(example_tokens, length - 1)), (1, length - 1)):
         cache = _run(decoder, tokens(batch, filled), 0, empty_cache(layout, batch))[1:]
-        ids = tokens(batch, 1)
-        out.append((ids, positions_from(filled, ids), *cache))
+        out.append(decoder_inputs(tokens(batch, 1), filled, tuple(cache)))
     chunk = min(3, length - example_tokens)
     if chunk >= 1:  # a follow-up turn of several tokens after a prompt
-        cache = _run(decoder, out[0][0], 0, out[0][2:])[1:]
-        ids = tokens(EXAMPLE_BATCH, chunk)
-        out.append((ids, positions_from(example_tokens, ids), *cache))
+        cache = _run(decoder, out[0][0], 0, empty_cache(layout, EXAMPLE_BATCH))[1:]
+        out.append(decoder_inputs(tokens(EXAMPLE_BATCH, chunk), example_tokens, tuple(cache)))
     return out

@@ -130,7 +130,12 @@ def genai_config(program: GenerationProgram, onnx_file: str) -> dict[str, Any]:
                 "num_attention_heads": int(config.num_attention_heads),
                 "num_key_value_heads": int(kv_heads),
                 "num_hidden_layers": program.layers,
-                "inputs": {"input_ids": "input_ids", "position_ids": "position_ids", **names},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    **names,
+                },
                 "outputs": {
                     "logits": "logits",
                     "present_key_names": "present.%d.key",

@@ -6,7 +6,8 @@ tokenizer files), nothing written by hand; the reference is ``transformers``' ow
 ``generate`` on the checkpoint. Both a checkpoint with two memory layers (shipped as remote
 code, every lookup fused into ``ultramem`` ops that GenAI's ONNX Runtime runs through their
 function bodies) and a stock Llama. Cases: prompts of 1, 5 and many tokens; a batch of two
-prompts of one length; a second turn appended after the first. Every step's logits are
+prompts of one length, and of two lengths (padded on the right, as GenAI takes them); a
+second turn appended after the first. Every step's logits are
 compared too (fp32: 1e-4), so a cache written at a wrong position cannot hide behind the
 tiny models' repetitive tokens.
 """
@@ -108,6 +109,21 @@ def test_genai_generates_a_batch_of_two_prompts(exported: tuple) -> None:
     _, _, model, genai = exported
     prompts = [[5, 17, 3, 99, 42], [200, 7, 64, 8, 31]]
     _assert_same(_genai(genai, prompts, 6), _reference(model, prompts, 6))
+
+
+def test_genai_generates_a_padded_batch_of_two_lengths(exported: tuple) -> None:
+    """GenAI takes a batch of prompts of two lengths padded on the right with the pad
+    token of ``genai_config.json`` (it masks trailing pads and reads each sequence's
+    logits at its last real token): each sequence generates what it does alone."""
+    _, out, model, genai = exported
+    pad = json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
+    short, long = [5, 17], [200, 7, 64, 8, 31]
+    tokens, logits = _genai(genai, [short + [pad] * 3, long], 6)
+    for row, prompt in enumerate((short, long)):
+        want_tokens, want_logits = _reference(model, [prompt], 6)
+        assert tokens[row][: len(want_tokens[0])] == want_tokens[0], row  # then it pads
+        for step, theirs in enumerate(want_logits):
+            assert np.abs(logits[step][row] - theirs[0]).max() <= LOGITS_ATOL, (row, step)
 
 
 def test_genai_continues_a_second_turn_from_its_cache(exported: tuple) -> None:

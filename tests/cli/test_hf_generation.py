@@ -60,7 +60,7 @@ def fork_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
 
 def _onnx_greedy(folder: Path, prompt: torch.Tensor, new_tokens: int, layers: int) -> list[int]:
     """Greedy decoding with onnxruntime alone, by the tensor names (no ultramem code): the
-    prompt from a cache of zeros at position 0, then one token at a time."""
+    prompt from a cache of zeros, then one token at a time."""
     session = ort.InferenceSession(str(folder / "model.onnx"))
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -68,14 +68,18 @@ def _onnx_greedy(folder: Path, prompt: torch.Tensor, new_tokens: int, layers: in
     cache = [np.zeros([1, *shapes[name][1:]], dtype=np.float32) for name in past]
     ids, start, tokens = prompt.numpy(), 0, []
     while True:
-        positions = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]
-        feeds = {"input_ids": ids, "position_ids": positions, **dict(zip(past, cache, strict=True))}
+        end = start + ids.shape[1]
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, end), dtype=np.int64),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None],
+            **dict(zip(past, cache, strict=True)),
+        }
         logits, *cache = session.run(["logits", *present], feeds)
         tokens.append(int(logits[0, -1].argmax()))
         if len(tokens) == new_tokens:
             return tokens
-        start += ids.shape[1]
-        ids = np.array([[tokens[-1]]], dtype=np.int64)
+        start, ids = end, np.array([[tokens[-1]]], dtype=np.int64)
 
 
 def _generate(directory: Path, prompt: torch.Tensor, new_tokens: int, remote: bool) -> list[int]:
@@ -99,15 +103,17 @@ def _assert_generation_export(directory: Path, out: Path, manifest: dict, name: 
     assert outputs == ["logits"] + [
         f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
     ]
-    assert inputs[:4] == [
-        "input_ids", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
+    assert inputs[:5] == [
+        "input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+        "past_key_values.0.value",
     ]  # fmt: skip
 
     def dims(value: onnx.ValueInfoProto) -> list[str | int]:
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
-    assert dims(model.graph.input[0]) == dims(model.graph.input[1]) == ["batch", "tokens"]
-    cache = dims(model.graph.input[2])
+    assert dims(model.graph.input[0]) == dims(model.graph.input[2]) == ["batch", "tokens"]
+    assert dims(model.graph.input[1]) == ["batch", "total"]
+    cache = dims(model.graph.input[3])
     assert cache[0] == "batch" and cache[2] == CACHE  # the length a runtime reads
     if HAS_TRT_BUILDER:
         assert (out / "model.engine").stat().st_size > 0
@@ -314,7 +320,7 @@ def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     swapped = tmp_path / "swapped"
     shutil.copytree(out, swapped)
     model = onnx.load(str(swapped / "model.onnx"))
-    for value in model.graph.input[2:]:
+    for value in model.graph.input[3:]:
         value.type.tensor_type.shape.dim[2].dim_value = CACHE + 1
     onnx.save(model, str(swapped / "model.onnx"))
     manifest = json.loads((swapped / "manifest.json").read_text())

@@ -47,7 +47,7 @@ def test_an_exact_backend_passes_and_a_nudged_one_fails(program) -> None:  # typ
         nudged.model.lm_head.weight.add_(1e-3)
 
     def steps_nudged(*inputs):  # type: ignore[no-untyped-def]
-        return (nudged if inputs[0].shape[1] == 1 and int(inputs[1][0, 0]) > 0 else exact_module)(
+        return (nudged if inputs[0].shape[1] == 1 and int(inputs[2][0, 0]) > 0 else exact_module)(
             *inputs
         )
 
