@@ -111,6 +111,8 @@ def export(
     with bad_input():
         plan_formats(tuple(names), options)  # every option checked before the model loads
         check_out_folder(out)
+    if max_cache_len is not None and max_cache_len < 2:
+        raise InputError(f"--max-cache-len {max_cache_len}: give at least 2")
     preflight(model, weights)
     if task == GENERATION:
         _export_generation(
@@ -142,8 +144,6 @@ def _export_generation(
 
     if not model.startswith("hf:"):
         raise InputError(f"--task {GENERATION} takes an hf:DIR causal LM, not {model}")
-    if max_cache_len is not None and max_cache_len < 2:
-        raise InputError(f"--max-cache-len {max_cache_len}: give at least 2")
     if options.trt.mode == "plugin" and "tensorrt" in formats:
         raise InputError(f"--task {GENERATION} builds native TensorRT engines (--trt-mode native)")
     loaded = load(model, weights, allow_unsafe_pickle)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from ...files import UnreadableFile, read_json
 from ...models.builtin import LoadedModel
 from ..artifacts import (
@@ -224,6 +226,22 @@ def _check_genai_config(
         )
 
 
+def _check_onnx_metadata(path: Path, generation: dict[str, Any]) -> None:
+    """The ``metadata_props`` a runtime may read from ``model.onnx`` (hashed, so as
+    exported) still say what this model gives; the producer's version may differ."""
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    wrong = sorted(
+        key for key, value in program_metadata(generation).items()
+        if key != "producer" and props.get(key) != value
+    )  # fmt: skip
+    if wrong:
+        raise ArtifactError(
+            f"{path}: its metadata_props {', '.join(wrong)} are not what this model gives; "
+            "export again"
+        )
+
+
 def check_generation(
     loaded: LoadedModel,
     directory: Path,
@@ -245,5 +263,7 @@ def check_generation(
             "names) is not what this model gives; export again"
         )
     _check_genai_config(manifest, directory, program)
+    if "onnx" in formats:
+        _check_onnx_metadata(directory / ONNX_FILE, generation_section(program))
     compiled = compile_model(program.decoder, progress)
     return _check_all(program, compiled, directory, formats, progress, None, native_code)

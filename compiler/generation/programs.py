@@ -12,14 +12,14 @@ of zeros. This is the form of Optimum's and ONNX Runtime GenAI's model builder (
 program, the weights stored once), with their tensor names.
 
 Columns and positions: the sequences of a batch share the cache's columns (its static
-cache writes one column for all), so a batch of prompts of different lengths is padded
-on the left, as GenAI pads it. ``attention_mask`` (1: a token, 0: padding) covers the
-columns seen so far, new tokens included (``total`` = columns seen + tokens), or the
-whole cache (GenAI's static mask under graph capture); columns past it count as unseen.
-``position_ids`` are each token's rotary position: the new tokens are written from column
-``max(position_ids[:, -1]) - tokens + 1``, which is the column count in both ways of
-numbering a padded batch (GenAI's, where a position is its column, and ``transformers``',
-where padding is not counted: the longest sequence is unpadded).
+cache writes one column for all), so a batch of prompts of different lengths is padded,
+as GenAI pads it (on the right: it masks trailing pads, reads each sequence's logits at
+its last real token, and continues each sequence after the padding). ``attention_mask``
+(1: a token, 0: padding) covers the columns seen so far, new tokens included (``total``
+= columns seen + tokens), or the whole cache (GenAI's static mask under graph capture);
+columns past it count as unseen. ``position_ids`` are each token's rotary position: the
+new tokens are written from column ``max(position_ids[:, -1]) - tokens + 1``, the count
+of columns seen, since the longest sequence of a batch is unpadded.
 
 Every cache tensor is ``[batch, kv_heads, max_cache_len, head_dim]``, the length fixed in
 the program's own input shapes: that is how a runtime learns it (GenAI reads it there and

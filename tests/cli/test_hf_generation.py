@@ -339,6 +339,28 @@ def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     assert all(r["status"] == "ok" for r in rows["eager"])
 
 
+def test_check_refuses_onnx_metadata_that_is_not_what_the_model_gives(
+    fork_export: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    """model.onnx's metadata_props say the cache's length: edited (its hash made to
+    match), check refuses the folder."""
+    directory, out, _ = fork_export
+    edited = Path(shutil.copytree(out, tmp_path / "edited"))
+    model = onnx.load(str(edited / "model.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == "ultramem.max_cache_len":
+            prop.value = str(CACHE * 2)
+    onnx.save(model, str(edited / "model.onnx"))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        artifact["sha256"] = sha256_file(edited / artifact["path"])
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    code, output = _run(
+        "check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(edited)
+    )
+    assert code == 2 and "metadata_props ultramem.max_cache_len" in output, output
+
+
 def test_check_refuses_a_genai_config_that_is_not_what_the_model_gives(
     fork_export: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
