@@ -259,12 +259,7 @@ def _captured_launches(trace: Trace) -> Iterator[None]:
 
 def load_bench_lookup() -> ModuleType:
     """``scripts/bench_lookup.py``: its configs and its fused path are what is reported."""
-    # scripts/ is no package; register the module first so its dataclasses resolve
-    spec = importlib.util.spec_from_file_location("bench_lookup", SCRIPTS / "bench_lookup.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = _sibling("bench_lookup")
     for name in ("CONFIGS", "FusedLookup"):
         if not hasattr(module, name):
             raise ReportError(f"scripts/bench_lookup.py has no {name}: the report runs its path")

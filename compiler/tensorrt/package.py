@@ -14,7 +14,7 @@ from ..inputs.errors import TensorRTError
 
 PACKAGES = ("tensorrt", "tensorrt_rtx")
 PIP_NAMES = {"tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx"}
-# TensorRT-RTX 1.7 engines run on these only (its runtime's message on sm_90, PLATFORMS.md).
+# TensorRT-RTX 1.7 engines run on these only (its runtime's message on sm_90, docs/platforms.md).
 RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 
 

@@ -315,7 +315,7 @@ def test_fuzz_operators_outside_the_allow_list_are_refused(
     ],
 )
 def test_operators_torch_export_writes_are_pure(target: str) -> None:
-    safe_pt2._check_operator(target, "node target")  # raises UnsafeArchive if not
+    safe_pt2.operators.check_operator(target, "node target")  # raises UnsafeArchive if not
 
 
 # ---- sizes -------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def test_json_is_parsed_only_below_a_bound(
 ) -> None:
     with zipfile.ZipFile(saved) as archive:
         size = archive.getinfo("small/models/model.json").file_size
-    monkeypatch.setattr(safe_pt2, "MAX_JSON_BYTES", size - 1)
+    monkeypatch.setattr(safe_pt2.archive, "MAX_JSON_BYTES", size - 1)
     with pytest.raises(OversizedArchive, match=f"inflates to {size} bytes"):
         load_untrusted_pt2(saved)
     assert not no_torch_load
@@ -450,7 +450,7 @@ def test_ratios_are_judged_on_declared_sizes(tmp_path: Path) -> None:
         info.file_size, info.compress_size = size, compressed
         return info
 
-    check = safe_pt2._check_sizes
+    check = safe_pt2.archive.check_sizes
     check([member("a", 100 * MB, MB)], 6 * MB, 1 << 40)  # ratio 100: zeros in a big model
     with pytest.raises(OversizedArchive, match="alone is"):
         check([member("a", 300 * MB, MB)], 2 * MB, 1 << 40)
@@ -468,8 +468,8 @@ def test_checking_operators_leaves_torch_ops_as_it_was(saved: Path) -> None:
     packet, overload, dunder = torch.ops.aten.add, torch.ops.aten.add.Tensor, torch.ops.aten.__and__
     load_untrusted_pt2(saved)
     for target in ("torch.ops.aten.add.Tensor", "torch.ops.aten.__and__.Tensor"):
-        safe_pt2._operator_impurity.cache_clear()
-        safe_pt2._check_operator(target, "node target")
+        safe_pt2.operators._operator_impurity.cache_clear()
+        safe_pt2.operators.check_operator(target, "node target")
     assert torch.ops.aten.add is packet and torch.ops.aten.add.Tensor is overload
     assert torch.ops.aten.__and__ is dunder
 
@@ -702,4 +702,4 @@ def test_what_exports_with_dynamic_shapes_write_loads(tmp_path: Path, name: str)
     ],
 )
 def test_what_torch_export_writes_is_within_the_bounds(expression: str) -> None:
-    safe_pt2._check_expression(expression)  # raises UnsafeArchive if not
+    safe_pt2.expressions.check_expression(expression)  # raises UnsafeArchive if not
