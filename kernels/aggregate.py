@@ -1,6 +1,6 @@
 """``ultramem::aggregate``: gather value rows, weight them by core, pool per group.
 
-Semantics (ULTRAMEM.md steps 7-8), for each token t, over its H·k selected slots in order
+Semantics (docs/ultramem.md, steps 7-8), for each token t, over its H·k selected slots in order
 (head-major, then the k of each head), with ``s`` a slot id and ``h`` its head:
 
     row   = row_map[h', s]   if row_map is given, else s       # h' = h, or 0 for a [1, S] map

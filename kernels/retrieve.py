@@ -1,6 +1,6 @@
 """``ultramem::retrieve``: candidate selection, grid scoring and top-k of one memory lookup.
 
-Semantics (ULTRAMEM.md steps 3-6), for each token t and key head h:
+Semantics (docs/ultramem.md, steps 3-6), for each token t and key head h:
 
     a_row = row_scores[t, h] @ row_weight[h]          # [n]   rank-1 merge
     a_col = col_scores[t, h] @ col_weight[h]

@@ -13,7 +13,7 @@ SlotMapping = Literal["shuffle", "identity"]
 
 @dataclass(frozen=True)
 class UltraMemConfig:
-    """Sizes and variant switches of one UltraMem layer (symbols of ULTRAMEM.md).
+    """Sizes and variant switches of one UltraMem layer (symbols of docs/ultramem.md).
 
     ``n_keys`` is n (keys per side, so n² virtual slots); the value table has
     ``n_keys**2 // expansion`` physical rows.

@@ -1,6 +1,6 @@
 """The reference UltraMem layer in plain PyTorch: the semantic source of truth.
 
-Written the way the authors' training code computes it (ULTRAMEM.md, V1): a query split
+Written the way the authors' training code computes it (docs/ultramem.md, V1): a query split
 into row and column halves, Tucker-decomposed query-key retrieval (TDQKR) with the rank-1
 SVD merge choosing m row and m column candidates, grid scores over the m × m candidates
 with the full Tucker core, top-k over the grid, multi-core scoring (each core weights one

@@ -3,7 +3,7 @@
 Run as ``python -m ultramem.plugins.probe_trt_plugins [--package tensorrt_rtx]``. Each check
 runs in a subprocess of its own, because TensorRT-RTX 1.7 aborts the whole process
 ("terminate called without an active exception") once the ONNX parser has created a
-Python-defined IPluginV3 (PLATFORMS.md); the verdict records how far each got.
+Python-defined IPluginV3 (docs/platforms.md); the verdict records how far each got.
 
 Checks:
 - ``plugin_module``: does ``<package>.plugin`` (the quickly-deployable-plugin API) import;

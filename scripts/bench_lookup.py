@@ -9,7 +9,7 @@ the same under ``torch.compile``, and the fused path (the scoring matmuls, then
 ``torch.ops.ultramem.retrieve`` + ``aggregate``, then the output projection; on CUDA the ops
 run the Triton kernels). Before timing, the fused path's selection is checked against the
 reference layer's (the slots the layer feeds to its shuffle, recorded on the way) and its
-output against the layer's. The memory-traffic floor is ULTRAMEM.md's "What a lookup
+output against the layer's. The memory-traffic floor is docs/ultramem.md's "What a lookup
 costs": k value rows per token and head, both key tables and Wout, at ``--bandwidth-tbs``
 (3.35 TB/s, an H100 SXM's HBM3; ``--bandwidth-tbs measure`` takes the device's own copy
 bandwidth, measured in the same run); achieved bandwidth is that floor over the median
@@ -60,7 +60,7 @@ class BenchConfig:
 
 
 CONFIGS = {
-    # ULTRAMEM.md "Sizes to test and benchmark with": the paper-scale layer
+    # docs/ultramem.md, "Sizes to test and benchmark with": the paper-scale layer
     "paper": BenchConfig(
         UltraMemConfig(
             d_model=1024,
@@ -191,8 +191,8 @@ def check_selection(layer32: UltraMemLayer, x: Tensor, max_mismatch: float) -> d
 
 
 def floor_bytes(cfg: UltraMemConfig, tokens: int, element_size: int) -> int:
-    """ULTRAMEM.md "What a lookup costs": k value rows per token and head, both key tables
-    (each 2·n·Dk·r per head) and Wout, each read once."""
+    """docs/ultramem.md, "What a lookup costs": k value rows per token and head, both key
+    tables (each 2·n·Dk·r per head) and Wout, each read once."""
     rows = tokens * cfg.heads * cfg.topk * cfg.value_dim
     keys = cfg.heads * 2 * cfg.n_keys * cfg.key_dim * cfg.tucker_rank
     wout = cfg.expansion * cfg.value_dim * cfg.d_model if cfg.output_proj else 0

@@ -1,7 +1,7 @@
 """Thirteen memory layers and look-alikes written blind, as a check of generality.
 
 Written on 2026-12-01 by a helper session that was forbidden to read ``passes/``,
-``compiler/`` or the rest of ``tests/``: from ULTRAMEM.md's maths and its own idea of how
+``compiler/`` or the rest of ``tests/``: from the maths of docs/ultramem.md and its own idea of how
 people write these layers. Its first run found four bugs (a sigmoid on the selected
 scores, ``take_along_dim`` for the score gather, heads as the last dim, column-major slot
 ids mis-read by parity), since fixed; the models are kept as written, apart from building

@@ -140,7 +140,7 @@ def naive_aggregate(
     groups: int,
     pooling: str,
 ) -> Tensor:
-    """ULTRAMEM.md steps 7-8, one selection at a time in order, written independently."""
+    """docs/ultramem.md, steps 7-8, one selection at a time in order, written independently."""
     tokens, heads, k, n_cores = weights.shape
     value_dim = values.shape[1]
     chunk = value_dim // n_cores

@@ -116,7 +116,7 @@ def naive_retrieve(
     topk: int,
     activation: str,
 ) -> tuple[Tensor, Tensor]:
-    """ULTRAMEM.md steps 3-6 with Python loops over float64 scalars, written independently."""
+    """docs/ultramem.md steps 3-6 with Python loops over float64 scalars, written independently."""
     tokens, heads, n, rank = row_scores.shape
     n_cores = cores.shape[0]
     s_row, s_col = row_scores.double().tolist(), col_scores.double().tolist()

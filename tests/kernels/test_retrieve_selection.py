@@ -57,7 +57,7 @@ def topk_retrieve(
     topk: int,
     activation: str,
 ) -> tuple[Tensor, Tensor]:
-    """ULTRAMEM.md steps 3-6 in float64 (exact for the small integers drawn here),
+    """docs/ultramem.md, steps 3-6, in float64 (exact for the small integers drawn here),
     selections by ``topk_indices`` on the scores rounded to fp32."""
     s_row, s_col = row_scores.double(), col_scores.double()
     u, v, c = row_weight.double(), col_weight.double(), cores.double()

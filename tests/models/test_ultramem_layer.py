@@ -1,6 +1,6 @@
 """The reference UltraMem layer against a deliberately naive re-implementation.
 
-The naive version below follows ULTRAMEM.md step by step with Python loops over tokens,
+The naive version below follows docs/ultramem.md step by step with Python loops over tokens,
 heads, candidates and cores, plain indexing and ``(a * b).sum()`` dot products: no einsum,
 no gather, no scatter, top-k by sorting Python lists (ties to the lower index). It works
 in float64 from the layer's fp32 weights, so it is the more exact of the two; the layer

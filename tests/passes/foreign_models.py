@@ -1,7 +1,7 @@
 """Memory layers written the way other authors write them, independently of ``ultramem.models``.
 
 Each is a plain ``nn.Module`` ``x [B, L, D] -> [B, L, D]`` with random weights from a fixed
-seed, and each carries its author's habits (ULTRAMEM.md, "Where implementations differ"),
+seed, and each carries its author's habits (docs/ultramem.md, "Where implementations differ"),
 so that ``fuse_memory_lookup`` is tested on what real graphs look like rather than on the
 reference layer it was written next to:
 

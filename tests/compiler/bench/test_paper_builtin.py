@@ -1,6 +1,6 @@
-"""``builtin:paper-layer``: ULTRAMEM.md's paper-scale memory layer, generated, not shipped.
+"""``builtin:paper-layer``: docs/ultramem.md's paper-scale memory layer, generated, not shipped.
 
-Its sizes are checked against ULTRAMEM.md's numbers, its weights for being the same bits
+Its sizes are checked against docs/ultramem.md's numbers, its weights for being the same bits
 in every load and every process (``check``/``bench`` compare them with the export's
 fingerprint), and one token's forward against a float64 NumPy re-computation.
 """
@@ -38,7 +38,7 @@ def test_sizes_are_the_paper_scale_layer(paper: LoadedModel) -> None:
     layer = paper.model
     assert isinstance(layer, UltraMemLayer)
     cfg = layer.cfg
-    # ULTRAMEM.md, "Sizes to test and benchmark with", paper-scale layer (in fp32 here)
+    # docs/ultramem.md, "Sizes to test and benchmark with", paper-scale layer (in fp32 here)
     assert cfg.n_keys**2 == 1 << 20  # 1M virtual slots
     assert (cfg.key_dim, cfg.heads, cfg.tucker_rank, cfg.cores) == (128, 2, 2, 2)
     assert (cfg.topm, cfg.topk, cfg.value_dim, cfg.expansion, cfg.d_model) == (
@@ -86,7 +86,7 @@ def test_a_smaller_layer_through_the_same_generator_depends_on_the_seed_only() -
 
 
 def _reference_forward(layer: UltraMemLayer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ULTRAMEM.md's V1 forward, written from its steps in float64 NumPy for one token:
+    """docs/ultramem.md's V1 forward, written from its steps in float64 NumPy for one token:
     the output [D] and the selected virtual slots [H, k] (as sets, sorted)."""
     cfg = layer.cfg
     # the 256 MiB value table stays fp32: only the rows read are widened
