@@ -115,40 +115,25 @@ def export(
         raise InputError(f"--max-cache-len {max_cache_len}: give at least 2")
     preflight(model, weights)
     if task == GENERATION:
-        _export_generation(
-            model, weights, allow_unsafe_pickle, out, tuple(names), options, max_cache_len
-        )
-        return
-    if max_cache_len is not None:
+        _check_generation_options(model, names, options)
+    elif max_cache_len is not None:
         raise InputError(f"--max-cache-len applies to --task {GENERATION}")
     loaded = load(model, weights, allow_unsafe_pickle)
+    from ..compiler.generation.export import GenerationTask
     from ..compiler.pipeline import export_model
 
     with bad_input():
-        _, report = export_model(loaded, out, progress, formats=tuple(names), options=options)
-    click.echo(f"exported {loaded.source} to {out}: parity {report.verdict()}")
+        generation = GenerationTask.of(loaded, max_cache_len) if task == GENERATION else None
+        program = generation.program.decoder if generation is not None else loaded
+        _, report = export_model(program, out, progress, tuple(names), options, task=generation)
+    what = f" ({GENERATION})" if generation is not None else ""
+    click.echo(f"exported {loaded.source}{what} to {out}: parity {report.verdict()}")
     if not report:
         raise SystemExit(1)
 
 
-def _export_generation(
-    model: str,
-    weights: Path | None,
-    allow_unsafe_pickle: bool,
-    out: Path,
-    formats: tuple[str, ...],
-    options: ExportOptions,
-    max_cache_len: int | None,
-) -> None:
-    from ..compiler.generation.export import export_generation
-
+def _check_generation_options(model: str, formats: list[str], options: ExportOptions) -> None:
     if not model.startswith("hf:"):
         raise InputError(f"--task {GENERATION} takes an hf:DIR causal LM, not {model}")
     if options.trt.mode == "plugin" and "tensorrt" in formats:
         raise InputError(f"--task {GENERATION} builds native TensorRT engines (--trt-mode native)")
-    loaded = load(model, weights, allow_unsafe_pickle)
-    with bad_input():
-        _, report = export_generation(loaded, out, progress, formats, options, max_cache_len)
-    click.echo(f"exported {loaded.source} ({GENERATION}) to {out}: parity {report.verdict()}")
-    if not report:
-        raise SystemExit(1)

@@ -13,7 +13,6 @@ with the same thread count (``run.torch_threads``, ONNX Runtime's session option
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ import torch
 from torch import Tensor
 
 from .. import first_line
-from ..artifacts import ArtifactError, versions
+from ..artifacts import ArtifactError
 from ..formats import ProgressFn
 from ..generation.programs import GenerationProgram, decoder_inputs
 from ..parity.compare import compare_outputs, tolerance_for
 from ..pipeline import Compiled
-from .run import TORCH_BACKENDS, bench_device, machine_record, make_backends, torch_threads
+from .run import TORCH_BACKENDS, bench_device, make_backends, report_head, torch_threads
 from .timing import interleave, too_noisy
 
 GENERATION_BENCH_SCHEMA = "ultramem-bench-generation/1"
@@ -146,12 +145,7 @@ def _bench(
             if row["status"] == "ok" and base is not None:
                 row["speedup_vs_eager"] = base["p50_ms"] / row["p50_ms"]
     return {
-        "schema": GENERATION_BENCH_SCHEMA,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": program.decoder.source,
-        "device": device,
-        "machine": machine_record(device),
-        "versions": versions(),
+        **report_head(GENERATION_BENCH_SCHEMA, program.decoder.source, device),
         "threads": threads,
         "batch": batch,
         "max_cache_len": program.max_cache_len,

@@ -144,138 +144,125 @@ def run_bench(
     """Parity, then interleaved timing, of every available backend at each token count;
     the report ``bench.json`` holds (``report`` module). ``threads``: torch's thread count
     for the run (None: the current one), restored afterwards."""
-    with torch_threads(threads) as applied, torch.no_grad():
-        return _run_bench(compiled, backends, tokens, batch, budget_s, progress, applied)
-
-
-def _run_bench(
-    compiled: Compiled,
-    backends: list[Backend],
-    tokens: list[int],
-    batch: int,
-    budget_s: float,
-    progress: ProgressFn,
-    threads: int,
-) -> dict[str, Any]:
-    device = bench_device()
-    progress(f"threads: {threads} for every backend")
-    for b in backends:
-        if b.run is not None and b.name in TORCH_BACKENDS:
-            b.settings.setdefault("torch_threads", threads)
-    bandwidth = copy_bandwidth_gbs(device)
-    progress(f"measured copy bandwidth: {bandwidth:.1f} GB/s on {device}")
-    gen = torch.Generator().manual_seed(0)
-    results: dict[str, list[dict[str, Any]]] = {b.name: [] for b in backends}
-    lookups: list[dict[str, Any]] = []
-    noisy: list[dict[str, Any]] = []
-    load: list[dict[str, Any]] = []
-    for t in tokens:
-        inputs = like_inputs(compiled.loaded.example_inputs, batch, t, gen)
-        reference = tensor_leaves(compiled.loaded.model(*inputs))
-        tol = tolerance_for(reference[0].dtype)
-        # parity first, each backend alone: only those that pass are timed
-        passed: dict[str, tuple[RunFn, float]] = {}
-        for backend in backends:
-            if backend.run is None:
-                continue
-            progress(f"tokens={t} {backend.name}: parity")
-            outs = tensor_leaves(backend.run(inputs))
-            checks = [
-                compare_outputs("output", r, c, tol) for r, c in zip(reference, outs, strict=False)
-            ]
-            if len(outs) != len(reference) or not all(c.passed for c in checks):
-                message = (
-                    "; ".join(c.message for c in checks if not c.passed) or "output count differs"
-                )
-                row = {"tokens": t, "batch": batch, "status": "wrong", "parity": message}
-                results[backend.name].append(row)
-                progress(f"WRONG | {backend.name} | tokens={t} | {message}")
-                continue
-            passed[backend.name] = (backend.run, max(c.max_abs for c in checks))
-        if passed:
-            progress(f"tokens={t}: timing {', '.join(passed)} interleaved")
-        others = OtherProcesses()
-        timed = interleave(
-            {name: (lambda run=run, x=inputs: run(x)) for name, (run, _) in passed.items()},
-            device,
-            budget_s,
-            warmup=WARMUP,
-        )
-        other_cores, window_s = others.cores()
-        busy = too_busy(other_cores, window_s)
-        load.append({"tokens": t, "other_cores": other_cores, "window_s": window_s, "busy": busy})
-        if busy:
-            progress(
-                f"WARNING | busy machine | tokens={t} | other processes used {other_cores:.2f} "
-                f"of {os.cpu_count()} cores while it was timed (>= {BUSY_CORES})"
+    with torch_threads(threads) as threads, torch.no_grad():
+        device = bench_device()
+        progress(f"threads: {threads} for every backend")
+        for b in backends:
+            if b.run is not None and b.name in TORCH_BACKENDS:
+                b.settings.setdefault("torch_threads", threads)
+        bandwidth = copy_bandwidth_gbs(device)
+        progress(f"measured copy bandwidth: {bandwidth:.1f} GB/s on {device}")
+        gen = torch.Generator().manual_seed(0)
+        results: dict[str, list[dict[str, Any]]] = {b.name: [] for b in backends}
+        lookups: list[dict[str, Any]] = []
+        noisy: list[dict[str, Any]] = []
+        load: list[dict[str, Any]] = []
+        for t in tokens:
+            inputs = like_inputs(compiled.loaded.example_inputs, batch, t, gen)
+            reference = tensor_leaves(compiled.loaded.model(*inputs))
+            tol = tolerance_for(reference[0].dtype)
+            # parity first, each backend alone: only those that pass are timed
+            passed: dict[str, tuple[RunFn, float]] = {}
+            for backend in backends:
+                if backend.run is None:
+                    continue
+                progress(f"tokens={t} {backend.name}: parity")
+                outs = tensor_leaves(backend.run(inputs))
+                checks = [
+                    compare_outputs("output", r, c, tol)
+                    for r, c in zip(reference, outs, strict=False)
+                ]
+                if len(outs) != len(reference) or not all(c.passed for c in checks):
+                    message = (
+                        "; ".join(c.message for c in checks if not c.passed)
+                        or "output count differs"
+                    )
+                    row = {"tokens": t, "batch": batch, "status": "wrong", "parity": message}
+                    results[backend.name].append(row)
+                    progress(f"WRONG | {backend.name} | tokens={t} | {message}")
+                    continue
+                passed[backend.name] = (backend.run, max(c.max_abs for c in checks))
+            if passed:
+                progress(f"tokens={t}: timing {', '.join(passed)} interleaved")
+            others = OtherProcesses()
+            timed = interleave(
+                {name: (lambda run=run, x=inputs: run(x)) for name, (run, _) in passed.items()},
+                device,
+                budget_s,
+                warmup=WARMUP,
             )
-        for name, timing in timed.timings.items():
-            row = {
-                "tokens": t,
-                "batch": batch,
-                "status": "ok",
-                "p10_ms": timing.p10,
-                "p50_ms": timing.p50,
-                "p90_ms": timing.p90,
-                "p99_ms": timing.p99,
-                "mean_ms": timing.mean,
-                "reps": len(timing.samples_ms),
-                "rounds": timed.rounds,
-                "spread": timing.spread,
-                "noisy": too_noisy(timing.p10, timing.p50, timing.p90),
-                "tokens_per_s": batch * t / (timing.p50 / 1e3),
-                "max_abs_error": passed[name][1],
-            }
-            results[name].append(row)
-            progress(
-                f"tokens={t} {name}: p50 {timing.p50:.3f} ms [p10 {timing.p10:.3f}, p90 "
-                f"{timing.p90:.3f}], {row['reps']} calls in {timed.rounds} rounds"
+            other_cores, window_s = others.cores()
+            busy = too_busy(other_cores, window_s)
+            load.append(
+                {"tokens": t, "other_cores": other_cores, "window_s": window_s, "busy": busy}
             )
-            if row["noisy"]:
-                noisy.append({"backend": name, "tokens": t, "spread": timing.spread})
+            if busy:
                 progress(
-                    f"WARNING | too noisy to compare | {name} | tokens={t} | (p90-p10)/p50 = "
-                    f"{timing.spread:.2f} > {NOISE_SPREAD}"
+                    f"WARNING | busy machine | tokens={t} | other processes used {other_cores:.2f} "
+                    f"of {os.cpu_count()} cores while it was timed (>= {BUSY_CORES})"
                 )
-        lookups += _time_lookups(compiled, inputs, t, batch, device, budget_s, bandwidth)
-    _against_eager(results)
-    return {
-        "schema": BENCH_SCHEMA,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": compiled.loaded.source,
-        "device": device,
-        "machine": machine_record(device),
-        "versions": versions(),
-        "batch": batch,
-        "tokens": tokens,
-        "threads": threads,
-        "timing": {
-            "method": "interleaved",
-            "budget_s": budget_s,
-            "warmup": WARMUP,
-            "calls_per_round": CALLS_PER_ROUND,
-            "block_s": BLOCK_S,
-            "warm_per_round": WARM_PER_ROUND,
-            "warm_s": WARM_S,
-            "min_rounds": MIN_ROUNDS,
-            "min_reps": MIN_REPS,
-            "max_rounds": MAX_ROUNDS,
-        },
-        "noise": {"rule": NOISE_RULE, "threshold": NOISE_SPREAD, "noisy": noisy},
-        "load": {"rule": BUSY_RULE, "threshold_cores": BUSY_CORES, "sizes": load},
-        "copy_bandwidth_gbs": bandwidth,
-        "backends": [
-            {
-                "name": b.name,
-                "available": b.run is not None,
-                "reason": b.reason or None,
-                "settings": b.settings,
-                "results": results[b.name],
-            }
-            for b in backends
-        ],
-        "lookups": lookups,
-    }
+            for name, timing in timed.timings.items():
+                row = {
+                    "tokens": t,
+                    "batch": batch,
+                    "status": "ok",
+                    "p10_ms": timing.p10,
+                    "p50_ms": timing.p50,
+                    "p90_ms": timing.p90,
+                    "p99_ms": timing.p99,
+                    "mean_ms": timing.mean,
+                    "reps": len(timing.samples_ms),
+                    "rounds": timed.rounds,
+                    "spread": timing.spread,
+                    "noisy": too_noisy(timing.p10, timing.p50, timing.p90),
+                    "tokens_per_s": batch * t / (timing.p50 / 1e3),
+                    "max_abs_error": passed[name][1],
+                }
+                results[name].append(row)
+                progress(
+                    f"tokens={t} {name}: p50 {timing.p50:.3f} ms [p10 {timing.p10:.3f}, p90 "
+                    f"{timing.p90:.3f}], {row['reps']} calls in {timed.rounds} rounds"
+                )
+                if row["noisy"]:
+                    noisy.append({"backend": name, "tokens": t, "spread": timing.spread})
+                    progress(
+                        f"WARNING | too noisy to compare | {name} | tokens={t} | (p90-p10)/p50 = "
+                        f"{timing.spread:.2f} > {NOISE_SPREAD}"
+                    )
+            lookups += _time_lookups(compiled, inputs, t, batch, device, budget_s, bandwidth)
+        _against_eager(results)
+        return {
+            **report_head(BENCH_SCHEMA, compiled.loaded.source, device),
+            "batch": batch,
+            "tokens": tokens,
+            "threads": threads,
+            "timing": {
+                "method": "interleaved",
+                "budget_s": budget_s,
+                "warmup": WARMUP,
+                "calls_per_round": CALLS_PER_ROUND,
+                "block_s": BLOCK_S,
+                "warm_per_round": WARM_PER_ROUND,
+                "warm_s": WARM_S,
+                "min_rounds": MIN_ROUNDS,
+                "min_reps": MIN_REPS,
+                "max_rounds": MAX_ROUNDS,
+            },
+            "noise": {"rule": NOISE_RULE, "threshold": NOISE_SPREAD, "noisy": noisy},
+            "load": {"rule": BUSY_RULE, "threshold_cores": BUSY_CORES, "sizes": load},
+            "copy_bandwidth_gbs": bandwidth,
+            "backends": [
+                {
+                    "name": b.name,
+                    "available": b.run is not None,
+                    "reason": b.reason or None,
+                    "settings": b.settings,
+                    "results": results[b.name],
+                }
+                for b in backends
+            ],
+            "lookups": lookups,
+        }
 
 
 def _percentiles(row: dict[str, Any]) -> tuple[float, float, float]:
@@ -342,6 +329,18 @@ def _time_lookups(
             }
         )
     return rows
+
+
+def report_head(schema: str, model: str, device: str) -> dict[str, Any]:
+    """What every bench report opens with: what it is, of which model, where and when."""
+    return {
+        "schema": schema,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model,
+        "device": device,
+        "machine": machine_record(device),
+        "versions": versions(),
+    }
 
 
 def machine_record(device: str) -> dict[str, Any]:

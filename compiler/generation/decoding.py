@@ -18,7 +18,7 @@ Prompts run one per call (batch 1): sequences of a batch share one cache positio
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from .. import first_line
 from ..parity.compare import (
     OutputComparison,
     SelectionComparison,
+    StageReport,
     Tolerance,
     compare_outputs,
 )
@@ -64,19 +65,17 @@ class PromptResult:
 
 
 @dataclass
-class BackendReport:
-    stage: str
-    executed: bool = True
-    reason: str = ""
+class BackendReport(StageReport):
+    """A stage's greedy generation: each prompt's tokens, and per step the last
+    position's logits (``outputs``) and each memory layer's selections."""
+
     prompts: list[PromptResult] = field(default_factory=list)
-    logits: list[OutputComparison] = field(default_factory=list)
-    selections: list[SelectionComparison] = field(default_factory=list)
 
     @property
     def passed(self) -> bool | None:
         if not self.executed:
             return None
-        checks = self.logits + self.selections
+        checks = self.outputs + self.selections
         return (
             bool(self.prompts)
             and all(p.agrees for p in self.prompts)
@@ -84,8 +83,8 @@ class BackendReport:
         )
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["passed"] = self.passed
+        out = super().to_json()
+        out["logits"] = out.pop("outputs")  # what a generation step's outputs are
         for entry, prompt in zip(out["prompts"], self.prompts, strict=True):
             entry["exact"] = prompt.exact
         return out
@@ -95,13 +94,13 @@ class BackendReport:
             return f"SKIPPED | generation {self.stage} | {self.reason}"
         exact = sum(p.exact for p in self.prompts)
         ties = sum(not p.exact and p.near_tie_at is not None for p in self.prompts)
-        worst = max((c.max_abs for c in self.logits), default=0.0)
+        worst = max((c.max_abs for c in self.outputs), default=0.0)
         differing = sum(c.differing for c in self.selections)
         rows = sum(c.rows for c in self.selections)
         parted = f" ({ties} parted at a near-tie of the logits)" if ties else ""
         return (
             f"{'PASSED' if self.passed else 'FAILED'} | generation {self.stage} | "
-            f"{exact}/{len(self.prompts)} prompts token-exact{parted}, {len(self.logits)} "
+            f"{exact}/{len(self.prompts)} prompts token-exact{parted}, {len(self.outputs)} "
             f"steps' logits max_abs={worst:.3g} | selections: {differing}/{rows} differ"
         )
 
@@ -183,7 +182,7 @@ def _compare_steps(
     steps = min(len(reference.tokens), len(candidate.tokens))
     for step in range(steps):
         tag = f"prompt {index} step {step}"
-        report.logits.append(
+        report.outputs.append(
             compare_outputs(f"logits @ {tag}", reference.logits[step], candidate.logits[step], tol)
         )
         if not reference.records[step] and plan.names:
@@ -227,10 +226,9 @@ def run_generation_parity(
     ]
     reports = []
     for stage in stages:
-        report = BackendReport(stage.name)
+        report = BackendReport.of(stage.name, None if stage.run is not None else stage.reason)
+        reports.append(report)
         if stage.run is None:
-            report.executed, report.reason = False, stage.reason
-            reports.append(report)
             continue
         stage_plan = stage.plan or plan
         for index, ((prompt, new), reference) in enumerate(zip(prompts, references, strict=True)):
@@ -239,11 +237,10 @@ def run_generation_parity(
             except Exception as exc:  # a runtime's own error: this backend fails
                 message = f"generation raised {type(exc).__name__}: {first_line(exc, 300)}"
                 inf = float("inf")
-                report.logits.append(
+                report.outputs.append(
                     OutputComparison(f"prompt {index}", [], inf, inf, 0.0, 0, inf, False, message)
                 )
                 break
             report.prompts.append(PromptResult(prompt.shape[1], reference.tokens, candidate.tokens))
             _compare_steps(report, index, reference, candidate, plan, stage_plan, tol)
-        reports.append(report)
     return reports

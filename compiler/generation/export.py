@@ -1,5 +1,7 @@
 """``--task text-generation``: export, and check, the decoder program.
 
+``export_model(task.program.decoder, out, ..., task=GenerationTask.of(loaded))`` exports it.
+
 The program goes through the same compile (capture, passes, proven rewrite) and the same
 exporters as a plain forward, into the export's root (``model.onnx``, ``model.engine``,
 ...), and its parity is checked stage by stage on real inputs (prompts from an empty
@@ -20,23 +22,16 @@ import onnx
 
 from ...files import UnreadableFile, read_json
 from ...models.builtin import LoadedModel
-from ..artifacts import (
-    ArtifactError,
-    ArtifactWriter,
-    json_text,
-    manifest_formats,
-    read_manifest,
-    verify_artifacts,
-)
-from ..formats import ExportOptions, ProgressFn, resolve
+from ..artifacts import ArtifactError, ArtifactWriter
+from ..formats import ProgressFn
 from ..inputs.options import ONNX_FILE
+from ..manifest import json_text, manifest_formats, read_manifest, verify_artifacts
 from ..parity.compare import ParityReport, tolerance_for
 from ..pipeline import (
     Compiled,
     Task,
     check_same_model,
     compile_model,
-    export_model,
     no_progress,
     parity_stages,
     parity_summary,
@@ -133,6 +128,12 @@ class GenerationTask(Task):
     def __init__(self, program: GenerationProgram, loaded: LoadedModel) -> None:
         self.program, self.loaded = program, loaded
 
+    @classmethod
+    def of(cls, loaded: LoadedModel, max_cache_len: int | None = None) -> GenerationTask:
+        """The task of ``loaded`` (an ``hf:DIR`` causal LM); export ``task.program.decoder``
+        with it (``pipeline.export_model``)."""
+        return cls(build_program(loaded, max_cache_len), loaded)
+
     def source(self, _: LoadedModel) -> dict[str, Any]:
         return source_record(self.loaded)  # the checkpoint, not the program around it
 
@@ -160,25 +161,6 @@ class GenerationTask(Task):
                 b.stage: {"executed": b.executed, "passed": b.passed} for b in report.generation
             },
         }
-
-
-def export_generation(
-    loaded: LoadedModel,
-    out: Path,
-    progress: ProgressFn = no_progress,
-    formats: tuple[str, ...] = ("onnx",),
-    options: ExportOptions | None = None,
-    max_cache_len: int | None = None,
-) -> tuple[dict[str, Any], GenerationReport]:
-    """The decoder program of ``loaded`` (an ``hf:DIR`` causal LM) through compile and
-    every format into ``out``, with the files a runtime reads, then parity of the program
-    and of generation; published only whole."""
-    options = options or ExportOptions()
-    if options.trt.mode == "plugin" and "tensorrt" in [f.name for f in resolve(formats, options)]:
-        raise GenerationError(f"--task {TASK} builds native TensorRT engines (--trt-mode native)")
-    program = build_program(loaded, max_cache_len)
-    task = GenerationTask(program, loaded)
-    return export_model(program.decoder, out, progress, formats, options, task=task)
 
 
 def generation_section(program: GenerationProgram) -> dict[str, Any]:

@@ -48,7 +48,7 @@ bfloat16   6e-2    6e-2    0.998
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor
@@ -141,6 +141,11 @@ class StageReport:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
+
+    @classmethod
+    def of(cls, name: str, reason: str | None) -> Self:
+        """The report of a stage, not executed where ``reason`` says why it cannot run."""
+        return cls(name) if reason is None else cls(name, executed=False, reason=reason)
 
 
 @dataclass

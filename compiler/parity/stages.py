@@ -87,9 +87,8 @@ def run_parity(
     reports = []
     source_runs: dict[int, tuple[list[Tensor], list[SiteRecord], SitePlan]] = {}
     for stage in stages:
-        report = StageReport(stage.name)
+        report = StageReport.of(stage.name, None if stage.run is not None else stage.reason)
         if stage.run is None:
-            report.executed, report.reason = False, stage.reason
             reports.append(report)
             continue
         for i, (inputs, (ref_out, ref_records)) in enumerate(

@@ -64,11 +64,11 @@ def test_an_exact_backend_passes_and_a_nudged_one_fails(program) -> None:  # typ
     assert exact.passed, exact.summary_line()
     assert all(p.exact for p in exact.prompts)
     steps = sum(len(p.generated) for p in exact.prompts)
-    assert len(exact.logits) == steps and max(c.max_abs for c in exact.logits) <= 1e-4
+    assert len(exact.outputs) == steps and max(c.max_abs for c in exact.outputs) <= 1e-4
     # every step's selections compared, per memory layer: two layers per step
     assert len(exact.selections) == 2 * steps and all(c.rows > 0 for c in exact.selections)
     assert not wrong.passed
-    failed = [c for c in wrong.logits if not c.passed]
+    failed = [c for c in wrong.outputs if not c.passed]
     assert failed and all("step 0" not in c.name for c in failed)  # its prompts are exact
 
 
