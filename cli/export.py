@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -119,17 +120,22 @@ def export(
     elif max_cache_len is not None:
         raise InputError(f"--max-cache-len applies to --task {GENERATION}")
     loaded = load(model, weights, allow_unsafe_pickle)
-    from ..compiler.generation.export import GenerationTask
     from ..compiler.pipeline import export_model
 
     with bad_input():
-        generation = GenerationTask.of(loaded, max_cache_len) if task == GENERATION else None
+        generation = _generation_task(loaded, max_cache_len) if task == GENERATION else None
         program = generation.program.decoder if generation is not None else loaded
         _, report = export_model(program, out, progress, tuple(names), options, task=generation)
     what = f" ({GENERATION})" if generation is not None else ""
     click.echo(f"exported {loaded.source}{what} to {out}: parity {report.verdict()}")
     if not report:
         raise SystemExit(1)
+
+
+def _generation_task(loaded: Any, max_cache_len: int | None) -> Any:
+    from ..compiler.generation.export import GenerationTask  # transformers: only when asked
+
+    return GenerationTask.of(loaded, max_cache_len)
 
 
 def _check_generation_options(model: str, formats: list[str], options: ExportOptions) -> None:
