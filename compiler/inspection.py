@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..passes.lookups import PARTS, LookupReport, PartReport
 from .rewrite import RewriteResult
 
 # ops that must not remain outside the fused ops once every lookup is fused
@@ -47,7 +48,7 @@ class Inspection:
                 if part in layer["fused"]:
                     out.append(f"    {part}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
                 else:
-                    out.append(f"    {part} NOT fused: {info.get('reason', '?')}")
+                    out.append(f"    {part} NOT fused: {info.get('reason', '?')}{_reached(info)}")
         out.append("passes:")
         for p in self.passes:
             out.append(
@@ -69,22 +70,32 @@ class Inspection:
         return out
 
 
+def _reached(info: dict[str, Any]) -> str:
+    """`` (got as far as rule R[: why it failed there])`` for a refused part a binder ran on."""
+    rule = info.get("furthest_rule")
+    if rule is None:
+        return ""
+    why = info.get("furthest_reason")
+    return f" (got as far as rule {rule}" + (f": {why})" if why != info.get("reason") else ")")
+
+
 def fused_layer_table(rewrite: RewriteResult) -> list[dict[str, Any]]:
     """One entry per memory lookup of the original graph: which parts are fused
-    (``selection``, ``aggregation``), each part's binding or the reason it is not."""
+    (``selection``, ``aggregation``), each part's binding or the reason it is not (and,
+    where a binder ran, ``furthest_rule``: how far its binding got). JSON, for ``inspect``
+    and the manifest, from the fusion pass's typed ``LookupReport``s."""
     fuse = rewrite.fusion
-    parts = fuse.details.get("lookups", {})
+    reports: dict[str, LookupReport] = fuse.details.get("lookups", {})
     table = []
     for name, final in zip(rewrite.plan.names, fuse.matched, strict=False):
         entry: dict[str, Any] = {"name": name, "lookup": final, "fused": []}
-        for part in ("selection", "aggregation"):
-            info = dict(
-                parts.get(final, {}).get(part) or {"fused": False, "reason": "selection not fused"}
-            )
+        report = reports.get(final) or LookupReport()
+        for part in PARTS:
+            info = report.part(part) or PartReport.refused("selection not fused")
             if final in rewrite.rolled_back:
-                info = {"fused": False, "reason": rewrite.rolled_back[final]}
-            if info.pop("fused", False):
+                info = PartReport.refused(rewrite.rolled_back[final])
+            if info.fused:
                 entry["fused"].append(part)
-            entry[part] = info
+            entry[part] = {k: v for k, v in info.to_json().items() if k != "fused"}
         table.append(entry)
     return table

@@ -34,6 +34,7 @@ from ..passes.exhaustive_grids_to_candidates import exhaustive_grids_to_candidat
 from ..passes.flags_without_bitwise_ops import flags_without_bitwise_ops
 from ..passes.fold_constants import fold_constants
 from ..passes.fuse_memory_lookup import fuse_memory_lookup
+from ..passes.lookups import LookupReport, SelectionSummary
 from .capture import CaptureResult, parity_inputs, recapture
 from .parity.compare import ParityReport
 from .parity.selections import GridReading, SitePlan, site_plan
@@ -105,14 +106,14 @@ def run_passes(
 def _readings(results: list[PassResult]) -> dict[str, GridReading]:
     """How parity reads each fused lookup's top-ks, as its fused selection proved them."""
     fusion = next((r for r in results if r.name == FUSION), None)
-    lookups = fusion.details.get("lookups", {}) if fusion is not None else {}
+    lookups: dict[str, LookupReport] = (
+        fusion.details.get("lookups", {}) if fusion is not None else {}
+    )
     out = {}
-    for name, parts in lookups.items():
-        selection = parts.get("selection", {})
-        if selection.get("fused"):
-            out[name] = GridReading(
-                bool(selection.get("rows_second")), selection.get("grid") != "rows inner"
-            )
+    for name, report in lookups.items():
+        summary = report.selection.summary if report.selection is not None else None
+        if isinstance(summary, SelectionSummary):
+            out[name] = GridReading(summary.rows_second, summary.rows_outer)
     return out
 
 

@@ -50,6 +50,7 @@ class PassResult:
     refused: list[Refusal] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
+    # what else the pass found; typed records in it (``to_json``) become JSON in ``to_json``
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -60,8 +61,19 @@ class PassResult:
             "refused": [{"node": r.node, "reason": r.reason} for r in self.refused],
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
-            **({"details": self.details} if self.details else {}),
+            **({"details": _jsonable(self.details)} if self.details else {}),
         }
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with every typed record in it (anything with ``to_json``) as JSON."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 class Pass(Protocol):

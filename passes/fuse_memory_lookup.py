@@ -4,10 +4,10 @@ Rewrite, per lookup (``lookups.find_lookups``: a final top-k over a grid of cand
 
 - selection: score tensors → rank-1 merge → top-m → grid scores → top-k → the selection's
   outputs (slot ids or their rows/columns, per-core scores, ranked values)  ⟶  one
-  ``retrieve`` call and views of its outputs (``_lookup/selection.py``);
+  ``retrieve`` call and views of its outputs (``_lookup/selection/``);
 - aggregation: value-table reads at indices computed from the slot ids → weighting →
   pooling (scatter-add, scatter, sums, ``embedding_bag``)  ⟶  one ``aggregate`` call with
-  the index maps computed from the model's own glue (``_lookup/aggregation.py``).
+  the index maps computed from the model's own glue (``_lookup/aggregation/``).
 
 Each part is bound and fused on its own: a gate, a shared table or an activation between
 them stays as the model's ordinary ops on [T, H, k] tensors, and a part that does not bind
@@ -16,21 +16,23 @@ joined with ``cat``) fuse their selections one by one and their aggregation once
 
 Constraints: a part is replaced only when the fused op reproduces it on the model's real
 activations and on random inputs; anything else is left alone and reported, per part,
-with the reason. Run after ``fold_constants`` (weights reached through SVDs or norms are
-plain buffers) and before dead-code removal.
+with the reason and the furthest binding rule it reached (``details["lookups"]``: typed
+``LookupReport`` records, JSON in ``PassResult.to_json``). Run after ``fold_constants``
+(weights reached through SVDs or norms are plain buffers) and before dead-code removal.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from ._lookup.aggregation import bind_aggregation, fuse_aggregation, read_indices, value_reads
+from ._lookup.aggregation import AGGREGATION_RULES, bind_aggregation, fuse_aggregation
 from ._lookup.anchors import merged_grids
-from ._lookup.region import NotALookup
+from ._lookup.reads import read_indices, value_reads
+from ._lookup.records import LookupReport, PartReport
+from ._lookup.rules import Failure, NotALookup, furthest
 from ._lookup.selection import bind_selection, fuse_selection
 from .base import PassContext, PassResult, Refusal, count_nodes, finish
 from .lookups import LookupAnchors, find_lookups
@@ -70,12 +72,12 @@ def fuse_memory_lookup(gm: GraphModule, ctx: PassContext) -> PassResult:
     if merged:
         result.details["merged_grids"] = merged
         result.refused += [Refusal(name, reason) for name, reason in merged.items()]
-    parts: dict[str, dict[str, Any]] = {}
+    parts: dict[str, LookupReport] = {}
     calls: dict[Node, str] = {}  # retrieve call -> its lookup
     for index, lookup in enumerate(lookups):
         name = lookup.name
         result.matched.append(name)
-        parts[name] = {}
+        parts[name] = LookupReport()
         if name in ctx.skip_layers or lookup.exhaustive:
             reason = (
                 "kept unfused: its fusion failed parity earlier"
@@ -83,23 +85,24 @@ def fuse_memory_lookup(gm: GraphModule, ctx: PassContext) -> PassResult:
                 else "an exhaustive grid is fused once exhaustive_grids_to_candidates gave it "
                 "candidates, and that pass did not run"
             )
-            parts[name] = {"selection": {"fused": False, "reason": reason}}
+            parts[name].selection = PartReport.refused(reason)
             result.refused.append(Refusal(name, reason))
             continue
         _in_sorted_order(lookup)
+        reached: Failure | None = None
         try:
             binding, _ = bind_selection(gm, lookup, ctx.example_inputs)
         except NotALookup as exc:
-            reason = str(exc)
+            reason, reached = str(exc), exc.furthest
         except Exception as exc:  # a bug in the binder must not cost the user the export
             reason = _internal("selection", exc)
         else:
             call = fuse_selection(gm, binding, f"_ultramem_{index}")
             calls[call] = name
-            parts[name]["selection"] = {"fused": True, **binding.describe()}
+            parts[name].selection = PartReport(fused=True, summary=binding.summary())
             result.changed.append(name)
             continue
-        parts[name]["selection"] = {"fused": False, "reason": reason}
+        parts[name].selection = PartReport.refused(reason, reached)
         result.refused.append(Refusal(name, f"selection: {reason}"))
     finish(gm)
     _fuse_aggregations(gm, ctx, calls, parts, result)
@@ -114,50 +117,52 @@ def _fuse_aggregations(
     gm: GraphModule,
     ctx: PassContext,
     calls: dict[Node, str],
-    parts: dict[str, dict[str, Any]],
+    parts: dict[str, LookupReport],
     result: PassResult,
 ) -> None:
     """Bind each read's aggregation once; report, per fused selection, why none bound."""
     sources = [n for n in gm.graph.nodes if n in calls]
     reasons: dict[Node, list[str]] = {}  # every read tried, and why it did not bind
+    reached: dict[Node, list[Failure]] = {}  # and the furthest rule each try reached
     done: set[Node] = set()
-    for index, (read, reached) in enumerate(value_reads(gm, sources)):
+    for index, (read, sharing) in enumerate(value_reads(gm, sources)):
         if read in done or read.graph is not gm.graph or not read.users:
             continue
         group = [read]
         siblings = [
-            r for r, s in value_reads(gm, list(reached))
+            r for r, s in value_reads(gm, list(sharing))
             if r is not read and r not in done and read_indices(r) == read_indices(read)
         ]  # fmt: skip
         attempts = [group + siblings, group] if siblings else [group]
         for reads in attempts:
             try:
-                binding, _ = bind_aggregation(gm, reads, list(reached), ctx.example_inputs)
+                binding, _ = bind_aggregation(gm, reads, list(sharing), ctx.example_inputs)
             except NotALookup as exc:
-                for s in reached:
+                for s in sharing:
                     reasons.setdefault(s, []).append(str(exc))
+                    if exc.furthest is not None:
+                        reached.setdefault(s, []).append(exc.furthest)
                 continue
             except Exception as exc:
-                for s in reached:
+                for s in sharing:
                     reasons.setdefault(s, []).append(_internal("aggregation", exc))
                 continue
             fuse_aggregation(gm, binding, f"_ultramem_agg_{index}")
             done.update(reads)
-            for s in reached:
-                parts[calls[s]]["aggregation"] = {
-                    "fused": True,
-                    **binding.describe(),
-                    "with": [calls[x] for x in reached],
-                }
+            summary = binding.summary(shared_with=tuple(calls[x] for x in sharing))
+            for s in sharing:
+                parts[calls[s]].aggregation = PartReport(fused=True, summary=summary)
                 reasons.pop(s, None)
+                reached.pop(s, None)
             break
     for call, name in calls.items():
-        if "aggregation" not in parts[name]:
+        if parts[name].aggregation is None:
             tried = reasons.get(call)
             why = (
                 "; ".join(dict.fromkeys(tried))
                 if tried
                 else ("no value table is read at indices computed from its slots")
             )
-            parts[name]["aggregation"] = {"fused": False, "reason": why}
+            got_to = furthest(reached.get(call, []), AGGREGATION_RULES)
+            parts[name].aggregation = PartReport.refused(why, got_to)
             result.refused.append(Refusal(name, f"aggregation: {why}"))

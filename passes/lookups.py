@@ -8,6 +8,8 @@ Its selection, read from the three top-ks' indices (each with its ranked axis la
 final top-k's positions ``pos`` index the m_row × m_col grid of candidates, with the rows
 as the outer axis (``pos // m_col``) or the inner one (``pos % m_row``), whichever the
 model's code flattened; the slot id is ``row · n + col`` in the fused op's numbering.
+
+What the fusion pass made of each lookup: ``LookupReport`` (``_lookup/records.py``), typed.
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ import torch
 from torch import Tensor
 
 from ._lookup.anchors import LookupAnchors, find_lookups
+from ._lookup.records import PARTS, LookupReport, PartReport, SelectionSummary
+from ._lookup.rules import Failure
 
-__all__ = ["LookupAnchors", "find_lookups", "grid_slots"]
+__all__ = [
+    "PARTS",
+    "Failure",
+    "LookupAnchors",
+    "LookupReport",
+    "PartReport",
+    "SelectionSummary",
+    "find_lookups",
+    "grid_slots",
+]
 
 
 def grid_slots(rows: Tensor, cols: Tensor, pos: Tensor, n: int, rows_outer: bool) -> Tensor | None:

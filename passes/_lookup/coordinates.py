@@ -15,7 +15,6 @@ refused with the op's name, never guessed.
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch.fx import Node
 from torch.utils._pytree import tree_map
 
 from .._graph import VIEW_OPS
+from .einsum_specs import expand_ellipsis, matmul_equation
 
 Coords = dict[str, Tensor]
 NAMES = ("t", "h", "j", "c")
@@ -340,12 +340,12 @@ class Tracer:
         else:
             operands = list(node.args[:2])
             ranks = [self.values[o].dim() for o in operands]
-            equation = _matmul_equation(target, ranks)
+            equation = matmul_equation(target, ranks)
             if equation is None:
                 return None
         out = self.values[node]
         ins, result = equation.replace(" ", "").split("->")
-        specs = _expand_ellipsis(ins.split(","), result, [self.values[o].dim() for o in operands])
+        specs = expand_ellipsis(ins.split(","), result, [self.values[o].dim() for o in operands])
         if specs is None:
             return None
         in_specs, out_spec = specs
@@ -384,88 +384,3 @@ class Tracer:
                 return None
             parts.append(part)
         return merge(parts, out.shape)
-
-
-def _matmul_equation(target: Any, ranks: list[int]) -> str | None:
-    if target is aten.linear.default:
-        return "...i,oi->...o"
-    if target is aten.mm.default:
-        return "ij,jk->ik"
-    if target is aten.bmm.default:
-        return "bij,bjk->bik"
-    a, b = ranks
-    if a >= 2 and b >= 2:
-        return "...ij,...jk->...ik"
-    if a == 1 and b >= 2:
-        return "j,...jk->...k"
-    if a >= 2 and b == 1:
-        return "...ij,j->...i"
-    return None
-
-
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _expand_ellipsis(
-    specs: list[str], result: str, ranks: list[int]
-) -> tuple[list[str], str] | None:
-    """Einsum operand specs with ``...`` spelled out as fresh labels, right-aligned."""
-    if not any("..." in s for s in [*specs, result]):
-        return specs, result
-    width = max(
-        r - len(s.replace("...", "")) for s, r in zip(specs, ranks, strict=True) if "..." in s
-    )
-    fresh = "".join(c for c in _LETTERS if not any(c in s for s in [*specs, result]))[:width]
-    out = []
-    for s, r in zip(specs, ranks, strict=True):
-        if "..." in s:
-            n = r - len(s.replace("...", ""))
-            s = s.replace("...", fresh[width - n :])
-        out.append(s)
-    if not re.fullmatch(r"[A-Za-z.]*", result):
-        return None
-    return out, result.replace("...", fresh)
-
-
-# ---- from coordinates to a canonical view --------------------------------------------------
-
-ROLE_OF = {"t": "t", "h": "h", "j": "k", "c": "c"}
-
-
-def _line(c: Tensor, dim: int) -> list[int]:
-    index = [0] * c.dim()
-    index[dim] = slice(None)  # type: ignore[call-overload]
-    return c[tuple(index)].tolist()
-
-
-def split_dims(coords: Coords, shape: torch.Size) -> list[list[tuple[str, int]]] | None:
-    """Per dim, the (coordinate, size) sub-dims it holds, outermost first: a dim holding
-    ``H·k`` selections (``view(T, H*k)``) splits into ``[("h", H), ("j", k)]``; a dim no
-    coordinate varies along is ``[("*", size)]``. None when a dim is not such a product."""
-    out = []
-    for dim, size in enumerate(shape):
-        lines = {}
-        for name, c in coords.items():
-            line = _line(c.expand(shape), dim)
-            if len(set(line)) > 1:
-                lines[name] = line
-        if not lines:
-            out.append([("*", size)])
-            continue
-        # inner coordinates change first; each period is the next one's first change
-        first_change = {
-            name: next(i for i, v in enumerate(line) if v != line[0])
-            for name, line in lines.items()
-        }
-        names = sorted(lines, key=first_change.__getitem__)
-        subs, inner = [], first_change[names[0]]
-        if inner > 1:  # an expansion inside the dim, below every coordinate
-            subs.append(("*", inner))
-        for i, name in enumerate(names):
-            nxt = first_change[names[i + 1]] if i + 1 < len(names) else size
-            if nxt % inner or size % nxt or nxt == inner:
-                return None
-            subs.append((name, nxt // inner))
-            inner = nxt
-        out.append(list(reversed(subs)))
-    return out

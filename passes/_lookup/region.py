@@ -26,10 +26,9 @@ from .._graph import (
     is_symint,
     mutations,
 )
+from .rules import NotALookup
 
-
-class NotALookup(Exception):
-    """The anchors were found but the sub-graph between them cannot be bound; says why."""
+__all__ = ["NotALookup", "Region", "region_between"]
 
 
 @dataclass
