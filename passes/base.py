@@ -10,6 +10,7 @@ One signature for all::
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,6 +81,11 @@ class Pass(Protocol):
     __name__: str
 
     def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult: ...
+
+
+def calls_to(gm: GraphModule, targets: Collection[Any]) -> list[Node]:
+    """The graph's calls to any of ``targets``, listed first (a pass may rewrite them)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
 
 
 def count_nodes(gm: GraphModule) -> int:

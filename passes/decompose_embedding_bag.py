@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ._graph import fill_meta, same_size
-from .base import PassContext, PassResult, Refusal, count_nodes, finish
+from .base import PassContext, PassResult, Refusal, calls_to, count_nodes, finish
 
 aten = torch.ops.aten
 _BAGS = (aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default)
@@ -91,9 +91,7 @@ def _plan(node: Node) -> tuple[Node, Node, Node | None, int] | str:
 def decompose_embedding_bag(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(gm, "decompose_embedding_bag", nodes_before=count_nodes(gm))
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _BAGS:
-            continue
+    for node in calls_to(gm, _BAGS):
         result.matched.append(node.name)
         plan = _plan(node)
         if isinstance(plan, str):

@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ._graph import fill_meta
-from .base import PassContext, PassResult, Refusal, count_nodes, finish
+from .base import PassContext, PassResult, Refusal, calls_to, count_nodes, finish
 
 aten = torch.ops.aten
 _XOR = {
@@ -40,9 +40,7 @@ def _cast_of_bool(x: object) -> Node | None:
 def flags_without_bitwise_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(gm, "flags_without_bitwise_ops", nodes_before=count_nodes(gm))
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _XOR:
-            continue
+    for node in calls_to(gm, _XOR):
         result.matched.append(node.name)
         a, b = node.args[0], node.args[1]
         with graph.inserting_before(node):

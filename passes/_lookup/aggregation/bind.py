@@ -23,6 +23,7 @@ from ..region import Region, region_between
 from ..rules import Failure, NotALookup, RuleTracer
 from . import core_order, pooling, proof, row_map, weights
 from .binding import HEAD_GROUP, POOLED_ROLES, SCATTER_GROUP, VALUE, AggregationBinding, GroupSizes
+from .row_map import SlotTrace
 
 POOLED_RULE = "pooled_node"
 GRIDS_RULE = "key_grids"
@@ -58,6 +59,7 @@ class _Context:
     row_map: Tensor | None
     table: Node | None
     values: Tensor | None
+    trace: SlotTrace
 
 
 def _context(
@@ -96,14 +98,15 @@ def _context(
         reason = f"{what} come from selections over key grids of different sizes"
         raise rules.refuse(reason, Failure.at(GRIDS_RULE, reason, reads[0]))
     shapes = [real[s].shape for s in slots]
+    trace = SlotTrace(
+        gm=gm, slots=slots, shapes=shapes, slot_count=slot_count, tracer=tracer, real=real
+    )
     with rules.rule(row_map.RULE):
-        rows, table, values = row_map.table_rows(
-            gm, reads, slots, shapes, slot_count, tracer, real, what
-        )
+        rows, table, values = row_map.table_rows(trace, reads, what)
     return _Context(
         gm=gm, example=example, reads=reads, sources=sources, slots=slots, closure=closure,
         real=real, tracer=tracer, heads=heads, slot_count=slot_count, shapes=shapes,
-        row_map=rows, table=table, values=values,
+        row_map=rows, table=table, values=values, trace=trace,
     )  # fmt: skip
 
 
@@ -151,9 +154,8 @@ def _bind_pooled(
     if scatter is not None:
         with rules.rule(pooling.POOLING_RULE):
             scatter_map = row_map.tabulate_indices(
-                gm, [scatter.args[2]], ctx.slots, ctx.shapes, ctx.slot_count, tracer, real,
-                f"the pooling index of {scatter.name}",
-            )  # fmt: skip
+                ctx.trace, [scatter.args[2]], f"the pooling index of {scatter.name}"
+            )
         scatter_size = int(real[scatter.args[0]].shape[scatter.args[1]])
     kind = "add" if scatter is None or pooling.SCATTERS[scatter.target] else "scatter"
     module = region.module(gm)

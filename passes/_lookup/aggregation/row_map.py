@@ -9,6 +9,7 @@ then set side by side. A map that is the identity is left out.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,60 +26,55 @@ from ..rules import NotALookup
 RULE = "row_map"
 
 
+@dataclass(frozen=True)
+class SlotTrace:
+    """What tabulating an index over every slot needs: the graph, the selections' slot
+    nodes and their shapes, the slot count, and the coordinates traced from real values."""
+
+    gm: GraphModule
+    slots: list[Node]
+    shapes: list[torch.Size]
+    slot_count: int
+    tracer: Tracer
+    real: dict[Node, Any]
+
+
 def table_rows(
-    gm: GraphModule,
-    reads: list[Node],
-    slots: list[Node],
-    shapes: list[torch.Size],
-    slot_count: int,
-    tracer: Tracer,
-    real: dict[Node, Any],
-    what: str,
+    trace: SlotTrace, reads: list[Node], what: str
 ) -> tuple[Tensor | None, Node | None, Tensor | None]:
     """(row map, the table node or None, a built table or None) of the reads."""
     maps = []
     for read in reads:
         indices = read_indices(read)
         table = read.args[0]
-        table_shape = real[table].shape if table in real else table.meta["val"].shape
+        table_shape = trace.real[table].shape if table in trace.real else table.meta["val"].shape
         # the flat row of ``table[i0, i1, ...]`` in the table viewed [rows, Dv]
         strides = [math.prod(table_shape[i + 1 : len(indices)]) for i in range(len(indices))]
         where = f"the rows {read.name} reads"
-        maps.append(
-            tabulate_indices(
-                gm, indices, slots, shapes, slot_count, tracer, real, where, strides=strides
-            )
-        )
+        maps.append(tabulate_indices(trace, indices, where, strides=strides))
     if any(not torch.equal(m, maps[0]) for m in maps[1:]):
         raise NotALookup(f"{what}: the tables are read at different rows")
     row_map = maps[0]
     table = reads[0].args[0]
     if len(reads) > 1:
-        return row_map, None, tables_side_by_side(gm, reads)
+        return row_map, None, tables_side_by_side(trace.gm, reads)
     rows = int(math.prod(table.meta["val"].shape[: len(read_indices(reads[0]))]))
+    slot_count = trace.slot_count
     identity = row_map.shape == (1, slot_count) and slot_count == rows
     identity = identity and torch.equal(row_map[0].long(), torch.arange(slot_count))
     return (None if identity else row_map), table, None
 
 
 def tabulate_indices(
-    gm: GraphModule,
-    indices: list[Node],
-    slots: list[Node],
-    shapes: list[torch.Size],
-    slot_count: int,
-    tracer: Tracer,
-    real: dict[Node, Any],
-    what: str,
-    *,
-    strides: list[int] | None = None,
+    trace: SlotTrace, indices: list[Node], what: str, *, strides: list[int] | None = None
 ) -> Tensor:
     """The map (head, slot) -> ``sum(index_i · stride_i)`` (one index: the index itself)."""
+    gm, tracer, real = trace.gm, trace.tracer, trace.real
     strides = strides or [1] * len(indices)
     carried = [i for i in indices if tracer.coords(i) is not None]
     if not carried:
         raise NotALookup(f"{what}: {tracer.reason(indices[0])}")
-    region = region_between(gm, slots, carried, what)
+    region = region_between(gm, trace.slots, carried, what)
     module = region.module(gm)
     extra = [real[e] for e in region.extra_inputs]
     lead = torch.broadcast_shapes(*(real[i].shape for i in indices))
@@ -103,7 +99,7 @@ def tabulate_indices(
             flat = flat + value.long().expand(lead) * stride
         return flat
 
-    return tabulate(evaluate, coords, shapes, slot_count, what)
+    return tabulate(evaluate, coords, trace.shapes, trace.slot_count, what)
 
 
 def tables_side_by_side(gm: GraphModule, reads: list[Node]) -> Tensor:
