@@ -133,14 +133,10 @@ def check(
         if problem is not None:
             raise ArtifactError(f"--report {report} {problem}")
     loaded = load(model, weights, allow_unsafe_pickle)
-    from ..compiler.generation.export import check_generation
     from ..compiler.pipeline import check_artifacts
 
     with bad_input():
-        if manifest.get("task") == GENERATION:
-            result: Any = check_generation(loaded, artifacts, progress, allow_native_code)
-        else:
-            result = check_artifacts(loaded, artifacts, progress, allow_native_code)
+        result = check_artifacts(loaded, artifacts, progress, allow_native_code)
     if report is not None:
         atomic_write(report, json_text(result.to_json()))
     click.echo(f"parity {result.verdict()}" + (f": {report}" if report is not None else ""))

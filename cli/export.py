@@ -21,6 +21,14 @@ from ..compiler.inputs.options import GENERATION_TASK as GENERATION
 from .options import InputError, PathOption, bad_input, load, model_options, preflight, progress
 
 
+def choice(flag: str, choices: tuple[str, ...], default: str | None, text: str) -> Any:
+    """An option taking one of ``choices`` (``default`` shown when there is one)."""
+    return click.option(
+        flag, type=click.Choice(list(choices)), default=default,
+        show_default=default is not None, help=text,
+    )  # fmt: skip
+
+
 @click.command("export")
 @model_options()
 @click.option(
@@ -37,29 +45,25 @@ from .options import InputError, PathOption, bad_input, load, model_options, pre
     help=f"Comma-separated artifact formats: {', '.join(FORMAT_NEEDS)}.",
 )
 @click.option("--opset", default=20, show_default=True, help="ONNX opset of the exported graph.")
-@click.option(
+@choice(
     "--onnx-form",
-    type=click.Choice(list(ONNX_FORMS)),
-    default="custom",
-    show_default=True,
-    help="custom: ultramem:: nodes with function bodies; portable: the bodies inlined.",
+    ONNX_FORMS,
+    "custom",
+    "custom: ultramem:: nodes with function bodies; portable: the bodies inlined.",
 )
-@click.option(
+@choice(
     "--trt-mode",
-    type=click.Choice(["native", "plugin"]),
-    default="native",
-    show_default=True,
-    help="native: the lookup in TensorRT's own layers; plugin: our AOT Triton kernels.",
+    ("native", "plugin"),
+    "native",
+    "native: the lookup in TensorRT's own layers; plugin: our AOT Triton kernels.",
 )
-@click.option(
+@choice(
     "--trt-package",
-    type=click.Choice(["tensorrt", "tensorrt_rtx"]),
-    default=None,
-    help="Which TensorRT to build with (default: tensorrt if installed, else tensorrt_rtx).",
+    ("tensorrt", "tensorrt_rtx"),
+    None,
+    "Which TensorRT to build with (default: tensorrt if installed, else tensorrt_rtx).",
 )
-@click.option(
-    "--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True
-)
+@choice("--precision", ("fp32", "fp16", "bf16"), "fp32", "Engine precision.")
 @click.option("--profile-batch", help="Engine batch range min,opt,max (default 1,1,8).")
 @click.option(
     "--profile-tokens", help="Engine token range min,opt,max (default: up to the capture's)."
@@ -67,14 +71,13 @@ from .options import InputError, PathOption, bad_input, load, model_options, pre
 @click.option(
     "--sm", default=",".join(map(str, DEFAULT_SMS)), show_default=True, help="Kernel SMs."
 )
-@click.option(
+@choice(
     "--task",
-    type=click.Choice([FORWARD, GENERATION]),
-    default=FORWARD,
-    show_default=True,
-    help=f"forward: one program over whole sequences; {GENERATION} (hf:DIR): one decoder "
-    "program over a static KV cache (prompts and steps), with the files ONNX Runtime GenAI "
-    "reads.",
+    (FORWARD, GENERATION),
+    FORWARD,
+    f"forward: one program over whole sequences; {GENERATION} (hf:DIR): one decoder "
+    "program over a static KV cache (prompts and steps), with the files ONNX Runtime "
+    "GenAI reads.",
 )
 @click.option(
     "--max-cache-len",

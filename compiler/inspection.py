@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..passes.lookups import PARTS, LookupReport, PartReport
@@ -15,7 +15,7 @@ LOOKUP_OPS = ("topk", "gather", "scatter", "scatter_add", "index.Tensor", "linal
 @dataclass
 class Inspection:
     source: str
-    layers: list[dict[str, Any]]
+    memory_layers: list[dict[str, Any]]
     passes: list[dict[str, Any]]
     ops_before: dict[str, int]
     ops_after: dict[str, int]
@@ -29,18 +29,11 @@ class Inspection:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "memory_layers": self.layers,
-            "passes": self.passes,
-            "ops_before": self.ops_before,
-            "ops_after": self.ops_after,
-            "lookup_ops_left": self.lookup_ops_left,
-        }
+        return {**asdict(self), "lookup_ops_left": self.lookup_ops_left}
 
     def lines(self) -> list[str]:
-        out = [f"model: {self.source}", f"memory layers: {len(self.layers)}"]
-        for layer in self.layers:
+        out = [f"model: {self.source}", f"memory layers: {len(self.memory_layers)}"]
+        for layer in self.memory_layers:
             fused = " + ".join(layer["fused"]) or "nothing"
             out.append(f"  {layer['name']} ({layer['lookup']}): fused {fused}")
             for part in ("selection", "aggregation"):

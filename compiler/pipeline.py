@@ -27,6 +27,7 @@ from .artifacts import (
 )
 from .capture import DEFAULT_MAX_TOKENS, CaptureResult, capture, parity_inputs
 from .formats import ExportJob, ExportOptions, ProgressFn, engine_profile, resolve
+from .inputs.options import GENERATION_TASK
 from .inspection import Inspection, fused_layer_table
 from .loading import model_fingerprint
 from .parity.compare import ParityReport, StageReport
@@ -282,15 +283,21 @@ def check_artifacts(
     directory: Path,
     progress: ProgressFn = no_progress,
     native_code: bool = False,
-) -> ParityReport:
+) -> Any:
     """Re-run parity of the artifacts in ``directory`` against ``loaded`` (which must be
-    the model they were exported from). The folder is only read: ``parity.json`` stays
-    the export's record, as the manifest describes it. Only the formats its manifest lists
-    are checked; the AOTInductor package (native code) only with ``native_code``."""
+    the model they were exported from), as its task checks it (a ``ParityReport``, or a
+    text-generation export's report). The folder is only read: ``parity.json`` stays the
+    export's record, as the manifest describes it. Only the formats its manifest lists are
+    checked; native code (the AOTInductor package, the kernel bundle) only with
+    ``native_code``."""
     manifest = read_manifest(directory)
     verify_artifacts(directory, manifest)
     formats = manifest_formats(manifest, directory)
     check_same_model(loaded, manifest, directory)
+    if manifest.get("task") == GENERATION_TASK:
+        from .generation.export import check_generation  # transformers: only when asked
+
+        return check_generation(loaded, directory, manifest, formats, progress, native_code)
     compiled = compile_model(loaded, progress)
     return run_checks(compiled, directory, progress, formats, native_code=native_code)
 

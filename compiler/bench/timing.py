@@ -62,21 +62,10 @@ class Timing:
         lo, hi = int(pos), min(int(pos) + 1, len(data) - 1)
         return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
-    @property
-    def p10(self) -> float:
-        return self.percentile(0.1)
-
-    @property
-    def p50(self) -> float:
-        return self.percentile(0.5)
-
-    @property
-    def p90(self) -> float:
-        return self.percentile(0.9)
-
-    @property
-    def p99(self) -> float:
-        return self.percentile(0.99)
+    p10 = property(lambda self: self.percentile(0.10))
+    p50 = property(lambda self: self.percentile(0.50))
+    p90 = property(lambda self: self.percentile(0.90))
+    p99 = property(lambda self: self.percentile(0.99))
 
     @property
     def mean(self) -> float:

@@ -25,14 +25,12 @@ from ...models.builtin import LoadedModel
 from ..artifacts import ArtifactError, ArtifactWriter
 from ..formats import ProgressFn
 from ..inputs.options import ONNX_FILE
-from ..manifest import json_text, manifest_formats, read_manifest, verify_artifacts
+from ..manifest import json_text
 from ..parity.compare import ParityReport, tolerance_for
 from ..pipeline import (
     Compiled,
     Task,
-    check_same_model,
     compile_model,
-    no_progress,
     parity_stages,
     parity_summary,
     run_checks,
@@ -225,16 +223,11 @@ def _check_onnx_metadata(path: Path, generation: dict[str, Any]) -> None:
 
 
 def check_generation(
-    loaded: LoadedModel,
-    directory: Path,
-    progress: ProgressFn = no_progress,
-    native_code: bool = False,
-) -> GenerationReport:
-    """Re-run parity of a generation export in ``directory`` against ``loaded``."""
-    manifest = read_manifest(directory)
-    verify_artifacts(directory, manifest)
-    formats = manifest_formats(manifest, directory)
-    check_same_model(loaded, manifest, directory)
+    loaded: LoadedModel, directory: Path, manifest: dict[str, Any], formats: list[str],
+    progress: ProgressFn, native_code: bool,
+) -> GenerationReport:  # fmt: skip
+    """Re-run parity of the generation export in ``directory`` (its manifest verified, its
+    formats listed, its model ``loaded``: ``pipeline.check_artifacts``)."""
     try:
         program = build_program(loaded, recorded_cache_len(manifest, directory))
     except GenerationError as exc:
