@@ -82,6 +82,14 @@ def _onnx_greedy(folder: Path, prompt: torch.Tensor, new_tokens: int, layers: in
         start, ids = end, np.array([[tokens[-1]]], dtype=np.int64)
 
 
+def _rehash(folder: Path) -> None:
+    """The manifest's hashes made to match the folder's files as they are now."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        artifact["sha256"] = sha256_file(folder / artifact["path"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _generate(directory: Path, prompt: torch.Tensor, new_tokens: int, remote: bool) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote).eval()
     with torch.no_grad():
@@ -323,10 +331,7 @@ def test_bench_reports_an_artifact_that_refuses_its_inputs_as_wrong(
     for value in model.graph.input[3:]:
         value.type.tensor_type.shape.dim[2].dim_value = CACHE + 1
     onnx.save(model, str(swapped / "model.onnx"))
-    manifest = json.loads((swapped / "manifest.json").read_text())
-    for artifact in manifest["artifacts"]:
-        artifact["sha256"] = sha256_file(swapped / artifact["path"])
-    (swapped / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(swapped)
     code, output = _run(
         "bench", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(swapped),
         "--tokens", "4", "--budget", "0.02", "--backends", "eager,onnxruntime-cpu",
@@ -351,10 +356,7 @@ def test_check_refuses_onnx_metadata_that_is_not_what_the_model_gives(
         if prop.key == "ultramem.max_cache_len":
             prop.value = str(CACHE * 2)
     onnx.save(model, str(edited / "model.onnx"))
-    manifest = json.loads((edited / "manifest.json").read_text())
-    for artifact in manifest["artifacts"]:
-        artifact["sha256"] = sha256_file(edited / artifact["path"])
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(edited)
     code, output = _run(
         "check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(edited)
     )
@@ -371,10 +373,7 @@ def test_check_refuses_a_genai_config_that_is_not_what_the_model_gives(
     config = json.loads((edited / "genai_config.json").read_text())
     config["model"]["eos_token_id"] = 99
     (edited / "genai_config.json").write_text(json.dumps(config))
-    manifest = json.loads((edited / "manifest.json").read_text())
-    for artifact in manifest["artifacts"]:
-        artifact["sha256"] = sha256_file(edited / artifact["path"])
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    _rehash(edited)
     code, output = _run(
         "check", f"hf:{directory}", "--trust-remote-code", "--artifacts", str(edited)
     )
