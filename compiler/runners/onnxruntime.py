@@ -21,11 +21,13 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 NAMES = {CPU: "onnxruntime-cpu", CUDA: "onnxruntime-cuda"}
 
 
-def onnx_stage(path: Path, provider: str = CPU) -> Stage:
+def onnx_stage(path: Path, provider: str = CPU, graph: onnx.ModelProto | None = None) -> Stage:
+    """``graph``: the file's model without its weights, where the caller has it loaded."""
     name = NAMES[provider]
+    graph = graph or onnx.load(str(path), load_external_data=False)
     # a provider without a kernel for an operator in the file's dtype (the CPU provider
     # and bfloat16 TopK): this runtime cannot run it, which is no verdict on the file
-    missing = missing_kernels(onnx.load(str(path), load_external_data=False), provider)
+    missing = missing_kernels(graph, provider)
     if missing:
         return Stage(name, None, f"not executed: {provider} has no kernel for {', '.join(missing)}")
     runner = OnnxRunner(path, providers=[provider])
@@ -47,10 +49,11 @@ def _cuda_missing() -> str:
 def _stage(ctx: RunContext, provider: str) -> Stage:
     path = ctx.file("onnx", ONNX_FILE)
     assert path is not None
-    if provider == CUDA and _cuda_missing():
-        return Stage(NAMES[CUDA], None, f"not executed: {_cuda_missing()}")
-    stage = onnx_stage(path, provider)
+    missing = _cuda_missing() if provider == CUDA else ""
+    if missing:
+        return Stage(NAMES[CUDA], None, f"not executed: {missing}")
     model = onnx.load(str(path), load_external_data=False)
+    stage = onnx_stage(path, provider, model)
     if ctx.programs.plan is not None and not any(n.domain == DOMAIN for n in model.graph.node):
         stage.plan = inlined(ctx.programs.plan)  # the portable form: three TopK per lookup
     return stage
