@@ -1,11 +1,13 @@
 """Triton kernel for ``ultramem::aggregate`` (see ``aggregate.py`` for the semantics).
 
-One program per (token, block of value columns). It loads the token's H·k slots at once,
-maps them to (table row, pooling group) in registers (through the row and group maps when
-given), gathers the [H·k, BLOCK_D] value tile in one go (every row load in flight together:
-at decode sizes the lookup is bound by memory latency, and a loop over the selections would
-serialise a slot → map → row chain of dependent loads per selection), weights each chunk of
-a row by its core's weight, and pools per group into a [G, BLOCK_D] fp32 tile written once.
+One program per (token, block of 64 value columns), 2 warps. It loads up to 64 of the
+token's H·k slots at once, maps them to (table row, pooling group) in registers (through the
+row and group maps when given), gathers the [64, BLOCK_D] value tile in one go (every row
+load in flight together: at decode sizes the lookup is bound by memory latency, and a loop
+over the selections would serialise a slot → map → row chain of dependent loads per
+selection), weights it by its core's weight (one load a selection when the block lies in one
+core's chunk) and pools per group into a [G, BLOCK_D] fp32 tile written once. Each value
+row's columns are read once, in 16-byte vectors.
 
 Numerics: products are rounded once as in the reference, accumulated in fp32. Scatter
 pooling is exact ("the last of the H·k wins": the highest selection index per group).
@@ -35,10 +37,16 @@ from .contract import AGGREGATE
 from .launch import LaunchConfig
 from .registry import register_triton
 
-# elements of the gathered [selections, BLOCK_D] tile a program holds. With their 64-bit
-# gather addresses, 4096 cost 116 registers a thread at 8 warps (172 at 4; sm_90 build,
-# cuobjdump -res-usage), no spills: room for two programs per SM. Not yet timed.
-_TILE = 4096
+# Selections and value columns a program holds at once, and its warps. sm_90, paper sizes
+# (H·k = 64 selections, Dv = 256, 2 cores, 4 groups, bf16), Triton 3.9: (selections,
+# columns, warps) -> registers, warp-instructions a program runs, estimated µs at 1 / 4096
+# tokens (scripts/kernel_report.py): (64, 64, 8) -> 59, 7.4 K, 4.1 / 135 · (64, 64, 4) ->
+# 72, 4.5 K, 3.6 / 83 · (64, 64, 2) -> 121, 2.7 K, 3.8 / 51 · (32, 64, 1) -> 120, 2.2 K,
+# 47.8 at 4096 · (64, 256, 4) -> 255, 12.5 K, 4.8 / 60; no spills. Fewer warps cost fewer
+# instructions (the pooling's sums cross fewer threads); at 2 the 4096-token estimate is
+# 8 % above its memory floor (44.8 µs) before the launch, so one configuration serves every
+# token count and the ahead-of-time bundle's kernel is the JIT's.
+_BLOCK_S, _BLOCK_D, _WARPS = 64, 64, 2
 
 
 # Parameters come in TensorRT's order for quickly-deployable AOT plugins: the op's inputs
@@ -53,11 +61,12 @@ def _aggregate_kernel(
     pooled_ptr,
     HAS_ROW_MAP: tl.constexpr, HAS_GROUP_MAP: tl.constexpr, POOLING: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_CORE: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    first_d = tl.program_id(1) * BLOCK_D
+    offs_d = first_d + tl.arange(0, BLOCK_D)
     mask_d = offs_d < value_dim
-    core = offs_d // chunk  # which core's weight scales this column
     offs_g = tl.arange(0, BLOCK_G)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start in range(0, selections, BLOCK_S):
@@ -84,11 +93,13 @@ def _aggregate_kernel(
             mask=tile_mask,
             other=0.0,
         ).to(tl.float32)
-        w = tl.load(
-            weights_ptr + (t * selections + offs_s)[:, None] * n_cores + core[None, :],
-            mask=tile_mask,
-            other=0.0,
-        ).to(tl.float32)
+        w_at = weights_ptr + (t * selections + offs_s) * n_cores
+        if ONE_CORE:
+            # every column of the block scales by one core's weight: one load a selection
+            w = tl.load(w_at + first_d // chunk, mask=valid, other=0.0).to(tl.float32)[:, None]
+        else:
+            w = tl.load(w_at[:, None] + (offs_d // chunk)[None, :], mask=tile_mask, other=0.0)
+            w = w.to(tl.float32)
         # rounded once, never fused into the sum below (fma with +0 is not contracted)
         weighted = tl.fma(v, w, 0.0)
         for g in range(groups):
@@ -109,6 +120,7 @@ def aggregate_launch_config(
     heads: int,
     k: int,
     value_dim: int,
+    n_cores: int,
     groups: int,
     pooling: str,
     *,
@@ -116,19 +128,19 @@ def aggregate_launch_config(
     has_group_map: bool,
 ) -> LaunchConfig:
     """Constexprs, warps and grid of ``_aggregate_kernel``: one program per (token, block
-    of ``BLOCK_D`` value columns)."""
-    block_s = min(triton.next_power_of_2(heads * k), _TILE // 16)
-    block_d = min(triton.next_power_of_2(value_dim), max(16, _TILE // block_s))
+    of ``BLOCK_D`` value columns), ``BLOCK_S`` selections at a time."""
+    block_d = min(triton.next_power_of_2(value_dim), _BLOCK_D)
     constexprs = {
         "HAS_ROW_MAP": has_row_map,
         "HAS_GROUP_MAP": has_group_map,
         "POOLING": pooling,
-        "BLOCK_S": block_s,
+        "BLOCK_S": min(triton.next_power_of_2(heads * k), _BLOCK_S),
         "BLOCK_G": triton.next_power_of_2(groups),
         "BLOCK_D": block_d,
+        # a block within one core's chunk of columns reads one weight a selection
+        "ONE_CORE": (value_dim // n_cores) % block_d == 0,
     }
-    # 8 warps: see _TILE
-    return LaunchConfig(constexprs, num_warps=8, programs_y=triton.cdiv(value_dim, block_d))
+    return LaunchConfig(constexprs, _WARPS, programs_y=triton.cdiv(value_dim, block_d))
 
 
 def aggregate_triton(
@@ -172,7 +184,7 @@ def aggregate_triton(
         return count if index_map is not None and index_map.shape[0] > 1 else 0
 
     config = aggregate_launch_config(
-        heads, k, value_dim, groups, pooling,
+        heads, k, value_dim, n_cores, groups, pooling,
         has_row_map=row_map is not None, has_group_map=group_map is not None,
     )  # fmt: skip
     wrap_triton(_aggregate_kernel)[config.grid(tokens)](

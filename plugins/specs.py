@@ -148,7 +148,8 @@ def kernel_spec(
             m: m in present and static[h] > 1 for m, h in (("row_map", "Hr"), ("group_map", "Hg"))
         }
         config = aggregate_launch_config(
-            static["H"], static["k"], static["Dv"], static["groups"], attributes["pooling"],
+            static["H"], static["k"], static["Dv"], static["M"], static["groups"],
+            attributes["pooling"],
             has_row_map="row_map" in present, has_group_map="group_map" in present,
         )  # fmt: skip
         maps = "".join(

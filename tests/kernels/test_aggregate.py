@@ -64,6 +64,9 @@ CASES = [
     pytest.param(Case(2, 4, 16, 1, 64, 300, "shuffle", 4, "scatter"), id="Dv300-multiblock"),
     pytest.param(Case(6, 2, 3, 2, 7, 6, "per-head-int32", 6, "add"), id="G6-int32-maps"),
     pytest.param(Case(4, 4, 80, 1, 40, 8, "rows", 2, "add"), id="Hk320-chunked"),
+    # column blocks of 64 inside each core's chunk of 128: one weight a selection and block
+    pytest.param(Case(3, 2, 40, 2, 30, 256, "shuffle", 4, "add"), id="Dv256-block-per-core"),
+    pytest.param(Case(2, 3, 30, 4, 24, 512, "rows", 1, "scatter"), id="Dv512-M4-scatter"),
 ]
 
 

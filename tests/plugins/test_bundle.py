@@ -102,7 +102,7 @@ def test_constexprs_come_from_the_launch_config(bundle: BundleManifest) -> None:
             )
         else:
             config = aggregate_launch_config(
-                d["H"], d["k"], d["Dv"], d["groups"], str(k.constexprs["POOLING"]),
+                d["H"], d["k"], d["Dv"], d["M"], d["groups"], str(k.constexprs["POOLING"]),
                 has_row_map=bool(k.constexprs["HAS_ROW_MAP"]),
                 has_group_map=bool(k.constexprs["HAS_GROUP_MAP"]),
             )  # fmt: skip
