@@ -20,9 +20,11 @@ whole selection runs on full keys. Either way the
 result is exactly the reference's stable descending order, ties and NaN included.
 
 Where k rounds of (max, lowest index) took 3 block reductions each, at the paper's sizes
-(n = 1024, m = k = 32, bf16; sm_90, Triton 3.6) a program ran 94 K warp-instructions in
-3 loops of 32 rounds, 113 registers; it now runs 12-26 K straight-line (1-8 warps, see
-``retrieve_launch_config``), no spills.
+(n = 1024, m = k = 32, bf16; sm_90) a program ran 94 K warp-instructions in 3 loops of 32
+rounds, 113 registers (Triton 3.6); it now runs 10-22 K straight-line on its common path
+(1-8 warps, see ``retrieve_launch_config``; Triton 3.9), no spills. The full-key path of a stage
+(``_full_top``) is as long again where it runs: in 0.8 % of the stages on the benchmark's
+inputs (``scripts/branch_rates.py``), which ``scripts/kernel_report.py`` counts at that rate.
 
 Exactness: selections must equal the reference's, ties included, so the kernel repeats its
 arithmetic in fp32 in the same order:
@@ -128,6 +130,13 @@ def _key_index(keys):
 
 
 @triton.jit
+def _full_top(key, index, K: tl.constexpr):
+    """Indices of the top ``K`` of ``_score_key``s on full keys: the path for a stage whose
+    short keys did not settle its set (``RARE_HELPERS``)."""
+    return _key_index(tl.topk(_full_keys(key, index), K))
+
+
+@triton.jit
 def _short_top(key, index, valid, count, K: tl.constexpr, LOW: tl.constexpr):
     """The top ``K`` of int32 keys whose low bits (``LOW``, 2^b - 1) hold the inverted
     index instead of the score's last bits, and whether their first ``count`` are the
@@ -169,19 +178,16 @@ def _candidates(
         again = _merged(base, weight_ptr, short, valid, stride_n, stride_r, R)
         picked = _key_index(tl.topk(_sort_keys(again, short, valid), BLOCK_M))
     else:
-        picked = _key_index(tl.topk(_full_keys(key, offs_n), BLOCK_M))
+        picked = _full_top(key, offs_n, BLOCK_M)
     return picked
 
 
 @triton.jit
 def _grid_keys(position, cand_row, cand_col, BLOCK_M: tl.constexpr):
-    """Grid positions a * BLOCK_M + b -> (row key, column key): a one-hot pick, the
-    candidates live in registers."""
-    offs_m = tl.arange(0, BLOCK_M)
-    at_a = (position // BLOCK_M)[:, None] == offs_m[None, :]
-    at_b = (position % BLOCK_M)[:, None] == offs_m[None, :]
-    key_row = tl.sum(tl.where(at_a, cand_row[None, :], 0), axis=1)
-    key_col = tl.sum(tl.where(at_b, cand_col[None, :], 0), axis=1)
+    """Grid positions a * BLOCK_M + b -> (row key, column key), gathered from the
+    candidates in registers."""
+    key_row = tl.gather(cand_row, position // BLOCK_M, 0)
+    key_col = tl.gather(cand_col, position % BLOCK_M, 0)
     return key_row, key_col
 
 
@@ -248,7 +254,7 @@ def _retrieve_kernel(
             )  # fmt: skip
         picked = _key_index(tl.topk(_sort_keys(again, short, mask_k), BLOCK_K))
     else:
-        picked = _key_index(tl.topk(_full_keys(key, flat), BLOCK_K))
+        picked = _full_top(key, flat, BLOCK_K)
     key_row, key_col = _grid_keys(picked, cand_row, cand_col, BLOCK_M)
     out_row = (t * heads + h) * k + offs_k
     tl.store(slots_ptr + out_row, key_row.to(tl.int64) * n + key_col.to(tl.int64), mask=mask_k)
@@ -267,6 +273,10 @@ def _retrieve_kernel(
             score = e / tl.sum(e, axis=0)
         tl.store(scores_ptr + out_row * M + c, score.to(scores_ptr.dtype.element_ty), mask=mask_k)
 
+
+# For scripts/kernel_report.py's instruction counts: helpers a program calls only on a
+# rare branch. scripts/branch_rates.py measures how often, on the benchmark's inputs.
+RARE_HELPERS = ("_full_top",)
 
 # the H100's SMs: what the warps choice assumes when the device does not say
 _DEFAULT_SMS = 132

@@ -104,6 +104,7 @@ ReportError = sass.ReportError
 TOKENS = (1, 64, 4096)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAUNCH_US = 3.0  # host launch overhead per kernel, as measured for eager PyTorch launches
+RATE_TOKENS = 2048  # tokens of the bench's inputs a rare path's rate is measured on
 
 
 @dataclass(frozen=True)
@@ -501,11 +502,20 @@ class Analysis:
     static_shared: int
     num_warps: int
     sass_instructions: int
-    per_warp: int
+    per_warp: float  # rare helpers at their measured rate
+    per_warp_upper: float  # every path taken
     loops: tuple[sass.LoopCount, ...]
+    rare: tuple[tuple[str, int, float], ...]  # (helper, SASS instructions, rate)
 
 
-def analyse(launch: Launch, compiled: Compiled, cubin_dir: Path) -> Analysis:
+def rare_helpers(launch: Launch) -> tuple[str, ...]:
+    """The helpers the kernel's module names as called only on a rare branch."""
+    return tuple(launch.fn.fn.__globals__.get("RARE_HELPERS", ()))
+
+
+def analyse(
+    launch: Launch, compiled: Compiled, cubin_dir: Path, rates: dict[str, float]
+) -> Analysis:
     """Resources and the dynamic count of one compiled kernel for one launch's sizes."""
     cubin_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(compiled.cubin).hexdigest()[:12]
@@ -518,6 +528,16 @@ def analyse(launch: Launch, compiled: Compiled, cubin_dir: Path) -> Analysis:
     path, kernel = _kernel_ast(launch)
     loops = sass.sass_loops(instructions, labels)
     counts = sass.loop_trips(instructions, loops, _kernel_env(launch), path, kernel)
+    missing = [h for h in rare_helpers(launch) if h not in rates]
+    if missing:
+        raise ReportError(f"{launch.name}: no measured rate for its rare helpers {missing}")
+    declared = {h: rates[h] for h in rare_helpers(launch)}
+    weights = sass.rare_weights(instructions, declared)
+    executable = sass.counted(instructions, labels)
+    rare = tuple(
+        (helper, sum(1 for i in executable if weights[i] == rate), rate)
+        for helper, rate in declared.items()
+    )
     return Analysis(
         registers=resources.registers,
         spills=resources.local_bytes // 4,
@@ -525,18 +545,22 @@ def analyse(launch: Launch, compiled: Compiled, cubin_dir: Path) -> Analysis:
         static_shared=resources.static_shared,
         num_warps=compiled.num_warps,
         sass_instructions=len(sass.counted(instructions, labels)),
-        per_warp=sass.dynamic_instructions(instructions, labels, counts),
+        per_warp=sass.dynamic_instructions(instructions, labels, counts, weights),
+        per_warp_upper=sass.dynamic_instructions(instructions, labels, counts),
         loops=tuple(counts),
+        rare=rare,
     )
 
 
 def row_of(launch: Launch, tokens: int, a: Analysis, device: DeviceModel) -> dict[str, Any]:
     programs = math.prod(launch.grid)
-    per_program = a.per_warp * a.num_warps
+    per_program = round(a.per_warp * a.num_warps)
+    upper = round(a.per_warp_upper * a.num_warps)
     shared = a.shared_bytes + a.static_shared
     resident = programs_per_sm(device, a.registers, a.num_warps, shared)
     floor = floor_bytes(launch) / (device.bandwidth_tbs * 1e6)
     issue = issue_us(device, programs, per_program, a.num_warps, resident)
+    issue_upper = issue_us(device, programs, upper, a.num_warps, resident)
     return {
         "kernel": launch.name,
         "tokens": tokens,
@@ -548,6 +572,8 @@ def row_of(launch: Launch, tokens: int, a: Analysis, device: DeviceModel) -> dic
         "warp_instructions_per_program": per_program,
         "est_us": round(max(issue, floor) + LAUNCH_US, 3),
         "floor_us": round(floor, 4),
+        "warp_instructions_upper": upper,
+        "est_us_upper": round(max(issue_upper, floor) + LAUNCH_US, 3),
     }
 
 
@@ -569,6 +595,7 @@ class Report:
                     "tokens": tokens,
                     "est_us": round(sum(r["est_us"] for r in rows), 3),
                     "floor_us": round(sum(r["floor_us"] for r in rows), 4),
+                    "est_us_upper": round(sum(r["est_us_upper"] for r in rows), 3),
                     "launches": len(rows),
                 }
             )
@@ -605,6 +632,20 @@ def _notes(trace: Trace) -> list[str]:
     return notes
 
 
+def _rare_note(kernel: str, helper: str, size: int, rate: float, measured: dict[str, Any]) -> str:
+    if size == 0:
+        return (
+            f"{kernel}: no SASS instruction is attributed to {helper}, a rare path (this "
+            "Triton's line information names no inlined calls): every path counts as run"
+        )
+    return (
+        f"{kernel}: {helper} ({size} SASS instructions, a rare path) counted at {rate:.2%}: "
+        f"it ran in {measured['fallbacks']} of {measured['stages']} selection stages on the "
+        f"bench's {measured['dtype']} inputs at {measured['tokens']} tokens "
+        "(scripts/branch_rates.py); `est_us_upper` counts every path"
+    )
+
+
 def build_report(
     config: str, sm: int, tokens: Sequence[int], dtype: torch.dtype | None, cubin_dir: Path
 ) -> Report:
@@ -616,17 +657,23 @@ def build_report(
     dtype = dtype or bench.CONFIGS[config].dtype
     fused = fused_path(bench, config, dtype)
     report = Report(DEVICES[sm])
+    measured = _sibling("branch_rates").measure(config, RATE_TOKENS, dtype)
+    rates = {measured["helper"]: measured["rate"]}
     for count in tokens:
         trace = capture(fused, count, dtype)
         notes = _notes(trace)
         for launch, name in zip(trace.launches, _unique_names(trace.launches), strict=True):
-            analysis = analyse(launch, compile_launch(launch, sm), cubin_dir)
+            analysis = analyse(launch, compile_launch(launch, sm), cubin_dir, rates)
             row = row_of(launch, count, analysis, report.device)
             row["kernel"] = name
             report.rows.append(row)
             notes += [
                 f"{name}: loop {c.source} runs {c.trips} times ({c.loop.size} SASS instructions)"
                 for c in analysis.loops
+            ]
+            notes += [
+                _rare_note(name, helper, size, rate, measured)
+                for helper, size, rate in analysis.rare
             ]
         for note in notes:
             report.notes.setdefault(note, []).append(count)

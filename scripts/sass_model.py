@@ -20,7 +20,9 @@ its place: never a guess.
 
 The dynamic count of one warp: each executable instruction (NOP padding and the closing
 self-branch left out) once per iteration of every loop around it; code outside loops
-once, both sides of a runtime branch included (an upper bound).
+once, both sides of a runtime branch included (an upper bound), except code inlined from a
+helper the kernel's module names in ``RARE_HELPERS`` (called only on a rarely taken
+branch): that counts at the rate the caller measured for it (``rare_weights``).
 """
 
 from __future__ import annotations
@@ -527,14 +529,33 @@ def _assign_trips(group: list[SassLoop], trips: list[int], where: str) -> list[L
     return [LoopCount(main, where, trips[0] // unroll), LoopCount(rest, where, trips[0] % unroll)]
 
 
+def rare_weights(instructions: list[Instruction], rates: dict[str, float]) -> list[float]:
+    """Per instruction, the fraction of programs that run it as far as branches go: the
+    rate of the rare helper (``rates``: helper name -> rate) it was inlined from, else 1."""
+    weights = []
+    for inst in instructions:
+        weight = 1.0
+        for path, line in inst.chain:
+            function = _function_at(path, line) if _user_file(path) else None
+            if function is not None and function.name in rates:
+                weight = rates[function.name]
+                break
+        weights.append(weight)
+    return weights
+
+
 def dynamic_instructions(
-    instructions: list[Instruction], labels: dict[str, int], counts: list[LoopCount]
-) -> int:
+    instructions: list[Instruction],
+    labels: dict[str, int],
+    counts: list[LoopCount],
+    weights: list[float] | None = None,
+) -> float:
     """Σ over executable instructions of the product of the trip counts of the loops
-    around each: one warp's instruction count for one program."""
-    total = 0
+    around each (times its ``weights`` entry, when given): one warp's instruction count for
+    one program."""
+    total = 0.0
     for index in counted(instructions, labels):
-        times = 1
+        times = 1.0 if weights is None else weights[index]
         for c in counts:
             if c.loop.contains(index):
                 times *= c.trips
