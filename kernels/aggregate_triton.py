@@ -10,7 +10,8 @@ core's chunk) and pools per group into a [G, BLOCK_D] fp32 tile written once. Ea
 row's columns are read once, in 16-byte vectors.
 
 Numerics: products are rounded once as in the reference, accumulated in fp32. Scatter
-pooling is exact ("the last of the H·k wins": the highest selection index per group).
+pooling is exact, bit for bit ("the last of the H·k wins": the highest selection index per
+group; -0.0 and NaN as the reference writes them).
 Scatter-add sums each group as a tree within a chunk of selections and in order across
 chunks, so it may differ from the reference's sequential sum in the last bits (the
 reference's own order is unspecified on CUDA, where scatter_add uses atomics).
@@ -109,7 +110,13 @@ def _aggregate_kernel(
                 acc = tl.where(offs_g[:, None] == g, acc + part[None, :], acc)
             else:
                 last = tl.max(tl.where(in_group, offs_s, -1), axis=0)
-                part = tl.sum(tl.where(offs_s[:, None] == last, weighted, 0.0), axis=0)
+                # the one picked value, bit for bit as the reference writes it (-0.0 and NaN
+                # payloads too): a float sum may start from +0.0 (the interpreter's does),
+                # an integer sum of one non-zero term is that term; and fma(x, y, +0.0) of
+                # a zero product is +0.0 where x * y keeps its sign (no add follows to fuse)
+                exact = tl.where(weighted == 0.0, v * w, weighted).to(tl.int32, bitcast=True)
+                part = tl.sum(tl.where(offs_s[:, None] == last, exact, 0), axis=0)
+                part = part.to(tl.float32, bitcast=True)
                 acc = tl.where((offs_g[:, None] == g) & (last >= 0), part[None, :], acc)
     out = pooled_ptr + (t * groups + offs_g[:, None]) * value_dim + offs_d[None, :]
     out_mask = (offs_g[:, None] < groups) & mask_d[None, :]

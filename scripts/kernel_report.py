@@ -532,10 +532,11 @@ def analyse(
     if missing:
         raise ReportError(f"{launch.name}: no measured rate for its rare helpers {missing}")
     declared = {h: rates[h] for h in rare_helpers(launch)}
-    weights = sass.rare_weights(instructions, declared)
+    helpers = sass.helpers_of(instructions, set(declared))
+    weights = [1.0 if h is None else declared[h] for h in helpers]
     executable = sass.counted(instructions, labels)
     rare = tuple(
-        (helper, sum(1 for i in executable if weights[i] == rate), rate)
+        (helper, sum(1 for i in executable if helpers[i] == helper), rate)
         for helper, rate in declared.items()
     )
     return Analysis(

@@ -22,7 +22,7 @@ The dynamic count of one warp: each executable instruction (NOP padding and the 
 self-branch left out) once per iteration of every loop around it; code outside loops
 once, both sides of a runtime branch included (an upper bound), except code inlined from a
 helper the kernel's module names in ``RARE_HELPERS`` (called only on a rarely taken
-branch): that counts at the rate the caller measured for it (``rare_weights``).
+branch): that counts at the rate the caller measured for it (``helpers_of``).
 """
 
 from __future__ import annotations
@@ -529,19 +529,18 @@ def _assign_trips(group: list[SassLoop], trips: list[int], where: str) -> list[L
     return [LoopCount(main, where, trips[0] // unroll), LoopCount(rest, where, trips[0] % unroll)]
 
 
-def rare_weights(instructions: list[Instruction], rates: dict[str, float]) -> list[float]:
-    """Per instruction, the fraction of programs that run it as far as branches go: the
-    rate of the rare helper (``rates``: helper name -> rate) it was inlined from, else 1."""
-    weights = []
+def helpers_of(instructions: list[Instruction], names: set[str]) -> list[str | None]:
+    """Per instruction, the helper among ``names`` its code was inlined from, else None."""
+    found: list[str | None] = []
     for inst in instructions:
-        weight = 1.0
+        helper = None
         for path, line in inst.chain:
             function = _function_at(path, line) if _user_file(path) else None
-            if function is not None and function.name in rates:
-                weight = rates[function.name]
+            if function is not None and function.name in names:
+                helper = function.name
                 break
-        weights.append(weight)
-    return weights
+        found.append(helper)
+    return found
 
 
 def dynamic_instructions(
