@@ -23,7 +23,7 @@ Where k rounds of (max, lowest index) took 3 block reductions each, at the paper
 (n = 1024, m = k = 32, bf16; sm_90) a program ran 94 K warp-instructions in 3 loops of 32
 rounds, 113 registers (Triton 3.6); it now runs 10-22 K straight-line on its common path
 (1-8 warps, see ``retrieve_launch_config``; Triton 3.9), no spills. The full-key path of a stage
-(``_full_top``) is as long again where it runs: in 0.8 % of the stages on the benchmark's
+(``_full_top``) is as long again where it runs: in 0.6 % of the stages on the benchmark's
 inputs (``scripts/branch_rates.py``), which ``scripts/kernel_report.py`` counts at that rate.
 
 Exactness: selections must equal the reference's, ties included, so the kernel repeats its

@@ -152,6 +152,7 @@ def functions_in(path: str) -> list[ast.FunctionDef]:
     return [n for n in ast.walk(_module_ast(path)) if isinstance(n, ast.FunctionDef)]
 
 
+@cache
 def _function_at(path: str, line: int) -> ast.FunctionDef | None:
     spans = [f for f in functions_in(path) if f.lineno <= line <= (f.end_lineno or f.lineno)]
     return min(spans, key=lambda f: (f.end_lineno or 0) - f.lineno, default=None)
@@ -167,6 +168,7 @@ def _is_runtime_range(node: ast.For) -> bool:
     return name == "range"
 
 
+@cache
 def _user_file(path: str) -> bool:
     return Path(path).is_file() and Path(triton.__file__).parent not in Path(path).parents
 
