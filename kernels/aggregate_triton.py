@@ -10,8 +10,8 @@ core's chunk) and pools per group into a [G, BLOCK_D] fp32 tile written once. Ea
 row's columns are read once, in 16-byte vectors.
 
 Numerics: products are rounded once as in the reference, accumulated in fp32. Scatter
-pooling is exact, bit for bit ("the last of the H·k wins": the highest selection index per
-group; -0.0 and NaN as the reference writes them).
+pooling is exact ("the last of the H·k wins": the highest selection index per group; -0.0
+kept, NaN stays NaN).
 Scatter-add sums each group as a tree within a chunk of selections and in order across
 chunks, so it may differ from the reference's sequential sum in the last bits (the
 reference's own order is unspecified on CUDA, where scatter_add uses atomics).
@@ -101,8 +101,15 @@ def _aggregate_kernel(
         else:
             w = tl.load(w_at[:, None] + (offs_d // chunk)[None, :], mask=tile_mask, other=0.0)
             w = w.to(tl.float32)
-        # rounded once, never fused into the sum below (fma with +0 is not contracted)
-        weighted = tl.fma(v, w, 0.0)
+        if POOLING == "add":
+            # rounded once, never fused into the sum below (fma with +0 is not contracted)
+            weighted = tl.fma(v, w, 0.0)
+        else:
+            # the picked product as the reference writes it: x * y keeps a zero product's
+            # sign, which fma(x, y, +0.0) loses, and no add follows here to fuse with; moved
+            # as its bits, since a float sum may start from +0.0 (the interpreter's does)
+            # where an integer sum of one non-zero term is that term
+            weighted_bits = (v * w).to(tl.int32, bitcast=True)
         for g in range(groups):
             in_group = valid & (group == g)
             if POOLING == "add":
@@ -110,12 +117,7 @@ def _aggregate_kernel(
                 acc = tl.where(offs_g[:, None] == g, acc + part[None, :], acc)
             else:
                 last = tl.max(tl.where(in_group, offs_s, -1), axis=0)
-                # the one picked value, bit for bit as the reference writes it (-0.0 and NaN
-                # payloads too): a float sum may start from +0.0 (the interpreter's does),
-                # an integer sum of one non-zero term is that term; and fma(x, y, +0.0) of
-                # a zero product is +0.0 where x * y keeps its sign (no add follows to fuse)
-                exact = tl.where(weighted == 0.0, v * w, weighted).to(tl.int32, bitcast=True)
-                part = tl.sum(tl.where(offs_s[:, None] == last, exact, 0), axis=0)
+                part = tl.sum(tl.where(offs_s[:, None] == last, weighted_bits, 0), axis=0)
                 part = part.to(tl.float32, bitcast=True)
                 acc = tl.where((offs_g[:, None] == g) & (last >= 0), part[None, :], acc)
     out = pooled_ptr + (t * groups + offs_g[:, None]) * value_dim + offs_d[None, :]
@@ -145,7 +147,7 @@ def aggregate_launch_config(
         "BLOCK_G": triton.next_power_of_2(groups),
         "BLOCK_D": block_d,
         # a block within one core's chunk of columns reads one weight a selection
-        "ONE_CORE": (value_dim // n_cores) % block_d == 0,
+        "ONE_CORE": n_cores == 1 or (value_dim // n_cores) % block_d == 0,
     }
     return LaunchConfig(constexprs, _WARPS, programs_y=triton.cdiv(value_dim, block_d))
 

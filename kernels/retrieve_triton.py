@@ -23,8 +23,9 @@ Where k rounds of (max, lowest index) took 3 block reductions each, at the paper
 (n = 1024, m = k = 32, bf16; sm_90) a program ran 94 K warp-instructions in 3 loops of 32
 rounds, 113 registers (Triton 3.6); it now runs 10-22 K straight-line on its common path
 (1-8 warps, see ``retrieve_launch_config``; Triton 3.9), no spills. The full-key path of a stage
-(``_full_top``) is as long again where it runs: in 0.6 % of the stages on the benchmark's
-inputs (``scripts/branch_rates.py``), which ``scripts/kernel_report.py`` counts at that rate.
+(``_full_top``) is as long again where it runs: in 0.6 % of the stages on inputs drawn as
+the benchmark's (``scripts/branch_rates.py``), which ``scripts/kernel_report.py`` counts at
+that rate.
 
 Exactness: selections must equal the reference's, ties included, so the kernel repeats its
 arithmetic in fp32 in the same order:
@@ -303,12 +304,13 @@ def retrieve_launch_config(
     # at least 2: tl.topk needs a power of two, and Triton 3.6's cannot select 1 of 1
     block_n, block_m, block_k = (max(2, triton.next_power_of_2(d)) for d in (n, topm, topk))
     # Keys per warp of the widest selection (the n keys or the m × m grid). sm_90, paper
-    # sizes (n = 1024, m = k = 32, bf16), Triton 3.6, the exact-set path: warps -> registers
-    # (both paths), SASS instructions a warp runs, warp-instructions a program runs:
-    # 1 -> 168, 12.2 K, 12 K · 2 -> 168, 8.2 K, 16 K · 4 -> 114, 5.1 K, 20 K ·
-    # 8 -> 115, 3.3 K, 26 K · 16 -> 110, 2.3 K, 36 K; no spills. A decode step (2 programs
-    # on 132 SMs) waits for one program: 8 warps. 4096 tokens (8192 programs) wait for the
-    # issue rate: 1 warp (12 programs an SM by registers). A split of each (token, head)
+    # sizes (n = 1024, m = k = 32, bf16), the exact-set path: warps -> registers (both
+    # paths), SASS instructions a warp runs, warp-instructions a program runs. Triton 3.6,
+    # before _grid_keys gathered: 1 -> 168, 12.2 K, 12 K · 2 -> 168, 8.2 K, 16 K · 4 ->
+    # 114, 5.1 K, 20 K · 8 -> 115, 3.3 K, 26 K · 16 -> 110, 2.3 K, 36 K. Triton 3.9, now
+    # (scripts/kernel_report.py): 1 -> 144, 10.4 K, 10.4 K · 8 -> 76, 2.7 K, 22 K. No
+    # spills. A decode step (2 programs on 132 SMs) waits for one program: 8 warps. 4096
+    # tokens (8192 programs) wait for the issue rate: 1 warp. A split of each (token, head)
     # over programs would need a second launch to merge (about as long as the candidate
     # stage it splits), where more warps split it within the program.
     keys = max(block_n, block_m * block_m)

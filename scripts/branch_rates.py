@@ -1,6 +1,6 @@
 """How often ``_retrieve_kernel`` takes its rare path on the benchmark's own inputs.
 
-    python scripts/branch_rates.py --config paper --tokens 512
+    python scripts/branch_rates.py --config paper --tokens 1024
 
 Each of the kernel's three selection stages (row candidates, column candidates, the grid)
 selects on int32 *short* keys and falls back to full int64 keys (``_full_top``, named in
@@ -13,9 +13,9 @@ only at a near-tie of near-ties). ``tests/scripts/test_branch_rates.py`` holds t
 the kernel's own calls of ``_full_top`` under Triton's interpreter, on inputs full of ties.
 (The interpreter itself is too slow here: about 1.5 s a stage at the paper's sizes.)
 
-The inputs are the bench's (``scripts/bench_lookup.py``'s ``FusedLookup``: the config's
-layer, ``torch.randn`` inputs of its width, seed 0, its dtype), on the CPU; the global
-generator is seeded too, so a run gives the same rate every time. Prints JSON:
+The inputs are drawn as the bench draws its own (``scripts/bench_lookup.py``'s
+``FusedLookup`` on the config's layer, ``torch.randn`` inputs of its width, its dtype), on
+the CPU, with every generator seeded, so a run gives the same rate every time. Prints JSON:
 ``{"helper", "config", "tokens", "dtype", "stages", "fallbacks", "rate", "by_stage": {"row",
 "col", "grid"}}``; ``scripts/kernel_report.py`` counts ``_full_top``'s instructions at
 ``rate``.
@@ -143,7 +143,7 @@ def measure(config: str, tokens: int, dtype: torch.dtype | None) -> dict[str, An
     with torch.no_grad(), first, contextlib.suppress(_Stop):
         fused.slots_and_pooled(x)
     if first.args is None:
-        raise SystemExit("branch_rates: the fused path never called ultramem::retrieve")
+        raise ValueError("the bench's fused path never called ultramem::retrieve")
     row_scores, col_scores, row_weight, col_weight, cores, topm, topk = first.args[:7]
     verdicts = stage_verdicts(row_scores, col_scores, row_weight, col_weight, cores, topm, topk)
     by_stage = {name: int((~v).sum()) for name, v in verdicts.items()}
@@ -182,7 +182,7 @@ class _FirstRetrieve(TorchDispatchMode):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="paper", help="a bench_lookup config (paper, tiny)")
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the config's")
     args = parser.parse_args(argv)
     print(json.dumps(measure(args.config, args.tokens, DTYPES.get(args.dtype or ""))))

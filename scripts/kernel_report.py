@@ -30,10 +30,17 @@ Per kernel and token count:
   the SASS's backward branches, each attributed through the cubin's line information to a
   ``for ... in range`` of the kernel's source, whose bounds, evaluated with the launch's
   own arguments and constexprs, give its trip count; an instruction counts once per
-  iteration of every loop around it, code outside loops once. Every warp of a program is
-  assumed to run the same path: the count per warp times ``num_warps``. A loop that
-  cannot be attributed, or whose bounds the launch does not fix, stops the report with
-  its place, never a guess.
+  iteration of every loop around it, code outside loops once, both sides of a branch
+  included, except the code of a helper the kernel's module names in ``RARE_HELPERS``
+  (called only on a rarely taken branch: retrieve's full-key fallback), which counts at
+  the rate ``scripts/branch_rates.py`` measures for it on inputs drawn as the bench's
+  (``RATE_TOKENS`` tokens; a note gives the rate). Every warp of a program is assumed to
+  run the same path: the count per warp times ``num_warps``. A loop that cannot be
+  attributed, or whose bounds the launch does not fix, stops the report with its place,
+  never a guess.
+- ``warp_instructions_upper``, ``est_us_upper``: the same with every path counted (the
+  rare helpers too), an upper bound. Triton before 3.9 names no inlined calls in its line
+  information, so there the rare helpers cannot be told apart and both figures are this.
 - ``est_us``: issue-bound time on the device model (H100 SXM for sm_90): 132 SMs, each
   with 4 warp schedulers issuing at most one warp-instruction per cycle at 1.755 GHz (boost);
   programs resident per SM from registers (allocated per warp in units of 256), shared
@@ -47,7 +54,8 @@ Per kernel and token count:
   is passed, once, except the tables an op reads only where its selections point
   (``GATHERED``: value rows and index-map entries of the selected slots).
 
-Totals per token count are the sums over every launch of the lookup (``launches``).
+Totals per token count are the sums over every launch of the lookup (``launches``), with
+``est_us_upper`` beside ``est_us``.
 ``--json FILE`` writes ``{"device_model", "rows": [...], "totals": [...]}``; a markdown
 table goes to stdout. ``--cubin-dir DIR`` keeps each compiled kernel's cubin and SASS.
 A launcher whose arguments no longer fit its kernel fails the report with the kernel's
@@ -532,7 +540,7 @@ def analyse(
     if missing:
         raise ReportError(f"{launch.name}: no measured rate for its rare helpers {missing}")
     declared = {h: rates[h] for h in rare_helpers(launch)}
-    helpers = sass.helpers_of(instructions, set(declared))
+    helpers = sass.helpers_of(instructions, path, set(declared))
     weights = [1.0 if h is None else declared[h] for h in helpers]
     executable = sass.counted(instructions, labels)
     rare = tuple(
@@ -641,9 +649,10 @@ def _rare_note(kernel: str, helper: str, size: int, rate: float, measured: dict[
         )
     return (
         f"{kernel}: {helper} ({size} SASS instructions, a rare path) counted at {rate:.2%}: "
-        f"it ran in {measured['fallbacks']} of {measured['stages']} selection stages on the "
-        f"bench's {measured['dtype']} inputs at {measured['tokens']} tokens "
-        "(scripts/branch_rates.py); `est_us_upper` counts every path"
+        f"it ran in {measured['fallbacks']} of {measured['stages']} selection stages (all "
+        f"stages pooled) on {measured['dtype']} inputs drawn as the bench's, "
+        f"{measured['tokens']} tokens (scripts/branch_rates.py); `est_us_upper` counts "
+        "every path"
     )
 
 
@@ -658,7 +667,10 @@ def build_report(
     dtype = dtype or bench.CONFIGS[config].dtype
     fused = fused_path(bench, config, dtype)
     report = Report(DEVICES[sm])
-    measured = _sibling("branch_rates").measure(config, RATE_TOKENS, dtype)
+    try:
+        measured = _sibling("branch_rates").measure(config, RATE_TOKENS, dtype)
+    except ValueError as exc:
+        raise ReportError(f"scripts/branch_rates.py: {exc}") from None
     rates = {measured["helper"]: measured["rate"]}
     for count in tokens:
         trace = capture(fused, count, dtype)
@@ -681,6 +693,10 @@ def build_report(
     return report
 
 
+def _ratio(est: float, floor: float) -> str:
+    return f"{est / floor:.1f}×" if floor > 0 else "-"
+
+
 def markdown(report: Report, command: str) -> str:
     head = (
         f"**Static estimate, not a measurement** ({report.device.describe()}; "
@@ -695,9 +711,15 @@ def markdown(report: Report, command: str) -> str:
     ]  # fmt: skip
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c[0]]) for c in cols) + " |" for r in report.rows]
-    totals = ["", "| tokens | launches | est µs (whole lookup) | floor µs |", "|---|---|---|---|"]
+    totals = [
+        "",
+        "| tokens | launches | est µs (whole lookup) | est µs (every path) | floor µs "
+        "| est / floor |",
+        "|---|---|---|---|---|---|",
+    ]
     totals += [
-        f"| {t['tokens']} | {t['launches']} | {t['est_us']} | {t['floor_us']} |"
+        f"| {t['tokens']} | {t['launches']} | {t['est_us']} | {t['est_us_upper']} "
+        f"| {t['floor_us']} | {_ratio(t['est_us'], t['floor_us'])} |"
         for t in report.totals()
     ]
     return head + "\n".join(lines + totals) + "\n"

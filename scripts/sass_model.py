@@ -531,13 +531,16 @@ def _assign_trips(group: list[SassLoop], trips: list[int], where: str) -> list[L
     return [LoopCount(main, where, trips[0] // unroll), LoopCount(rest, where, trips[0] % unroll)]
 
 
-def helpers_of(instructions: list[Instruction], names: set[str]) -> list[str | None]:
-    """Per instruction, the helper among ``names`` its code was inlined from, else None."""
+def helpers_of(
+    instructions: list[Instruction], kernel_file: str, names: set[str]
+) -> list[str | None]:
+    """Per instruction, the helper among ``names`` (functions of ``kernel_file``) its code
+    was inlined from, else None."""
     found: list[str | None] = []
     for inst in instructions:
         helper = None
         for path, line in inst.chain:
-            function = _function_at(path, line) if _user_file(path) else None
+            function = _function_at(path, line) if path == kernel_file else None
             if function is not None and function.name in names:
                 helper = function.name
                 break

@@ -142,8 +142,12 @@ def naive_aggregate(
     group_map: Tensor | None,
     groups: int,
     pooling: str,
+    *,
+    skip_out_of_range: bool = False,
 ) -> Tensor:
-    """docs/ultramem.md, steps 7-8, one selection at a time in order, written independently."""
+    """docs/ultramem.md, steps 7-8, one selection at a time in order, written independently.
+    With ``skip_out_of_range``, a selection whose slot, row or group is out of range is left
+    out (what the kernel does where nothing checked the indices)."""
     tokens, heads, k, n_cores = weights.shape
     value_dim = values.shape[1]
     chunk = value_dim // n_cores
@@ -158,8 +162,14 @@ def naive_aggregate(
         for h in range(heads):
             for j in range(k):
                 slot = int(slots[t, h, j])
+                if skip_out_of_range and not 0 <= slot < (
+                    values.shape[0] if row_map is None else row_map.shape[1]
+                ):
+                    continue
                 row = look_up(row_map, h, slot, slot)
                 group = look_up(group_map, h, slot, 0)
+                if skip_out_of_range and not (0 <= row < values.shape[0] and 0 <= group < groups):
+                    continue
                 weighted = values[row].double().clone()
                 for c in range(n_cores):
                     weighted[c * chunk : (c + 1) * chunk] *= float(weights[t, h, j, c])
@@ -290,6 +300,26 @@ def test_unchecked_out_of_range_slots_read_nothing() -> None:
     args["weights"][0, 0, 1:] = 0.0
     args["weights"][1, 0, 2] = 0.0
     assert_close("pooled", got, aggregate_reference(**args), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["add", "scatter"])
+def test_unchecked_bad_slots_and_map_entries_read_nothing(pooling: str) -> None:
+    """Dv 128 over 2 cores (a weight a selection per block of 64), 80 selections (two
+    chunks): a slot, a row or a group out of range leaves its selection out, in add and in
+    scatter (where it must not be the last of its group either)."""
+    values, weights, slots, row_map, group_map = cpu(make_inputs(3, 2, 40, 2, 30, 128,
+                                                                 "shuffle", 4))  # fmt: skip
+    assert row_map is not None and group_map is not None
+    row_map, group_map = row_map.clone(), group_map.clone()
+    slots[0, 0, 3], slots[1, 1, 5] = -1, row_map.shape[1] + 7
+    row_map[0, slots[2, 0, 1]] = values.shape[0] + 3
+    group_map[0, slots[2, 1, 39]] = 4  # the last selection of token 2
+    group_map[0, slots[0, 1, 7]] = -2
+    got = aggregate_triton(values, weights, slots, row_map, group_map, 4, pooling,
+                           check_indices=False)  # fmt: skip
+    want = naive_aggregate(values, weights, slots, row_map, group_map, 4, pooling,
+                           skip_out_of_range=True)  # fmt: skip
+    assert_close("pooled", got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -85,6 +85,33 @@ def test_replay_matches_the_kernels_fallbacks_token_by_token(
     assert 0 < sum(calls) < 3 * 2 * row.shape[0]  # both outcomes were exercised
 
 
+def test_replay_matches_the_kernel_where_blocks_are_padded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """n = 12, m = 3, k = 5: every stage selects in a padded power-of-two block (16, 4, 8),
+    the grid's padding columns included; a NaN and -0.0 among coarse scores."""
+    gen = torch.Generator().manual_seed(5)
+    tokens, heads, n, rank = 6, 2, 12, 2
+
+    def scores() -> torch.Tensor:
+        s = torch.randint(-2, 3, (tokens, heads, n, rank), generator=gen) / 2
+        s[0, 0, 3, 0], s[1, 1, 7, 1], s[2, 0, 0, 0] = float("nan"), -0.0, float("nan")
+        return s
+
+    row, col = scores(), scores()
+    weight = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    cores = torch.randint(-1, 2, (2, heads, rank, rank), generator=gen).float()
+    calls: list[int] = []
+    monkeypatch.setattr(retrieve_triton, "_full_top", _counting(calls))
+    for t in range(tokens):
+        calls.append(0)
+        retrieve_triton.retrieve_triton(row[t : t + 1], col[t : t + 1], weight, weight.flip(0),
+                                        cores, 3, 5)  # fmt: skip
+    verdicts = branch_rates.stage_verdicts(row, col, weight, weight.flip(0), cores, 3, 5)
+    assert calls == sum((~v).sum(-1) for v in verdicts.values()).tolist()
+    assert 0 < sum(calls) < 3 * heads * tokens
+
+
 def test_the_replayed_helper_is_the_kernels_rare_one() -> None:
     assert retrieve_triton.RARE_HELPERS == (branch_rates.HELPER,)
 

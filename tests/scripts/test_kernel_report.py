@@ -108,11 +108,13 @@ def test_tiny_config_reports_every_kernel_from_its_cubin(tmp_path: Path) -> None
     for row in report["rows"]:
         kernel = row["kernel"].split("#")[0]
         assert (row["registers"], row["spills"]) in from_elf[kernel], (row, from_elf)
-    # retrieve's rare path (_full_top, on full keys) counts at its measured rate, below 1
-    for row in report["rows"]:
-        if row["kernel"] == "_retrieve_kernel":
-            assert row["warp_instructions_per_program"] < row["warp_instructions_upper"], row
-    assert "_full_top (" in stdout and "scripts/branch_rates.py" in stdout
+    # retrieve's rare path (_full_top, on full keys) counts at its measured rate, below 1,
+    # where the line information names inlined calls (Triton 3.9 on; before, every path)
+    if "no SASS instruction is attributed to _full_top" not in stdout:
+        for row in report["rows"]:
+            if row["kernel"] == "_retrieve_kernel":
+                assert row["warp_instructions_per_program"] < row["warp_instructions_upper"]
+        assert "_full_top (" in stdout and "scripts/branch_rates.py" in stdout
     # the whole lookup grows with its tokens; its memory floor too
     est = [t["est_us"] for t in report["totals"]]
     floor = [t["floor_us"] for t in report["totals"]]
