@@ -159,22 +159,15 @@ def random_inputs(
 # multiple of 64
 DIMS_AND_CORES = [
     (1, 1),
-    (3, 1),
     (3, 3),
     (12, 4),
     (65, 1),
-    (127, 1),
     (130, 1),
     (130, 2),
     (128, 2),
-    (192, 2),
     (192, 3),
-    (192, 4),
-    (256, 2),
     (256, 4),
-    (320, 1),
     (320, 2),
-    (320, 4),
     (384, 3),
 ]
 DIMS_AND_CORES_IDS = [f"Dv{d}-M{m}-chunk{d // m}" for d, m in DIMS_AND_CORES]
@@ -210,7 +203,7 @@ def test_core_of_each_column_is_d_div_chunk(dim: int, n_cores: int, pooling: str
 
 
 # H·k = 1, 63, 64, 65, 129 selections per token
-SELECTIONS = [(1, 1), (1, 63), (3, 21), (1, 64), (4, 16), (1, 65), (5, 13), (3, 43), (1, 129)]
+SELECTIONS = [(1, 1), (1, 63), (4, 16), (1, 65), (5, 13), (1, 129)]
 SELECTIONS_IDS = [f"H{h}-k{k}-Hk{h * k}" for h, k in SELECTIONS]
 
 
@@ -252,7 +245,7 @@ def test_selection_counts_random(heads: int, k: int, pooling: str) -> None:
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 @pytest.mark.parametrize("map_heads", [1, 3], ids=["shared-map", "per-head-map"])
 @pytest.mark.parametrize("pooling", POOLINGS)
-@pytest.mark.parametrize("groups", [1, 3, 5, 8])
+@pytest.mark.parametrize("groups", [1, 5, 8])
 def test_groups_and_maps(
     groups: int, pooling: str, map_heads: int, index_dtype: torch.dtype
 ) -> None:
@@ -393,8 +386,7 @@ def nonfinite_case(
 # the interpreter's numpy reductions warn on inf + -inf = NaN, which is the expected result
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), *HALF])
-@pytest.mark.parametrize("tokens", [1, 7])
-@pytest.mark.parametrize("groups", [5, 8])
+@pytest.mark.parametrize(("tokens", "groups"), [(1, 8), (7, 5)])
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_nonfinite_values_stay_in_their_groups(
     pooling: str, groups: int, tokens: int, dtype: torch.dtype
@@ -516,7 +508,7 @@ def test_tokens(tokens: int, pooling: str) -> None:
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)
-@pytest.mark.parametrize(("dim", "n_cores"), [(130, 2), (192, 3), (320, 4), (3, 1)])
+@pytest.mark.parametrize(("dim", "n_cores"), [(130, 2), (320, 4), (3, 1)])
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_precision(dtype: torch.dtype, dim: int, n_cores: int, pooling: str) -> None:
     args = random_inputs(7, 3, 22, n_cores, 14, dim, 5, map_heads=3, dtype=dtype)
