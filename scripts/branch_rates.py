@@ -41,10 +41,6 @@ INT32_MIN = -(2**31)
 HELPER = "_full_top"  # the rare path replayed here (retrieve_triton.RARE_HELPERS)
 
 
-def _pow2(d: int) -> int:
-    return max(2, 1 << (d - 1).bit_length())
-
-
 def score_keys(x: Tensor) -> Tensor:
     """``_score_key``: int32 keys ordered as the fp32 scores, NaN above +inf, -0.0 as 0.0."""
     x = torch.where(x == 0, torch.zeros_like(x), x)
@@ -100,8 +96,13 @@ def stage_verdicts(
     topk: int,
 ) -> dict[str, Tensor]:
     """Per (token, head) and stage, whether the short keys settle the set (no fallback)."""
-    n = row_scores.shape[2]
-    block_n, block_m, block_k = _pow2(n), _pow2(topm), _pow2(topk)
+    from ultramem.kernels.retrieve import stable_topk
+    from ultramem.kernels.retrieve_triton import retrieve_launch_config
+
+    _, heads, n, rank = row_scores.shape
+    # the kernel's own blocks, as its launcher picks them
+    blocks = retrieve_launch_config(heads, n, rank, cores.shape[0], topm, topk, "none")
+    block_n, block_m, block_k = (blocks.constexprs[b] for b in ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
     verdicts, candidates = {}, {}
     for side, scores, weight in (("row", row_scores, row_weight), ("col", col_scores, col_weight)):
         s, w = scores.float(), weight.float()
@@ -109,7 +110,7 @@ def stage_verdicts(
         for p in range(1, s.shape[-1]):
             merged = merged + s[..., p] * w[None, :, None, p]
         verdicts[side] = short_keys_settle(score_keys(merged), topm, block_n, block_m)
-        order = torch.sort(merged, dim=-1, descending=True, stable=True).indices[..., :topm]
+        _, order = stable_topk(merged, topm)
         candidates[side] = s.gather(2, order[..., None].expand(-1, -1, -1, s.shape[-1]))
     total = None
     for c in range(cores.shape[0]):
@@ -180,9 +181,16 @@ class _FirstRetrieve(TorchDispatchMode):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import bench_lookup
+
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive token count")
+        return int(text)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="paper", help="a bench_lookup config (paper, tiny)")
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--config", default="paper", choices=sorted(bench_lookup.CONFIGS))
+    parser.add_argument("--tokens", type=positive, default=1024)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the config's")
     args = parser.parse_args(argv)
     print(json.dumps(measure(args.config, args.tokens, DTYPES.get(args.dtype or ""))))

@@ -553,7 +553,7 @@ def analyse(
         shared_bytes=compiled.shared,
         static_shared=resources.static_shared,
         num_warps=compiled.num_warps,
-        sass_instructions=len(sass.counted(instructions, labels)),
+        sass_instructions=len(executable),
         per_warp=sass.dynamic_instructions(instructions, labels, counts, weights),
         per_warp_upper=sass.dynamic_instructions(instructions, labels, counts),
         loops=tuple(counts),
